@@ -1,0 +1,17 @@
+//! Port-I/O and MMIO buses and the devices on them.
+//!
+//! A device is a plain struct implementing [`BusDevice`]: it sees accesses as offsets
+//! into its own range and knows nothing of the backend or the event loop, so unit tests
+//! drive it directly.
+
+pub mod bus;
+
+pub use bus::{Bus, BusError, BusRange};
+
+/// A device reachable through port I/O or MMIO.
+pub trait BusDevice: Send {
+    /// Reads `data.len()` bytes at `offset` from the start of the device's range.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// Writes `data` at `offset` from the start of the device's range.
+    fn write(&mut self, offset: u64, data: &[u8]);
+}

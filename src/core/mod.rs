@@ -1,0 +1,4 @@
+//! The VM model: guest memory, buses and devices, the emulator's CPU, guest loading.
+
+pub mod devices;
+pub mod memory;

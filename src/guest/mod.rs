@@ -1,0 +1,1 @@
+//! Building a test guest: the Debian kernel and a BusyBox initramfs.

@@ -1,0 +1,114 @@
+//! Hypervisor backends behind one set of traits: KVM, the built-in emulator, and
+//! Hypervisor.framework on macOS.
+
+pub mod traits;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub use traits::{
+    CpuState, DescriptorTable, IoHandler, IrqChip, Segment, Vcpu, VcpuExit, VcpuKicker, VcpuStats,
+};
+
+use crate::core::devices::BusDevice;
+
+/// Errors raised by a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("KVM is not available at {path}: {reason}; use --backend emulator or --backend auto")]
+    KvmUnavailable { path: String, reason: String },
+    #[error("KVM call {call} failed: {source}")]
+    Kvm {
+        call: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the backend does not support {what}")]
+    Unsupported { what: String },
+    #[error("interrupt line {gsi} is out of range (0 to {max})")]
+    InvalidIrq { gsi: u32, max: u32 },
+    #[error("vCPU {id} failed: {reason}\n{state}")]
+    VcpuFailed {
+        id: u32,
+        reason: String,
+        state: Box<CpuState>,
+    },
+}
+
+/// Which engine runs the guest's instructions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Kvm,
+    Emulator,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Kvm => "kvm",
+            BackendKind::Emulator => "emulator",
+        })
+    }
+}
+
+/// The backend requested by the user: a fixed one, or `auto` to pick the fastest that works.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    #[default]
+    Auto,
+    Kvm,
+    Emulator,
+}
+
+impl FromStr for BackendChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "kvm" => Ok(BackendChoice::Kvm),
+            "emulator" => Ok(BackendChoice::Emulator),
+            other => Err(format!(
+                "unknown backend {other:?}: expected auto, kvm or emulator"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Kvm => "kvm",
+            BackendChoice::Emulator => "emulator",
+        })
+    }
+}
+
+/// A port-I/O or MMIO range claimed by a device that a backend brings with it.
+pub struct PlatformDevice {
+    pub name: &'static str,
+    pub range: crate::core::devices::BusRange,
+    pub device: Arc<std::sync::Mutex<dyn BusDevice>>,
+}
+
+/// One VM of a backend: owns the vCPUs' shared state and the interrupt controllers.
+pub trait HypervisorVm: Send + Sync {
+    /// The backend's kind.
+    fn kind(&self) -> BackendKind;
+
+    /// The interrupt controllers that devices raise their lines on.
+    fn irq_chip(&self) -> Arc<dyn IrqChip>;
+
+    /// Devices that this backend emulates in user space and the VM must put on its buses
+    /// (the PIC, PIT and IOAPIC on the emulator; nothing on KVM, which has them in-kernel).
+    fn platform_devices(&self) -> Vec<PlatformDevice>;
+
+    /// Creates vCPU `id` with the CPUID table that this backend implements.
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>, HypervisorError>;
+}

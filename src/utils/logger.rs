@@ -1,0 +1,15 @@
+//! Tracing setup for the `monstervm` binary.
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs a stderr subscriber. `RUST_LOG` wins over `level` when it is set.
+pub fn init(level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
