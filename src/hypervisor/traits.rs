@@ -3,7 +3,7 @@
 //! `core::vm` drives every backend (KVM, Hypervisor.framework, the built-in emulator)
 //! through these traits only. Port and MMIO accesses are handled inside `Vcpu::run` by
 //! calling back into an [`IoHandler`], so a backend returns to the VM loop only for events
-//! that change the VM's lifecycle: a halt, a shutdown, a stop request or a failure.
+//! that change the VM's lifecycle: a halt, a shutdown, a kick or a failure.
 
 use std::fmt;
 use std::sync::Arc;
@@ -33,11 +33,11 @@ pub enum VcpuExit {
     Halted,
     /// The guest triple-faulted or otherwise reset the CPU (KVM_EXIT_SHUTDOWN).
     Shutdown,
-    /// `VcpuKicker::kick` asked the vCPU to return; the vCPU can be run again.
+    /// `VcpuKicker::kick` asked the vCPU to return; the vCPU can be run again. Devices
+    /// that power off or reset the machine kick every vCPU through [`PlatformControl`].
+    ///
+    /// [`PlatformControl`]: crate::core::devices::PlatformControl
     Kicked,
-    /// The guest asked the platform to power off or reset (through a device the VM loop
-    /// watches, such as the i8042 reset line or an ACPI power-off port).
-    PlatformEvent,
 }
 
 /// Interrupt lines of the platform interrupt controllers, as global system interrupts

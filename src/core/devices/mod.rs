@@ -15,3 +15,19 @@ pub trait BusDevice: Send {
     /// Writes `data` at `offset` from the start of the device's range.
     fn write(&mut self, offset: u64, data: &[u8]);
 }
+
+/// A request from the guest that ends or restarts the whole machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlatformRequest {
+    /// Power off (ACPI S5, or a reboot with `reboot=k`-style halting where configured).
+    PowerOff,
+    /// Reset the machine (the i8042 reset line, a triple fault, ACPI reset).
+    Reset,
+}
+
+/// The VM's side of power-off and reset lines: devices call it, and the VM loop stops
+/// every vCPU and acts on the request.
+pub trait PlatformControl: Send + Sync {
+    /// Records `request` and makes every vCPU return to the VM loop.
+    fn request(&self, request: PlatformRequest);
+}
