@@ -12,6 +12,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod i8042;
+pub mod ioapic;
 pub mod lapic;
 pub mod pic;
 pub mod pit;
