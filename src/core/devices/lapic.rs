@@ -351,6 +351,11 @@ impl Lapic {
         }
     }
 
+    /// Returns true if an NMI (from LINT1, the ICR or an IOAPIC message) waits for the CPU.
+    pub fn nmi_pending(&self) -> bool {
+        self.nmi_pending
+    }
+
     /// Takes a pending NMI (from LINT1, the ICR or an IOAPIC message).
     pub fn take_nmi(&mut self) -> bool {
         std::mem::take(&mut self.nmi_pending)

@@ -13,6 +13,7 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod i8042;
 pub mod ioapic;
+pub mod irq_chip;
 pub mod lapic;
 pub mod pic;
 pub mod pit;
@@ -22,6 +23,7 @@ pub mod serial;
 pub use bus::{Bus, BusError, BusRange};
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// A device reachable through port I/O or MMIO.
@@ -60,7 +62,7 @@ pub struct DeviceWindow {
 }
 
 impl DeviceWindow {
-    /// Creates a window of `len` addresses at `base` that the device sees from `offset`.
+    /// Creates a window of `len` addresses at `base` that reaches the device from `offset`.
     pub const fn new(name: &'static str, base: u64, len: u64, offset: u64) -> Self {
         DeviceWindow {
             name,
@@ -68,6 +70,14 @@ impl DeviceWindow {
             offset,
         }
     }
+}
+
+/// A device together with the bus windows to register it at.
+pub struct WindowedDevice {
+    /// Windows to pass to [`Bus::insert_windows`].
+    pub windows: &'static [DeviceWindow],
+    /// The device shared by every window.
+    pub device: Arc<Mutex<dyn BusDevice>>,
 }
 
 /// A source of time for devices that read a clock inside a register access (the ACPI PM
