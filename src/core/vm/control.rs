@@ -1,6 +1,6 @@
 //! Stop requests shared between devices, the console and the vCPU threads.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::core::devices::{PlatformControl, PlatformRequest};
 use crate::hypervisor::VcpuKicker;
@@ -16,11 +16,13 @@ pub enum StopReason {
     UserStop,
 }
 
-/// The shared stop flag of one VM and the kickers of its vCPUs.
+/// The shared stop and pause flags of one VM and the kickers of its vCPUs.
 #[derive(Default)]
 pub struct VmControl {
     stop: Mutex<Option<StopReason>>,
     kickers: Mutex<Vec<Arc<dyn VcpuKicker>>>,
+    paused: Mutex<bool>,
+    resumed: Condvar,
 }
 
 impl VmControl {
@@ -45,6 +47,39 @@ impl VmControl {
                 *stop = Some(reason);
             }
         }
+        // Wake paused vCPUs too, so they see the stop.
+        drop(self.paused.lock().unwrap_or_else(|e| e.into_inner()));
+        self.resumed.notify_all();
+        self.kick_all();
+    }
+
+    /// Makes every vCPU wait at its next exit until `resume` or a stop request.
+    pub fn pause(&self) {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        tracing::info!("VM pause requested");
+        self.kick_all();
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        tracing::info!("VM resume requested");
+        self.resumed.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks the calling vCPU thread while the VM is paused and no stop is pending.
+    pub fn wait_while_paused(&self) {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        while *paused && self.stop_reason().is_none() {
+            paused = self.resumed.wait(paused).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn kick_all(&self) {
         for kicker in self
             .kickers
             .lock()
@@ -95,5 +130,32 @@ mod tests {
 
         assert_eq!(control.stop_reason(), Some(StopReason::PowerOff));
         assert_eq!(kicker.0.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn stop_releases_paused_vcpu() {
+        let control = VmControl::new();
+        control.pause();
+        assert!(control.is_paused());
+
+        let waiter = {
+            let control = control.clone();
+            std::thread::spawn(move || control.wait_while_paused())
+        };
+        control.request_stop(StopReason::UserStop);
+        waiter.join().unwrap();
+    }
+
+    #[test]
+    fn resume_releases_paused_vcpu() {
+        let control = VmControl::new();
+        control.pause();
+        let waiter = {
+            let control = control.clone();
+            std::thread::spawn(move || control.wait_while_paused())
+        };
+        control.resume();
+        waiter.join().unwrap();
+        assert!(!control.is_paused());
     }
 }

@@ -159,6 +159,10 @@ fn run_vcpu(
         if let Some(reason) = control.stop_reason() {
             return Ok(exit_for(reason));
         }
+        control.wait_while_paused();
+        if let Some(reason) = control.stop_reason() {
+            return Ok(exit_for(reason));
+        }
         match vcpu.run(io)? {
             VcpuExit::Kicked => continue,
             VcpuExit::Halted => {
