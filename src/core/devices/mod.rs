@@ -5,6 +5,7 @@
 //! drive it directly.
 
 pub mod bus;
+pub mod pci;
 
 pub use bus::{Bus, BusError, BusRange};
 
