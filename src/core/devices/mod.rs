@@ -6,6 +6,7 @@
 
 pub mod bus;
 pub mod pci;
+pub mod virtio;
 
 pub use bus::{Bus, BusError, BusRange};
 
