@@ -5,6 +5,8 @@
 //! function with the modern virtio-pci capabilities and an MSI-X table.
 
 pub mod pci;
+#[cfg(test)]
+pub mod testing;
 
 use std::sync::Arc;
 
