@@ -15,10 +15,12 @@ pub mod i8042;
 pub mod ioapic;
 pub mod irq_chip;
 pub mod lapic;
+pub mod pci;
 pub mod pic;
 pub mod pit;
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusError, BusRange};
 
