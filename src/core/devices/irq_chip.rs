@@ -12,6 +12,9 @@
 //! disabled (in IA32_APIC_BASE or in the SVR) or while LINT0 is unmasked in ExtINT mode.
 //! An ExtINT interrupt bypasses the LAPIC's priorities, so the PIC wins when both ask.
 //!
+//! PCI devices reach the LAPIC directly with message-signalled interrupts
+//! ([`IrqChip::signal_msi`]).
+//!
 //! The emulated CPU polls [`EmulatedIrqChip::interrupt_pending`] between instructions and
 //! calls [`EmulatedIrqChip::acknowledge`] to take a vector. The guest reaches the
 //! controllers' registers through the bus devices from [`EmulatedIrqChip::bus_devices`].
@@ -19,13 +22,19 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::ioapic::{Ioapic, IOAPIC_PINS, IOAPIC_WINDOWS};
-use super::lapic::{Lapic, LapicError, LAPIC_WINDOWS};
+use super::lapic::{DeliveryMode, InterruptMessage, Lapic, LapicError, LAPIC_WINDOWS};
 use super::pic::{Pic, CASCADE_LINE, PIC_WINDOWS};
 use super::{BusDevice, Clock, WindowedDevice};
 use crate::hypervisor::{HypervisorError, IrqChip};
 
 /// IOAPIC pin that ISA IRQ 0 drives.
 pub const PIT_IOAPIC_PIN: u32 = 2;
+/// Address bits 63:20 of every MSI on x86: the 0xFEExxxxx interrupt window.
+const MSI_ADDRESS_WINDOW: u64 = 0xfee;
+const MSI_ADDRESS_DESTINATION_SHIFT: u32 = 12;
+const MSI_ADDRESS_LOGICAL: u64 = 1 << 2;
+const MSI_DATA_DELIVERY_MODE_SHIFT: u32 = 8;
+const MSI_DATA_LEVEL_TRIGGERED: u32 = 1 << 15;
 /// Number of ISA lines, which also reach the PIC.
 const ISA_LINES: u32 = 16;
 /// Bound on the message and EOI exchanges between IOAPIC and LAPIC after one event.
@@ -228,6 +237,26 @@ impl IrqChip for EmulatedIrqChip {
             let _ = controllers.ioapic.set_irq(pin, level);
             controllers.settle();
         }
+        self.wake_if_pending();
+        Ok(())
+    }
+
+    fn signal_msi(&self, address: u64, data: u32) -> Result<(), HypervisorError> {
+        if address >> 20 != MSI_ADDRESS_WINDOW {
+            return Err(HypervisorError::Unsupported {
+                what: format!(
+                    "an MSI to address {address:#x}: x86 MSIs go to 0xfee00000-0xfeefffff"
+                ),
+            });
+        }
+        let message = InterruptMessage {
+            vector: data as u8,
+            delivery_mode: DeliveryMode::from_bits(data >> MSI_DATA_DELIVERY_MODE_SHIFT),
+            logical_destination: address & MSI_ADDRESS_LOGICAL != 0,
+            destination: (address >> MSI_ADDRESS_DESTINATION_SHIFT) as u8,
+            level_triggered: data & MSI_DATA_LEVEL_TRIGGERED != 0,
+        };
+        self.lock().lapic.accept(&message);
         self.wake_if_pending();
         Ok(())
     }
@@ -491,6 +520,32 @@ mod tests {
             Some(0x36),
             "a disabled APIC passes the PIC"
         );
+    }
+
+    #[test]
+    fn msi_reaches_lapic() {
+        let m = machine();
+        m.enable_lapic();
+
+        m.chip.signal_msi(0xfee0_0000, 0x0045).unwrap();
+        assert_eq!(m.chip.acknowledge(), Some(0x45));
+        m.chip.signal_msi(0xfee0_1000, 0x0046).unwrap();
+        assert!(!m.chip.interrupt_pending(), "APIC ID 1 is not this CPU");
+        m.chip.signal_msi(0xfee0_0000, 0x0400).unwrap();
+
+        assert!(m.chip.take_nmi());
+    }
+
+    #[test]
+    fn msi_outside_window_is_rejected() {
+        let m = machine();
+        m.enable_lapic();
+
+        let result = m.chip.signal_msi(0xfec0_0000, 0x0045);
+
+        assert!(matches!(result, Err(HypervisorError::Unsupported { .. })));
+        assert!(m.chip.signal_msi(0x1_fee0_0000, 0x45).is_err());
+        assert!(!m.chip.interrupt_pending());
     }
 
     #[test]
