@@ -1,6 +1,8 @@
 //! Hypervisor backends behind one set of traits: KVM, the built-in emulator, and
 //! Hypervisor.framework on macOS.
 
+#[cfg(target_os = "linux")]
+pub mod kvm;
 pub mod traits;
 
 use std::fmt;
