@@ -19,7 +19,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
-pub use cpuid::filter_cpuid;
+pub use cpuid::{cpuid_differences, filter_cpuid};
 pub use kick::{kick_signal, HALT_CHECK_INTERVAL, KICK_SIGNAL_OFFSET};
 pub use probe::{probe_hardware_speed, KvmProbe, PROBE_INSTRUCTIONS, SOFTWARE_SPEED_LIMIT};
 pub use regs::STATE_MSRS;
@@ -165,6 +165,37 @@ impl KvmVm {
         })
     }
 
+    /// Reads back the CPUID table of vCPU `id` and warns when KVM changed it.
+    ///
+    /// Some KVM host modules rewrite feature leaves in KVM_SET_CPUID2: kvm_pvm (the
+    /// software PVM module on our build machines) replaces leaf 1 ECX and EDX and adds
+    /// leaves 7 and 0xD from the host CPU. The guest then sees features that the
+    /// emulator lacks, so a snapshot may not restore on the other backend.
+    fn warn_on_cpuid_override(
+        &self,
+        fd: &VcpuFd,
+        id: u32,
+        requested: &[kvm_bindings::kvm_cpuid_entry2],
+    ) -> Result<(), HypervisorError> {
+        let effective = fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_error("KVM_GET_CPUID2"))?;
+        let differences = cpuid_differences(requested, effective.as_slice());
+        if !differences.is_empty() {
+            let leaves: Vec<String> = differences
+                .iter()
+                .map(|(leaf, subleaf)| format!("{leaf:#x}/{subleaf}"))
+                .collect();
+            tracing::warn!(
+                vcpu = id,
+                leaves = %leaves.join(" "),
+                "KVM changed the CPUID leaves set for this vCPU; the guest sees host \
+                 features that the emulator backend may lack"
+            );
+        }
+        Ok(())
+    }
+
     /// Returns the CPUID table that vCPU `id` gets.
     pub fn cpuid(&self, id: u32) -> Vec<kvm_bindings::kvm_cpuid_entry2> {
         filter_cpuid(self.supported_cpuid.as_slice(), id as u8)
@@ -206,6 +237,7 @@ impl HypervisorVm for KvmVm {
                 what: format!("a CPUID table of this size ({e:?})"),
             })?;
         fd.set_cpuid2(&cpuid).map_err(kvm_error("KVM_SET_CPUID2"))?;
+        self.warn_on_cpuid_override(&fd, id, cpuid.as_slice())?;
         set_msrs(&fd, &regs::boot_msrs())?;
         set_lapic_lints(&fd)?;
 

@@ -53,7 +53,7 @@ org 0x8000
 
 %define CMOS_INDEX      0x70
 %define CMOS_DATA       0x71
-%define CMOS_MAX_POLLS  0x10000
+%define CMOS_MAX_POLLS  0x1000
 
 ; ACPI PM1a control register: a 16-bit write of SLP_TYP = 5 (bits 10-12, the
 ; S5 soft-off state of the platform's \_S5 package) with SLP_EN (bit 13)
@@ -303,7 +303,8 @@ measure_tsc_rate:
     jmp puts64
 
 ; Prints the CMOS RTC time as HH:MM:SS. The RTC keeps BCD by default, so each
-; register prints as two hex digits; with no RTC the digits read as FF.
+; register prints as two hex digits. Status register A reads 0xFF where no RTC
+; answers, and then the time prints as unavailable.
 print_rtc_time:
     lea rsi, [rel msg_rtc]
     call puts64
@@ -313,6 +314,8 @@ print_rtc_time:
     mov al, 0x0a
     out CMOS_INDEX, al
     in al, CMOS_DATA
+    cmp al, 0xff
+    je .missing
     test al, 0x80
     jz .read
     dec ecx
@@ -329,6 +332,9 @@ print_rtc_time:
     mov bl, 0x00                ; seconds
     call print_cmos_byte
     jmp newline64
+.missing:
+    lea rsi, [rel msg_no_rtc]
+    jmp puts64
 
 ; Prints CMOS register BL as two hex digits.
 print_cmos_byte:
@@ -447,6 +453,7 @@ msg_rate:       db "TSC rate: ", 0
 msg_mhz:        db " MHz (timed against PIT channel 2)", 13, 10, 0
 msg_no_pit:     db "unknown (PIT channel 2 did not expire)", 13, 10, 0
 msg_rtc:        db "RTC time: ", 0
+msg_no_rtc:     db "unavailable", 13, 10, 0
 msg_echo:       db "Type to echo, 'q' to power off.", 13, 10, 0
 msg_bye:        db 13, 10, "Powering off.", 13, 10, 0
 msg_newline:    db 13, 10, 0

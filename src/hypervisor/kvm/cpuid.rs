@@ -103,6 +103,34 @@ pub fn filter_cpuid(supported: &[kvm_cpuid_entry2], apic_id: u8) -> Vec<kvm_cpui
     filtered
 }
 
+/// Returns the (leaf, subleaf) pairs whose registers differ between the table that was
+/// set and the one KVM reports back, including leaves present in only one of them.
+pub fn cpuid_differences(
+    requested: &[kvm_cpuid_entry2],
+    effective: &[kvm_cpuid_entry2],
+) -> Vec<(u32, u32)> {
+    let registers = |e: &kvm_cpuid_entry2| [e.eax, e.ebx, e.ecx, e.edx];
+    let find = |table: &[kvm_cpuid_entry2], e: &kvm_cpuid_entry2| {
+        table
+            .iter()
+            .find(|other| other.function == e.function && other.index == e.index)
+            .map(registers)
+    };
+
+    let mut differences = Vec::new();
+    for entry in requested {
+        if find(effective, entry) != Some(registers(entry)) {
+            differences.push((entry.function, entry.index));
+        }
+    }
+    for entry in effective {
+        if find(requested, entry).is_none() {
+            differences.push((entry.function, entry.index));
+        }
+    }
+    differences
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,5 +216,20 @@ mod tests {
         assert_eq!(leaf.edx, EXT1_EDX);
         assert_eq!(leaf.ecx, EXT1_ECX);
         assert_eq!(leaf.ebx, 0);
+    }
+
+    #[test]
+    fn differences_list_changed_and_added_leaves() {
+        let requested = [entry(0x0, 0, [7, 1, 2, 3]), entry(0x1, 0, [1, 2, 3, 4])];
+        let effective = [
+            entry(0x0, 0, [7, 1, 2, 3]),
+            entry(0x1, 0, [1, 2, 0xff, 4]),
+            entry(0xd, 1, [1, 0, 0, 0]),
+        ];
+
+        let differences = cpuid_differences(&requested, &effective);
+
+        assert_eq!(differences, vec![(0x1, 0), (0xd, 1)]);
+        assert!(cpuid_differences(&requested, &requested).is_empty());
     }
 }
