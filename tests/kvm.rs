@@ -80,6 +80,11 @@ fn real_mode_checksum() {
 }
 
 #[test]
+fn exit_port_read_completes() {
+    run_program("real_exit_read");
+}
+
+#[test]
 fn protected_mode_crc32() {
     run_program("protected_crc32");
 }

@@ -10,6 +10,9 @@ mod kick;
 mod probe;
 mod regs;
 
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use kvm_bindings::{
@@ -69,12 +72,20 @@ fn kvm_error(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Hypervisor
 
 /// Opens [`KVM_PATH`] and checks the API version and the capabilities this backend needs.
 pub fn open_kvm() -> Result<Kvm, HypervisorError> {
+    open_kvm_at(Path::new(KVM_PATH))
+}
+
+/// Opens the KVM device at `path` and checks it as [`open_kvm`] does.
+pub fn open_kvm_at(path: &Path) -> Result<Kvm, HypervisorError> {
     let unavailable = |reason: String| HypervisorError::KvmUnavailable {
-        path: KVM_PATH.to_string(),
+        path: path.display().to_string(),
         reason,
     };
 
-    let kvm = Kvm::new().map_err(|e| unavailable(std::io::Error::from(e).to_string()))?;
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| unavailable("the path contains a NUL byte".to_string()))?;
+    let kvm = Kvm::new_with_path(&c_path)
+        .map_err(|e| unavailable(std::io::Error::from(e).to_string()))?;
     let version = kvm.get_api_version();
     if version != kvm_bindings::KVM_API_VERSION as i32 {
         return Err(unavailable(format!(
@@ -196,9 +207,9 @@ impl KvmVm {
         Ok(())
     }
 
-    /// Returns the CPUID table that vCPU `id` gets.
-    pub fn cpuid(&self, id: u32) -> Vec<kvm_bindings::kvm_cpuid_entry2> {
-        filter_cpuid(self.supported_cpuid.as_slice(), id as u8)
+    /// Returns the CPUID table for the vCPU with local APIC ID `apic_id`.
+    pub fn cpuid(&self, apic_id: u8) -> Vec<kvm_bindings::kvm_cpuid_entry2> {
+        filter_cpuid(self.supported_cpuid.as_slice(), apic_id)
     }
 }
 
@@ -232,10 +243,12 @@ impl HypervisorVm for KvmVm {
             .create_vcpu(u64::from(id))
             .map_err(kvm_error("KVM_CREATE_VCPU"))?;
 
-        let cpuid =
-            CpuId::from_entries(&self.cpuid(id)).map_err(|e| HypervisorError::Unsupported {
+        // The range check above keeps `id` within 8 bits.
+        let cpuid = CpuId::from_entries(&self.cpuid(id as u8)).map_err(|e| {
+            HypervisorError::Unsupported {
                 what: format!("a CPUID table of this size ({e:?})"),
-            })?;
+            }
+        })?;
         fd.set_cpuid2(&cpuid).map_err(kvm_error("KVM_SET_CPUID2"))?;
         self.warn_on_cpuid_override(&fd, id, cpuid.as_slice())?;
         set_msrs(&fd, &regs::boot_msrs())?;
@@ -247,6 +260,7 @@ impl HypervisorVm for KvmVm {
             run_size: self.run_size,
             kick: Arc::new(KickState::default()),
             stats: VcpuStats::default(),
+            io_pending: false,
         }))
     }
 }
@@ -311,6 +325,9 @@ pub struct KvmVcpu {
     run_size: usize,
     kick: Arc<KickState>,
     stats: VcpuStats,
+    /// Whether the last exit was port I/O or MMIO, which KVM finishes only on the
+    /// next KVM_RUN (for example by loading the IN result into RAX).
+    io_pending: bool,
 }
 
 /// What the run loop does after one KVM_RUN, decided while `kvm_run` is borrowed.
@@ -332,6 +349,10 @@ impl KvmVcpu {
             }
             Err(e) => return Err(kvm_error("KVM_RUN")(e)),
         };
+        self.io_pending = matches!(
+            exit,
+            KvmExit::IoIn(..) | KvmExit::IoOut(..) | KvmExit::MmioRead(..) | KvmExit::MmioWrite(..)
+        );
         let step = match exit {
             KvmExit::IoIn(..) | KvmExit::IoOut(..) => Step::PortIo,
             KvmExit::MmioRead(address, data) => {
@@ -424,6 +445,23 @@ impl KvmVcpu {
         Ok(())
     }
 
+    /// Lets KVM finish the instruction of the last port-I/O or MMIO exit without running
+    /// the guest further, so that the state read after `run` returns includes it.
+    fn complete_pending_io(&mut self) -> Result<(), HypervisorError> {
+        if !self.io_pending {
+            return Ok(());
+        }
+        self.fd.set_kvm_immediate_exit(1);
+        let result = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        self.io_pending = false;
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(kvm_error("KVM_RUN to complete port I/O or MMIO")(e)),
+        }
+    }
+
     /// Returns whether the vCPU sits in HLT with interrupts disabled, which only an NMI,
     /// SMI or INIT can end.
     fn halted_for_good(&self) -> Result<bool, HypervisorError> {
@@ -465,6 +503,7 @@ impl Vcpu for KvmVcpu {
 
         loop {
             if kick.take_pending() {
+                self.complete_pending_io()?;
                 return Ok(VcpuExit::Kicked);
             }
             match self.run_once(io)? {
@@ -476,6 +515,7 @@ impl Vcpu for KvmVcpu {
                     // The kick signal or the halt tick interrupted KVM_RUN.
                     self.fd.set_kvm_immediate_exit(0);
                     if kick.take_pending() {
+                        self.complete_pending_io()?;
                         return Ok(VcpuExit::Kicked);
                     }
                     if self.halted_for_good()? {
@@ -540,5 +580,38 @@ impl Vcpu for KvmVcpu {
 
     fn stats(&self) -> VcpuStats {
         self.stats.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_missing_device_names_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvm");
+
+        let error = open_kvm_at(&path).unwrap_err();
+
+        let message = error.to_string();
+        assert!(
+            matches!(error, HypervisorError::KvmUnavailable { .. }),
+            "{message}"
+        );
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("--backend emulator"), "{message}");
+    }
+
+    #[test]
+    fn open_regular_file_is_unavailable() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+
+        let error = open_kvm_at(file.path()).unwrap_err();
+
+        assert!(
+            matches!(error, HypervisorError::KvmUnavailable { .. }),
+            "{error}"
+        );
     }
 }

@@ -25,9 +25,11 @@ pub const GDT_ADDRESS: u64 = 0x500;
 /// PDPT follows at +0x1000 and four page directories at +0x2000 to +0x5fff, mapping
 /// the first 4 GiB one to one in 2 MiB pages.
 pub const PML4_ADDRESS: u64 = 0x1000;
-/// Port whose write ends a program: the harness kicks the vCPU, so `run` returns
-/// `VcpuExit::Kicked`.
+/// Port whose read or write ends a program: the harness kicks the vCPU, so `run`
+/// returns `VcpuExit::Kicked`.
 pub const EXIT_PORT: u16 = 0xf4;
+/// Value of every byte that a read of [`EXIT_PORT`] returns.
+pub const EXIT_PORT_READ_BYTE: u8 = 0x42;
 /// Value of every byte that an MMIO read returns from [`RecordingIo`].
 pub const MMIO_READ_BYTE: u8 = 0x7e;
 
@@ -58,7 +60,7 @@ pub enum EntryMode {
 pub enum End {
     /// HLT with interrupts disabled.
     Halt,
-    /// A write to [`EXIT_PORT`].
+    /// A read or write of [`EXIT_PORT`].
     ExitPort,
     /// A triple fault.
     Shutdown,
@@ -121,6 +123,15 @@ pub const PROGRAMS: &[GuestProgram] = &[
         registers: &[reg("eax", RAX, U32, 0xcbf4_3926)],
         memory: &[(0x9000, &[0x26, 0x39, 0xf4, 0xcb])],
         port_writes: &[(EXIT_PORT, &[0x26, 0x39, 0xf4, 0xcb])],
+        mmio_writes: &[],
+    },
+    GuestProgram {
+        name: "real_exit_read",
+        mode: EntryMode::Real,
+        end: End::ExitPort,
+        registers: &[reg("ax", RAX, U16, 0x42)],
+        memory: &[],
+        port_writes: &[],
         mmio_writes: &[],
     },
     GuestProgram {
@@ -366,7 +377,12 @@ impl IoHandler for RecordingIo {
         let mut recorded = self.recorded.lock().unwrap();
         match port {
             0x3f8..=0x3ff => data.fill(recorded.serial.read(port - 0x3f8)),
+            EXIT_PORT => data.fill(EXIT_PORT_READ_BYTE),
             _ => data.fill(0xff),
+        }
+        drop(recorded);
+        if port == EXIT_PORT {
+            self.stop();
         }
     }
 
@@ -412,6 +428,16 @@ pub fn assert_final_state(
         End::Shutdown => VcpuExit::Shutdown,
     };
     assert_eq!(*exit, expected_exit, "{name}: exit\n{state}");
+    if program.end == End::ExitPort {
+        // The IN or OUT at the exit port must be complete, so RIP is past it. Every
+        // program that ends this way puts a HLT right after it.
+        let next: u8 = memory.read_obj(GuestAddress(state.rip)).unwrap();
+        assert_eq!(
+            next, 0xf4,
+            "{name}: RIP {:#x} is not at the HLT after the exit",
+            state.rip
+        );
+    }
 
     for check in program.registers {
         assert_eq!(

@@ -110,6 +110,7 @@ impl<'a> RunScope<'a> {
     /// `immediate_exit` must point into a `kvm_run` mapping that outlives the scope.
     pub fn enter(state: &'a KickState, immediate_exit: *mut u8) -> Result<Self, HypervisorError> {
         install_kick_handler()?;
+        unblock_kick_signal()?;
         // SAFETY: the caller keeps the mapping alive for the scope's lifetime; a
         // stale `1` left by an earlier kick is cleared, which loses no kick because
         // `pending` still records it.
@@ -136,6 +137,26 @@ impl Drop for RunScope<'_> {
         self.state.set_thread(None);
         IMMEDIATE_EXIT.with(|cell| cell.set(std::ptr::null_mut()));
     }
+}
+
+/// Unblocks the kick signal in this thread, which may have inherited a mask that blocks
+/// it; a blocked signal would leave the vCPU unkickable.
+fn unblock_kick_signal() -> Result<(), HypervisorError> {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t and the signal number is a valid real-time signal.
+    let result = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, kick_signal());
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut())
+    };
+    if result != 0 {
+        return Err(HypervisorError::Kvm {
+            call: "pthread_sigmask for the vCPU kick signal",
+            source: std::io::Error::from_raw_os_error(result),
+        });
+    }
+    Ok(())
 }
 
 /// Creates a timer that sends the kick signal to this thread every
