@@ -95,6 +95,11 @@ fn long_mode_page_walk() {
 }
 
 #[test]
+fn lapic_lints_set_like_firmware() {
+    run_program("long_lapic");
+}
+
+#[test]
 fn triple_fault_shuts_down() {
     run_program("triple_fault");
 }

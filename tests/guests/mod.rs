@@ -160,6 +160,20 @@ pub const PROGRAMS: &[GuestProgram] = &[
         mmio_writes: &[(0xd000_0000, &[0x0d, 0xf0, 0xfe, 0xca])],
     },
     GuestProgram {
+        name: "long_lapic",
+        mode: EntryMode::Long,
+        end: End::Halt,
+        // Delivery mode is bits 8-10: 7 is ExtINT, 4 is NMI. The APIC ID is bits 24-31.
+        registers: &[
+            reg("eax (LVT LINT0)", RAX, 0x700, 0x700),
+            reg("ebx (LVT LINT1)", RBX, 0x700, 0x400),
+            reg("ecx (APIC ID)", RCX, 0xff00_0000, 0),
+        ],
+        memory: &[],
+        port_writes: &[],
+        mmio_writes: &[],
+    },
+    GuestProgram {
         name: "triple_fault",
         mode: EntryMode::Protected,
         end: End::Shutdown,
