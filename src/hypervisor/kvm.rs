@@ -330,7 +330,7 @@ pub struct KvmVcpu {
     io_pending: bool,
 }
 
-/// What the run loop does after one KVM_RUN, decided while `kvm_run` is borrowed.
+/// The run loop's next action after one KVM_RUN, decided while `kvm_run` is borrowed.
 enum Step {
     Continue,
     PortIo,
@@ -421,13 +421,12 @@ impl KvmVcpu {
         let offset = exit.data_offset as usize;
         if !matches!(size, 1 | 2 | 4) || offset.checked_add(total).is_none_or(|end| end > run_size)
         {
-            return Err(HypervisorError::Unsupported {
-                what: format!(
-                    "a port-I/O exit at port {:#x} with size {size}, count {} and data offset \
-                     {offset:#x} outside the {run_size:#x}-byte kvm_run mapping",
-                    exit.port, exit.count
-                ),
-            });
+            let reason = format!(
+                "KVM reported an invalid port-I/O exit at port {:#x}: size {size}, count {}, \
+                 data offset {offset:#x} in a {run_size:#x}-byte kvm_run mapping",
+                exit.port, exit.count
+            );
+            return Err(self.failure(reason));
         }
 
         let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>();

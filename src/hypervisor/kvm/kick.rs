@@ -111,9 +111,8 @@ impl<'a> RunScope<'a> {
     pub fn enter(state: &'a KickState, immediate_exit: *mut u8) -> Result<Self, HypervisorError> {
         install_kick_handler()?;
         unblock_kick_signal()?;
-        // SAFETY: the caller keeps the mapping alive for the scope's lifetime; a
-        // stale `1` left by an earlier kick is cleared, which loses no kick because
-        // `pending` still records it.
+        // SAFETY: the caller keeps the mapping alive for the scope's lifetime. Clearing
+        // a `1` left by an earlier kick loses nothing, because `pending` records kicks.
         unsafe { immediate_exit.write_volatile(0) };
         IMMEDIATE_EXIT.with(|cell| cell.set(immediate_exit));
         // SAFETY: pthread_self has no preconditions.

@@ -34,7 +34,7 @@ const PROBE_CODE_ADDRESS: u16 = 0x1000;
 /// Guest RAM given to the probe VM.
 const PROBE_MEMORY_BYTES: usize = 0x10000;
 
-/// The probe's real-mode code: `mov ecx, PROBE_ITERATIONS; l: dec ecx; jnz l;
+/// Returns the probe's real-mode code: `mov ecx, PROBE_ITERATIONS; l: dec ecx; jnz l;
 /// out 0xf4, al; hlt`.
 fn probe_code() -> Vec<u8> {
     let mut code = vec![0x66, 0xb9];
@@ -115,14 +115,14 @@ impl IoHandler for ProbeIo {
 pub fn probe_hardware_speed() -> Result<KvmProbe, HypervisorError> {
     let memory =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), PROBE_MEMORY_BYTES)]).map_err(|e| {
-            HypervisorError::Unsupported {
-                what: format!("the speed probe's {PROBE_MEMORY_BYTES:#x}-byte guest memory ({e})"),
+            HypervisorError::ProbeFailed {
+                reason: format!("failed to map {PROBE_MEMORY_BYTES:#x} bytes of guest memory: {e}"),
             }
         })?;
     memory
         .write_slice(&probe_code(), GuestAddress(u64::from(PROBE_CODE_ADDRESS)))
-        .map_err(|e| HypervisorError::Unsupported {
-            what: format!("writing the speed probe's code ({e})"),
+        .map_err(|e| HypervisorError::ProbeFailed {
+            reason: format!("failed to write the probe code: {e}"),
         })?;
 
     let vm = KvmVm::new(&memory)?;
@@ -154,10 +154,11 @@ pub fn probe_hardware_speed() -> Result<KvmProbe, HypervisorError> {
         let remaining = vcpu.state()?.gprs[1] as u32;
         1 + 2 * u64::from(PROBE_ITERATIONS.saturating_sub(remaining))
     } else {
-        return Err(HypervisorError::VcpuFailed {
-            id: 0,
-            reason: format!("the speed probe guest stopped early with {exit:?}"),
-            state: Box::new(vcpu.state()?),
+        return Err(HypervisorError::ProbeFailed {
+            reason: format!(
+                "the probe guest stopped with {exit:?} before its loop ended\n{}",
+                vcpu.state()?
+            ),
         });
     };
 

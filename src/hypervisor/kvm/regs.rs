@@ -50,7 +50,7 @@ pub const MISC_ENABLE_FAST_STRING: u64 = 1;
 /// so RAM without a variable MTRR is cacheable.
 pub const MTRR_DEF_TYPE_ENABLED_WB: u64 = (1 << 11) | 6;
 
-/// The MSR values a vCPU starts with, as firmware would leave them.
+/// Returns the MSR values a vCPU starts with, as firmware would leave them.
 pub fn boot_msrs() -> Vec<kvm_msr_entry> {
     [
         (MSR_IA32_SYSENTER_CS, 0),
