@@ -42,6 +42,8 @@ pub const TSS_ADDRESS: u64 = 0xfffb_d000;
 /// Guest-physical address of the identity-map page that Intel VMX needs for real mode
 /// without unrestricted guest support (KVM_SET_IDENTITY_MAP_ADDR), just below the TSS.
 pub const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// End of the pages reserved for KVM: the three TSS pages end here.
+const RESERVED_END: u64 = TSS_ADDRESS + 3 * 0x1000;
 /// Highest GSI accepted by [`IrqChip::set_irq`]: the last pin of KVM's 24-pin IOAPIC.
 pub const MAX_GSI: u32 = 23;
 
@@ -117,9 +119,10 @@ impl KvmVm {
     /// Creates a VM over `memory`, with the in-kernel PIC, IOAPIC, PIT and local APICs.
     ///
     /// Each region of `memory` becomes one memory slot. The regions must not overlap
-    /// [`TSS_ADDRESS`] or [`IDENTITY_MAP_ADDRESS`], which `core::memory`'s layout keeps
-    /// free.
+    /// the pages at [`IDENTITY_MAP_ADDRESS`] and [`TSS_ADDRESS`], which `core::memory`'s
+    /// layout keeps free.
     pub fn new(memory: &GuestMemoryMmap) -> Result<Self, HypervisorError> {
+        check_reserved_pages(memory)?;
         let kvm = open_kvm()?;
         let vm = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
 
@@ -263,6 +266,25 @@ impl HypervisorVm for KvmVm {
             io_pending: false,
         }))
     }
+}
+
+/// Rejects guest RAM over the identity-map and TSS pages, which KVM would shadow.
+fn check_reserved_pages(memory: &GuestMemoryMmap) -> Result<(), HypervisorError> {
+    let reserved = IDENTITY_MAP_ADDRESS..RESERVED_END;
+    for region in memory.iter() {
+        let start = region.start_addr().0;
+        let end = start.saturating_add(region.len());
+        if start < reserved.end && reserved.start < end {
+            return Err(HypervisorError::Unsupported {
+                what: format!(
+                    "guest RAM at {start:#x}..{end:#x}, which overlaps the pages that KVM \
+                     reserves at {:#x}..{:#x}: keep RAM below 3 GiB or above 4 GiB",
+                    reserved.start, reserved.end
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Writes `entries` with KVM_SET_MSRS and fails naming the first MSR that KVM rejected.
@@ -526,6 +548,9 @@ impl Vcpu for KvmVcpu {
         }
     }
 
+    // NOTE: CpuState carries no FPU/SSE registers, local APIC state or pending events
+    // (KVM_GET_FPU, KVM_GET_LAPIC, KVM_GET_VCPU_EVENTS), so a snapshot of a running
+    // guest loses them.
     fn state(&self) -> Result<CpuState, HypervisorError> {
         let mut state = CpuState::default();
         let regs = self.fd.get_regs().map_err(kvm_error("KVM_GET_REGS"))?;
@@ -600,6 +625,19 @@ mod tests {
         );
         assert!(message.contains(&path.display().to_string()), "{message}");
         assert!(message.contains("--backend emulator"), "{message}");
+    }
+
+    #[test]
+    fn memory_over_reserved_pages_rejected() {
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0xfff0_0000), 0x10_0000)])
+                .unwrap();
+
+        let error = KvmVm::new(&memory)
+            .err()
+            .expect("overlapping RAM must be rejected");
+
+        assert!(error.to_string().contains("0xfffbc000"), "{error}");
     }
 
     #[test]
