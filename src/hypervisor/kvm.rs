@@ -54,7 +54,7 @@ const APIC_LVT_LINT1: usize = 0x360;
 const APIC_DELIVERY_MODE_NMI: u32 = 0x4;
 const APIC_DELIVERY_MODE_EXTINT: u32 = 0x7;
 
-/// Capabilities the backend relies on; KVM_CREATE_VM succeeds without them, so they are
+/// Capabilities the backend relies on. KVM_CREATE_VM succeeds without them, so they are
 /// checked up front to fail with a clear message.
 const REQUIRED_CAPS: [(Cap, &str); 6] = [
     (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
@@ -154,8 +154,8 @@ impl KvmVm {
             .map_err(kvm_error("KVM_SET_TSS_ADDR"))?;
         vm.create_irq_chip()
             .map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
-        // The dummy speaker makes KVM handle port 0x61 too, whose bit 5 reads PIT
-        // channel 2's output; guests time TSC calibration loops with it.
+        // The dummy speaker makes KVM handle port 0x61 too. Its bit 5 reads PIT
+        // channel 2's output, which guests use to time TSC calibration loops.
         let pit_config = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -181,9 +181,9 @@ impl KvmVm {
 
     /// Reads back the CPUID table of vCPU `id` and warns when KVM changed it.
     ///
-    /// Some KVM host modules rewrite feature leaves in KVM_SET_CPUID2: kvm_pvm (the
-    /// software PVM module on our build machines) replaces leaf 1 ECX and EDX and adds
-    /// leaves 7 and 0xD from the host CPU. The guest then sees features that the
+    /// Some KVM host modules rewrite feature leaves in KVM_SET_CPUID2. kvm_pvm (PVM,
+    /// which runs guests without hardware virtualization; seen with Linux 6.18) replaces
+    /// leaf 1 ECX and EDX and adds leaves 7 and 0xD from the host CPU. The guest then sees features that the
     /// emulator lacks, so a snapshot may not restore on the other backend.
     fn warn_on_cpuid_override(
         &self,
@@ -203,7 +203,7 @@ impl KvmVm {
             tracing::warn!(
                 vcpu = id,
                 leaves = %leaves.join(" "),
-                "KVM changed the CPUID leaves set for this vCPU; the guest sees host \
+                "KVM changed the CPUID leaves set for this vCPU, so the guest sees host \
                  features that the emulator backend may lack"
             );
         }
@@ -364,6 +364,9 @@ enum Step {
 impl KvmVcpu {
     /// Runs KVM_RUN once and classifies the exit.
     fn run_once(&mut self, io: &dyn IoHandler) -> Result<Step, HypervisorError> {
+        // KVM_RUN finishes a pending port-I/O or MMIO instruction first, even when it
+        // then returns EINTR at once.
+        self.io_pending = false;
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -456,6 +459,8 @@ impl KvmVcpu {
         // checked above, and nothing else accesses that area until the next KVM_RUN.
         let data = unsafe { std::slice::from_raw_parts_mut(base.add(offset), total) };
         for chunk in data.chunks_exact_mut(size) {
+            // Counted per access, so a REP INS or OUTS counts each element, as the
+            // emulator does, however many of them KVM batched into this exit.
             self.stats.pio_exits += 1;
             if u32::from(exit.direction) == kvm_bindings::KVM_EXIT_IO_IN {
                 io.pio_read(exit.port, chunk);
