@@ -3,3 +3,4 @@
 pub mod boot;
 pub mod devices;
 pub mod memory;
+pub mod vm;
