@@ -48,6 +48,7 @@ fn new_test_vm(stop_port: u16) -> TestVm {
     let vcpu = vm.create_vcpu(0).unwrap();
     let io = RecordingIo::new(stop_port);
     io.kicker.set(vcpu.kicker()).ok().unwrap();
+    io.irq_chip.set(vm.irq_chip()).ok().unwrap();
     TestVm {
         memory,
         vm,
@@ -97,6 +98,27 @@ fn long_mode_page_walk() {
 #[test]
 fn lapic_lints_set_like_firmware() {
     run_program("long_lapic");
+}
+
+#[test]
+fn msi_reaches_guest_handler() {
+    run_program("long_msi");
+}
+
+#[test]
+fn msi_outside_apic_window_rejected() {
+    if !kvm_available("msi_outside_apic_window_rejected") {
+        return;
+    }
+    let test = new_test_vm(EXIT_PORT);
+
+    let error = test
+        .vm
+        .irq_chip()
+        .signal_msi(0xfed0_0000, 0x40)
+        .unwrap_err();
+
+    assert!(error.to_string().contains("0xfed00000"), "{error}");
 }
 
 #[test]

@@ -44,6 +44,9 @@ pub const TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// End of the pages reserved for KVM: the three TSS pages end here.
 const RESERVED_END: u64 = TSS_ADDRESS + 3 * 0x1000;
+/// The x86 MSI address window: bits 31:20 of a valid MSI address are 0xFEE.
+const MSI_ADDRESS_BASE: u64 = 0xfee0_0000;
+const MSI_ADDRESS_MASK: u64 = 0xfff0_0000;
 /// Highest GSI accepted by [`IrqChip::set_irq`]: the last pin of KVM's 24-pin IOAPIC.
 pub const MAX_GSI: u32 = 23;
 
@@ -56,13 +59,14 @@ const APIC_DELIVERY_MODE_EXTINT: u32 = 0x7;
 
 /// Capabilities the backend relies on. KVM_CREATE_VM succeeds without them, so they are
 /// checked up front to fail with a clear message.
-const REQUIRED_CAPS: [(Cap, &str); 6] = [
+const REQUIRED_CAPS: [(Cap, &str); 7] = [
     (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
     (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
     (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
     (Cap::SetIdentityMapAddr, "KVM_CAP_SET_IDENTITY_MAP_ADDR"),
     (Cap::Pit2, "KVM_CAP_PIT2"),
     (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    (Cap::SignalMsi, "KVM_CAP_SIGNAL_MSI"),
 ];
 
 fn kvm_error(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HypervisorError {
@@ -337,6 +341,28 @@ impl IrqChip for KvmIrqChip {
         self.vm
             .set_irq_line(gsi, level)
             .map_err(kvm_error("KVM_IRQ_LINE"))
+    }
+
+    /// Delivers the MSI through KVM_SIGNAL_MSI. An MSI that the guest has blocked (no
+    /// enabled destination APIC) is dropped, as on hardware.
+    fn signal_msi(&self, address: u64, data: u32) -> Result<(), HypervisorError> {
+        if address & MSI_ADDRESS_MASK != MSI_ADDRESS_BASE {
+            return Err(HypervisorError::Unsupported {
+                what: format!(
+                    "MSI address {address:#x}: x86 MSI addresses lie in 0xfee00000..0xfeefffff"
+                ),
+            });
+        }
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        self.vm
+            .signal_msi(msi)
+            .map(|_delivered| ())
+            .map_err(kvm_error("KVM_SIGNAL_MSI"))
     }
 }
 

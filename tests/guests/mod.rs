@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use monstervm::core::boot::embedded::real_mode_state;
-use monstervm::hypervisor::{CpuState, DescriptorTable, IoHandler, Segment, VcpuKicker};
+use monstervm::hypervisor::{CpuState, DescriptorTable, IoHandler, IrqChip, Segment, VcpuKicker};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Guest-physical address where every program is loaded and entered.
@@ -30,6 +30,10 @@ pub const PML4_ADDRESS: u64 = 0x1000;
 pub const EXIT_PORT: u16 = 0xf4;
 /// Value of every byte that a read of [`EXIT_PORT`] returns.
 pub const EXIT_PORT_READ_BYTE: u8 = 0x42;
+/// Port whose write makes [`RecordingIo`] signal an MSI with vector [`MSI_VECTOR`] to
+/// local APIC 0, in fixed delivery mode.
+pub const MSI_REQUEST_PORT: u16 = 0xf0;
+pub const MSI_VECTOR: u8 = 0x40;
 /// Value of every byte that an MMIO read returns from [`RecordingIo`].
 pub const MMIO_READ_BYTE: u8 = 0x7e;
 
@@ -171,6 +175,15 @@ pub const PROGRAMS: &[GuestProgram] = &[
         ],
         memory: &[],
         port_writes: &[],
+        mmio_writes: &[],
+    },
+    GuestProgram {
+        name: "long_msi",
+        mode: EntryMode::Long,
+        end: End::Halt,
+        registers: &[],
+        memory: &[],
+        port_writes: &[(MSI_REQUEST_PORT, &[0]), (0xe9, &[MSI_VECTOR])],
         mmio_writes: &[],
     },
     GuestProgram {
@@ -362,11 +375,13 @@ pub struct Recorded {
     pub serial: SerialStub,
 }
 
-/// An `IoHandler` that records accesses, runs a [`SerialStub`] at 0x3f8 and kicks the
-/// vCPU when the guest writes [`EXIT_PORT`] or `stop_port`.
+/// An `IoHandler` that records accesses, runs a [`SerialStub`] at 0x3f8, kicks the
+/// vCPU when the guest accesses [`EXIT_PORT`] or writes `stop_port`, and signals an
+/// MSI through `irq_chip` when the guest writes [`MSI_REQUEST_PORT`].
 pub struct RecordingIo {
     pub recorded: Mutex<Recorded>,
     pub kicker: OnceLock<Arc<dyn VcpuKicker>>,
+    pub irq_chip: OnceLock<Arc<dyn IrqChip>>,
     pub stop_port: u16,
 }
 
@@ -375,6 +390,7 @@ impl RecordingIo {
         RecordingIo {
             recorded: Mutex::new(Recorded::default()),
             kicker: OnceLock::new(),
+            irq_chip: OnceLock::new(),
             stop_port,
         }
     }
@@ -411,6 +427,15 @@ impl IoHandler for RecordingIo {
         drop(recorded);
         if port == EXIT_PORT || port == self.stop_port {
             self.stop();
+        }
+        if port == MSI_REQUEST_PORT {
+            let irq_chip = self
+                .irq_chip
+                .get()
+                .expect("the test set no IrqChip for MSIs");
+            irq_chip
+                .signal_msi(0xfee0_0000, u32::from(MSI_VECTOR))
+                .expect("signal_msi failed");
         }
     }
 

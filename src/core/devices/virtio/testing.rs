@@ -51,7 +51,9 @@ impl<'a> TestQueue<'a> {
         let address = self.next_buffer;
         let mut bytes = data.to_vec();
         bytes.resize(len as usize, 0);
-        self.memory.write_slice(&bytes, GuestAddress(address)).unwrap();
+        self.memory
+            .write_slice(&bytes, GuestAddress(address))
+            .unwrap();
         self.next_buffer += (u64::from(len) + 15) & !15;
         address
     }
@@ -90,12 +92,16 @@ impl<'a> TestQueue<'a> {
         let slot = avail + 4 + u64::from(self.avail_index % self.size) * 2;
         self.memory.write_obj(head, GuestAddress(slot)).unwrap();
         self.avail_index = self.avail_index.wrapping_add(1);
-        self.memory.write_obj(self.avail_index, GuestAddress(avail + 2)).unwrap();
+        self.memory
+            .write_obj(self.avail_index, GuestAddress(avail + 2))
+            .unwrap();
     }
 
     /// Returns the used ring's index.
     pub fn used_index(&self) -> u16 {
-        self.memory.read_obj(GuestAddress(self.base + 0x2000 + 2)).unwrap()
+        self.memory
+            .read_obj(GuestAddress(self.base + 0x2000 + 2))
+            .unwrap()
     }
 
     /// Returns used ring entry `n` as (descriptor id, written length).
@@ -108,7 +114,9 @@ impl<'a> TestQueue<'a> {
 
     pub fn read(&self, address: u64, len: usize) -> Vec<u8> {
         let mut bytes = vec![0u8; len];
-        self.memory.read_slice(&mut bytes, GuestAddress(address)).unwrap();
+        self.memory
+            .read_slice(&mut bytes, GuestAddress(address))
+            .unwrap();
         bytes
     }
 }
