@@ -106,6 +106,11 @@ fn msi_reaches_guest_handler() {
 }
 
 #[test]
+fn ioapic_line_reaches_guest_handler() {
+    run_program("long_ioapic");
+}
+
+#[test]
 fn msi_outside_apic_window_rejected() {
     if !kvm_available("msi_outside_apic_window_rejected") {
         return;
