@@ -7,12 +7,14 @@
 
 mod guests;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use guests::{assemble, load_program, program, EntryMode, RecordingIo, EXIT_PORT};
+use guests::{assemble, load_program, program, EntryMode, RecordingIo, SerialStub, EXIT_PORT};
 use monstervm::core::boot::embedded;
+use monstervm::core::devices::{Bus, BusDevice, BusRange, PlatformControl, PlatformRequest};
 use monstervm::core::memory::create_guest_memory;
+use monstervm::core::vm::{Vm, VmControl, VmExit, VmIo};
 use monstervm::hypervisor::kvm::{
     open_kvm, probe_hardware_speed, KvmVm, PROBE_INSTRUCTIONS, SOFTWARE_SPEED_LIMIT,
 };
@@ -317,6 +319,68 @@ fn embedded_guest_echoes_and_powers_off() {
         embedded::PM1A_SLEEP_S5.to_le_bytes().to_vec(),
     );
     assert_eq!(recorded.port_writes.last(), Some(&power_off), "{output}");
+}
+
+/// An ACPI PM1a control register that powers the VM off on SLP_EN with SLP_TYP 5.
+struct PowerOffStub {
+    control: Arc<VmControl>,
+    writes: Vec<Vec<u8>>,
+}
+
+impl BusDevice for PowerOffStub {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        self.writes.push(data.to_vec());
+        if data == embedded::PM1A_SLEEP_S5.to_le_bytes() {
+            self.control.request(PlatformRequest::PowerOff);
+        }
+    }
+}
+
+#[test]
+fn embedded_guest_powers_off_vm_loop() {
+    if !kvm_available("embedded_guest_powers_off_vm_loop") {
+        return;
+    }
+    let memory = create_guest_memory(16).unwrap();
+    let backend: Arc<dyn HypervisorVm> = Arc::new(KvmVm::new(&memory).unwrap());
+    let mut vcpu = backend.create_vcpu(0).unwrap();
+    vcpu.set_state(&embedded::load(&memory).unwrap()).unwrap();
+    let control = VmControl::new();
+    let serial = Arc::new(Mutex::new(SerialStub::default()));
+    serial.lock().unwrap().input.extend(b"ok q");
+    let power = Arc::new(Mutex::new(PowerOffStub {
+        control: Arc::clone(&control),
+        writes: Vec::new(),
+    }));
+    let mut pio = Bus::new();
+    pio.insert("serial", BusRange::new(0x3f8, 8), serial.clone())
+        .unwrap();
+    pio.insert(
+        "pm1a_cnt",
+        BusRange::new(u64::from(embedded::PM1A_CNT_PORT), 2),
+        power.clone(),
+    )
+    .unwrap();
+    let io = Arc::new(VmIo::new(pio, Bus::new()));
+    let mut vm = Vm::from_parts("embedded".into(), memory, backend, io, control, vec![vcpu]);
+
+    let exit = vm.run().unwrap();
+
+    assert_eq!(exit, VmExit::PowerOff);
+    let output = String::from_utf8_lossy(&serial.lock().unwrap().output).into_owned();
+    assert!(
+        output.contains("Welcome to the MonsterVM embedded guest."),
+        "{output}"
+    );
+    assert!(
+        output.contains("power off.\r\nok \r\nPowering off.\r\n"),
+        "{output}"
+    );
+    assert_eq!(power.lock().unwrap().writes, vec![vec![0x00, 0x34]]);
 }
 
 #[test]

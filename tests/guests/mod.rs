@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use monstervm::core::boot::embedded::real_mode_state;
+use monstervm::core::devices::BusDevice;
 use monstervm::hypervisor::{CpuState, DescriptorTable, IoHandler, IrqChip, Segment, VcpuKicker};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -359,7 +360,7 @@ pub struct SerialStub {
 impl SerialStub {
     const DLAB: u8 = 0x80;
 
-    fn read(&mut self, offset: u16) -> u8 {
+    fn read_register(&mut self, offset: u16) -> u8 {
         match offset {
             0 if self.line_control & Self::DLAB == 0 => self.input.pop_front().unwrap_or(0),
             3 => self.line_control,
@@ -369,12 +370,23 @@ impl SerialStub {
         }
     }
 
-    fn write(&mut self, offset: u16, value: u8) {
+    fn write_register(&mut self, offset: u16, value: u8) {
         match offset {
             0 if self.line_control & Self::DLAB == 0 => self.output.push(value),
             3 => self.line_control = value,
             _ => {}
         }
+    }
+}
+
+/// The stub as a bus device at the base of an 8-port range, for tests of the VM loop.
+impl BusDevice for SerialStub {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(self.read_register(offset as u16));
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.write_register(offset as u16, data[0]);
     }
 }
 
@@ -419,7 +431,7 @@ impl IoHandler for RecordingIo {
     fn pio_read(&self, port: u16, data: &mut [u8]) {
         let mut recorded = self.recorded.lock().unwrap();
         match port {
-            0x3f8..=0x3ff => data.fill(recorded.serial.read(port - 0x3f8)),
+            0x3f8..=0x3ff => data.fill(recorded.serial.read_register(port - 0x3f8)),
             EXIT_PORT => data.fill(EXIT_PORT_READ_BYTE),
             _ => data.fill(0xff),
         }
@@ -432,7 +444,7 @@ impl IoHandler for RecordingIo {
     fn pio_write(&self, port: u16, data: &[u8]) {
         let mut recorded = self.recorded.lock().unwrap();
         match port {
-            0x3f8..=0x3ff => recorded.serial.write(port - 0x3f8, data[0]),
+            0x3f8..=0x3ff => recorded.serial.write_register(port - 0x3f8, data[0]),
             // CMOS index writes are noise for the checks. PIC writes reach an
             // IoHandler on some backends only (KVM handles them in the kernel).
             0x70 | 0x20 | 0x21 | 0xa0 | 0xa1 => {}
