@@ -21,8 +21,8 @@ use monstervm::hypervisor::kvm::{
 use monstervm::hypervisor::{HypervisorError, HypervisorVm, IrqChip, Vcpu, VcpuExit};
 use vm_memory::GuestMemoryMmap;
 
-/// Returns whether KVM is usable; otherwise prints why the test skips, or panics when
-/// MONSTERVM_REQUIRE_KVM=1.
+/// Returns whether KVM is usable. Otherwise it prints why the test skips, or panics
+/// when MONSTERVM_REQUIRE_KVM=1.
 fn kvm_available(test: &str) -> bool {
     match open_kvm() {
         Ok(_) => true,

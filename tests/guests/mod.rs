@@ -102,7 +102,8 @@ pub struct GuestProgram {
     pub registers: &'static [RegisterCheck],
     /// Guest-physical address and the bytes expected there.
     pub memory: &'static [(u64, &'static [u8])],
-    /// Port writes in order, with their data.
+    /// Port writes in order, with their data, leaving out those that [`RecordingIo`]
+    /// does not record (serial, CMOS index and PIC ports).
     pub port_writes: &'static [(u16, &'static [u8])],
     /// MMIO writes in order, with their data.
     pub mmio_writes: &'static [(u64, &'static [u8])],
