@@ -380,6 +380,7 @@ fn embedded_guest_powers_off_vm_loop() {
         output.contains("power off.\r\nok \r\nPowering off.\r\n"),
         "{output}"
     );
+    eprintln!("{output}");
     assert_eq!(power.lock().unwrap().writes, vec![vec![0x00, 0x34]]);
 }
 
@@ -399,4 +400,24 @@ fn probe_measures_loop() {
         probe.hardware_speed,
         probe.instructions_per_second >= SOFTWARE_SPEED_LIMIT
     );
+}
+
+#[test]
+fn fetch_from_mmio_fails_with_dump() {
+    if !kvm_available("fetch_from_mmio_fails_with_dump") {
+        return;
+    }
+    let mut test = new_test_vm(EXIT_PORT);
+    let entry = load_program(&test.memory, &assemble("long_fetch_mmio"), EntryMode::Long);
+    test.vcpu.set_state(&entry).unwrap();
+
+    let error = test.vcpu.run(&test.io).unwrap_err();
+
+    let message = error.to_string();
+    assert!(
+        matches!(error, HypervisorError::VcpuFailed { id: 0, .. }),
+        "{message}"
+    );
+    assert!(message.contains("KVM_EXIT_INTERNAL_ERROR"), "{message}");
+    assert!(message.contains("rip=00000000d0000000"), "{message}");
 }
