@@ -116,7 +116,7 @@ pub struct KvmVm {
     /// Size of each vCPU's `kvm_run` mapping, to bounds-check port-I/O data offsets.
     run_size: usize,
     /// Keeps the host mappings behind the memory slots alive as long as the VM.
-    _memory: GuestMemoryMmap,
+    memory: GuestMemoryMmap,
 }
 
 impl KvmVm {
@@ -179,7 +179,7 @@ impl KvmVm {
             vm: Arc::new(vm),
             supported_cpuid,
             run_size,
-            _memory: memory.clone(),
+            memory: memory.clone(),
         })
     }
 
@@ -268,6 +268,7 @@ impl HypervisorVm for KvmVm {
             kick: Arc::new(KickState::default()),
             stats: VcpuStats::default(),
             io_pending: false,
+            _memory: self.memory.clone(),
         }))
     }
 }
@@ -376,6 +377,9 @@ pub struct KvmVcpu {
     /// Whether the last exit was port I/O or MMIO, which KVM finishes only on the
     /// next KVM_RUN (for example by loading the IN result into RAX).
     io_pending: bool,
+    /// Keeps guest memory mapped while this vCPU can run, even after its `KvmVm` is
+    /// dropped.
+    _memory: GuestMemoryMmap,
 }
 
 /// The run loop's next action after one KVM_RUN, decided while `kvm_run` is borrowed.
