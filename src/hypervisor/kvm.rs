@@ -93,6 +93,11 @@ pub fn open_kvm_at(path: &Path) -> Result<Kvm, HypervisorError> {
     let kvm = Kvm::new_with_path(&c_path)
         .map_err(|e| unavailable(std::io::Error::from(e).to_string()))?;
     let version = kvm.get_api_version();
+    if version < 0 {
+        return Err(unavailable(
+            "KVM_GET_API_VERSION failed, so the file is not a KVM device".to_string(),
+        ));
+    }
     if version != kvm_bindings::KVM_API_VERSION as i32 {
         return Err(unavailable(format!(
             "KVM API version {version} is not the supported version {}",
@@ -685,5 +690,6 @@ mod tests {
             matches!(error, HypervisorError::KvmUnavailable { .. }),
             "{error}"
         );
+        assert!(error.to_string().contains("not a KVM device"), "{error}");
     }
 }
