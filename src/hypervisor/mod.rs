@@ -1,6 +1,8 @@
 //! Hypervisor backends behind one set of traits: KVM, the built-in emulator, and
 //! Hypervisor.framework on macOS.
 
+#[cfg(target_os = "linux")]
+pub mod kvm;
 pub mod traits;
 
 use std::fmt;
@@ -30,6 +32,8 @@ pub enum HypervisorError {
     Unsupported { what: String },
     #[error("interrupt line {gsi} is out of range (0 to {max})")]
     InvalidIrq { gsi: u32, max: u32 },
+    #[error("KVM speed probe failed (--backend emulator or --backend kvm skips it): {reason}")]
+    ProbeFailed { reason: String },
     #[error("vCPU {id} failed: {reason}\n{state}")]
     VcpuFailed {
         id: u32,

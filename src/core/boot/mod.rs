@@ -1,0 +1,4 @@
+//! Guest loaders: each writes a guest into guest memory and returns the vCPU state to
+//! enter it with.
+
+pub mod embedded;
