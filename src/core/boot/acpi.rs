@@ -506,3 +506,66 @@ mod tests {
         assert_eq!(sum(&with), 0);
     }
 }
+
+#[cfg(test)]
+mod iasl_tests {
+    use super::*;
+    use std::process::Command;
+
+    const BASE: u64 = 0xe_0000;
+
+    /// Returns each table of `tables` with its signature, as iasl takes them one a file.
+    fn split(tables: &AcpiTables) -> Vec<(String, Vec<u8>)> {
+        [tables.xsdt, tables.fadt, tables.madt, tables.dsdt]
+            .iter()
+            .map(|&address| {
+                let offset = (address - BASE) as usize;
+                let bytes = &tables.bytes[offset..];
+                let length = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+                (
+                    String::from_utf8_lossy(&bytes[..4]).into_owned(),
+                    bytes[..length].to_vec(),
+                )
+            })
+            .collect()
+    }
+
+    /// Disassembles every table with ACPICA's iasl, the compiler that Linux's ACPI code
+    /// comes from, and fails on any error or warning it reports.
+    #[test]
+    fn iasl_accepts_tables() {
+        let tables = build_acpi_tables(
+            BASE,
+            &AcpiConfig {
+                vcpus: 2,
+                pci_host_bridge: true,
+            },
+        );
+        let dir = tempfile::tempdir().unwrap();
+        for (signature, bytes) in split(&tables) {
+            let path = dir.path().join(format!("{}.dat", signature.to_lowercase()));
+            std::fs::write(&path, &bytes).unwrap();
+            let output = match Command::new("iasl").arg("-d").arg(&path).output() {
+                Ok(output) => output,
+                Err(e) => {
+                    eprintln!("skipping: iasl is not available ({e}); install acpica-tools");
+                    return;
+                }
+            };
+            let log = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(output.status.success(), "iasl failed on {signature}: {log}");
+            let dsl = std::fs::read_to_string(path.with_extension("dsl")).unwrap();
+            for bad in ["Error", "Warning", "Invalid", "Incorrect"] {
+                assert!(!log.contains(bad), "iasl reports on {signature}: {log}");
+                assert!(
+                    !dsl.contains(bad),
+                    "iasl decoded {signature} with a complaint:\n{dsl}"
+                );
+            }
+        }
+    }
+}
