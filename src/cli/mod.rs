@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub mod disk;
+
 use clap::{Args, Parser, Subcommand};
 
 use crate::hypervisor::BackendChoice;
@@ -34,6 +36,8 @@ struct Cli {
 enum Command {
     /// Boot a VM in the foreground with its serial console on this terminal.
     Run(RunArgs),
+    /// Create, inspect, check, convert, resize and snapshot disk images.
+    Disk(disk::DiskArgs),
 }
 
 /// Options shared by `run` and `create`.
@@ -111,6 +115,7 @@ pub fn main() -> i32 {
 
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Disk(args) => disk::run(args),
     };
     match result {
         Ok(code) => code,
