@@ -24,7 +24,7 @@ pub const MAX_BACKING_DEPTH: usize = 16;
 ///
 /// Methods take `&self` so one backend can serve several queue workers at once; each
 /// implementation locks internally where its metadata needs it.
-pub trait BlockBackend: Send + Sync {
+pub trait BlockBackend: Send + Sync + fmt::Debug {
     /// Reads `buf.len()` bytes at `offset` of the virtual disk. The range must lie inside
     /// [`size`](Self::size).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError>;
@@ -286,7 +286,7 @@ pub(crate) fn open_chain(
     chain.push(canonical);
     let backend: Box<dyn BlockBackend> = match format {
         ImageFormat::Raw => Box::new(RawFile::open(path, options.read_only)?),
-        ImageFormat::Qcow2 => Box::new(Qcow2::open_in_chain(path, options, chain)?),
+        ImageFormat::Qcow2 => Box::new(Qcow2::open_in_chain(path, options, chain, true)?),
     };
     chain.pop();
     Ok(backend)

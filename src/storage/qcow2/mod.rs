@@ -131,15 +131,17 @@ impl Qcow2 {
         let canonical = path
             .canonicalize()
             .map_err(|e| StorageError::io(path, "resolve path", e))?;
-        Self::open_in_chain(path, options, &mut vec![canonical])
+        Self::open_in_chain(path, options, &mut vec![canonical], true)
     }
 
     /// Opens one image of a backing chain; `chain` lists the canonical paths opened so far,
-    /// this image included.
+    /// this image included. Without `follow_backing` the backing file stays closed, which
+    /// only image creation uses: it writes no guest data.
     pub(crate) fn open_in_chain(
         path: &Path,
         options: &OpenOptions,
         chain: &mut Vec<PathBuf>,
+        follow_backing: bool,
     ) -> Result<Self, StorageError> {
         let file = FsOpenOptions::new()
             .read(true)
@@ -176,6 +178,7 @@ impl Qcow2 {
         }
         let backing = match &header.backing_file {
             None => None,
+            Some(_) if !follow_backing => None,
             Some(name) if options.backing == BackingPolicy::Deny => {
                 return Err(StorageError::BackingDenied {
                     path: path.to_path_buf(),
@@ -364,7 +367,11 @@ impl Qcow2 {
         }
         std::fs::write(path, &file_bytes).map_err(|e| StorageError::io(path, "create", e))?;
 
-        let image = Qcow2::open(path, &OpenOptions::default())?;
+        let canonical = path
+            .canonicalize()
+            .map_err(|e| StorageError::io(path, "resolve path", e))?;
+        let image =
+            Qcow2::open_in_chain(path, &OpenOptions::default(), &mut vec![canonical], false)?;
         image.resize(size)?;
         Ok(image)
     }
