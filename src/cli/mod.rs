@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub mod disk;
+
 use clap::{Args, Parser, Subcommand};
 
 use crate::hypervisor::BackendChoice;
@@ -39,6 +41,8 @@ enum Command {
     /// Build or fetch test guests.
     #[command(subcommand)]
     Guest(GuestCommand),
+    /// Create, inspect, check, convert, resize and snapshot disk images.
+    Disk(disk::DiskArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -148,6 +152,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Guest(GuestCommand::Fetch(args)) => guest_fetch(args),
+        Command::Disk(args) => disk::run(args),
     };
     match result {
         Ok(code) => code,
