@@ -1,4 +1,5 @@
 //! The VM model: guest memory, buses and devices, the emulator's CPU, guest loading.
 
+pub mod cpu;
 pub mod devices;
 pub mod memory;
