@@ -4,9 +4,14 @@
 //! - [`state`]: [`UserState`] (GPRs, user RFLAGS bits, XMM, MXCSR, a data area at a fixed
 //!   address) and the address layout both sides share.
 //! - [`native`]: [`run_native`], which executes a snippet in a forked child.
+//! - [`generate`]: a seeded generator of random snippets and states per instruction class.
+//! - [`undefined`]: the flags and registers that the architecture leaves undefined after
+//!   an instruction, which a comparison must ignore.
 
+pub mod generate;
 pub mod native;
 pub mod state;
+pub mod undefined;
 
 use std::io;
 use std::time::Duration;
