@@ -5,9 +5,11 @@
 //!   address) and the address layout both sides share.
 //! - [`native`]: [`run_native`], which executes a snippet in a forked child.
 //! - [`generate`]: a seeded generator of random snippets and states per instruction class.
+//! - [`compare`]: the comparison of a native and an emulated output state.
 //! - [`undefined`]: the flags and registers that the architecture leaves undefined after
 //!   an instruction, which a comparison must ignore.
 
+pub mod compare;
 pub mod generate;
 pub mod native;
 pub mod state;
