@@ -8,6 +8,8 @@ use crate::hypervisor::BackendChoice;
 use crate::utils::config::VmConfig;
 use crate::utils::logger;
 
+pub mod terminal;
+
 /// Exit status for success, including a guest that powered off.
 pub const EXIT_OK: i32 = 0;
 /// Exit status for a failure: bad input, a backend error or a guest crash.

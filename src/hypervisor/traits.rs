@@ -51,6 +51,16 @@ pub trait IrqChip: Send + Sync {
         self.set_irq(gsi, true)?;
         self.set_irq(gsi, false)
     }
+
+    /// Delivers a message-signalled interrupt: the 32-bit `data` written to `address`
+    /// (0xFEExxxxx on x86, where address bits 19:12 select the destination APIC and data
+    /// bits 7:0 the vector).
+    fn signal_msi(&self, address: u64, data: u32) -> Result<(), HypervisorError> {
+        let _ = (address, data);
+        Err(HypervisorError::Unsupported {
+            what: "message-signalled interrupts".to_string(),
+        })
+    }
 }
 
 /// Makes a running vCPU return from `Vcpu::run` with `VcpuExit::Kicked` soon.

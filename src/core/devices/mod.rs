@@ -5,6 +5,8 @@
 //! drive it directly.
 
 pub mod bus;
+pub mod pci;
+pub mod virtio;
 
 pub use bus::{Bus, BusError, BusRange};
 
