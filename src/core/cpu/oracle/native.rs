@@ -10,8 +10,8 @@
 //!
 //! `enter` loads every register from the control block and jumps to the snippet. The
 //! snippet ends in the exit stub, which stores every register into the report and calls
-//! `child_finish`; a fault ends in `child_signal`, which copies the registers from the
-//! signal frame instead. Both send the report and then the data area through a pipe and
+//! `child_finish`. A fault ends in `child_signal` instead, which copies the registers
+//! from the signal frame. Both send the report and then the data area through a pipe and
 //! exit. The child calls only async-signal-safe functions, and it allocates nothing,
 //! because `fork` copies a multi-threaded parent in which another thread may hold the
 //! allocator's lock.
@@ -59,7 +59,7 @@ const SETUP_STEPS: [&str; 6] = [
     "install the signal handlers",
 ];
 
-/// What the child sends first through the pipe; the data area follows.
+/// The message that the child sends first through the pipe; the data area follows.
 #[repr(C, align(16))]
 #[derive(Clone, Copy)]
 struct Report {
@@ -158,16 +158,16 @@ std::arch::global_asm!(
 );
 
 extern "C" {
-    /// The exit stub defined above; only its address is used.
+    /// The exit stub defined above. Only its address is used.
     fn monstervm_oracle_exit_stub();
 }
 
 /// Runs `code` natively from the state `input` and returns the state at its end, or at
 /// the fault that stopped it, with [`DEFAULT_WATCHDOG`] as the time limit.
 ///
-/// The snippet starts at [`CODE_ADDR`] and must end by falling through its last byte; a
-/// jump out of the snippet or an endless loop ends in [`OracleError::TimedOut`] or in a
-/// fault outside the snippet.
+/// The snippet starts at [`CODE_ADDR`] and must end by falling through its last byte.
+/// A jump out of the snippet ends in [`OracleError::RunnerFault`] or
+/// [`OracleError::TimedOut`], and so does an endless loop.
 pub fn run_native(code: &[u8], input: &UserState) -> Result<UserState, OracleError> {
     run_native_with_timeout(code, input, DEFAULT_WATCHDOG)
 }
@@ -212,7 +212,7 @@ pub fn run_native_with_timeout(
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(OracleError::Pipe(io::Error::last_os_error()));
     }
-    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    // SAFETY: pipe2 succeeded, so both descriptors are open and have no other owner.
     let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
 
     // SAFETY: the child runs only `child_main`, which calls async-signal-safe functions
@@ -343,7 +343,7 @@ fn describe_wait_status(status: libc::c_int) -> String {
 
 /// Turns the child's bytes into the output state.
 fn decode_report(bytes: &[u8], code_len: usize) -> Result<UserState, OracleError> {
-    // SAFETY: `bytes` holds at least size_of::<Report>() bytes written by the child from
+    // SAFETY: `bytes` contains at least size_of::<Report>() bytes written by the child from
     // a `Report`, and every bit pattern is a valid `Report`; read_unaligned copes with
     // the Vec's alignment.
     let report: Report = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
@@ -411,8 +411,8 @@ pub fn host_mxcsr_mask() -> u32 {
             std::arch::asm!("fxsave [{}]", in(reg) area.0.as_mut_ptr(), options(nostack));
         }
         let mask = u32::from_le_bytes([area.0[28], area.0[29], area.0[30], area.0[31]]);
-        // A zero MXCSR_MASK means the CPU predates the field and supports 0xFFBF (the
-        // Intel SDM's FXSAVE description).
+        // A zero MXCSR_MASK means that the CPU predates the field. Such CPUs support
+        // the mask 0xFFBF.
         if mask == 0 {
             0xFFBF
         } else {
