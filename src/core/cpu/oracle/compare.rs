@@ -8,7 +8,7 @@ use super::undefined::Undefined;
 /// One difference between the expected (native) and the actual (emulated) output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mismatch {
-    /// What differs, such as `rax`, `rflags` or `data 0x10011230`.
+    /// The differing field, such as `rax`, `rflags` or `data 0x10011230`.
     pub field: String,
     pub expected: String,
     pub actual: String,

@@ -8,10 +8,10 @@
 //! immediates, register-in-opcode). Branches, string instructions and stack sequences
 //! are built by hand because their operands are implicit.
 //!
-//! Register values favour edge cases (0, -1, sign boundaries of every width), and a
-//! memory operand's base and index registers are set so that the access lands in the data
-//! area, mostly aligned, sometimes misaligned, and now and then straddling the unmapped
-//! guard page so that #PF paths run too.
+//! Register values favour edge cases (0, -1, sign boundaries of every width). A memory
+//! operand's base and index registers are set so that the access lands in the data area.
+//! Most accesses are aligned and some are misaligned. Now and then one straddles or hits
+//! an unmapped guard page, so that the #PF paths run too.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -527,9 +527,9 @@ impl Generator {
         value.to_bits()
     }
 
-    /// Returns MXCSR with all exceptions masked most of the time; otherwise with a random
-    /// rounding mode, FTZ, DAZ, sticky flags, and sometimes unmasked exceptions so that
-    /// #XM is exercised.
+    /// Returns the default MXCSR half of the time. Otherwise it sets a random rounding
+    /// mode, FTZ, DAZ and sticky flags, and sometimes unmasks exceptions so that #XM
+    /// paths run too.
     fn random_mxcsr(&mut self) -> u32 {
         if self.rng.chance(1, 2) {
             return MXCSR_DEFAULT;
@@ -873,6 +873,7 @@ impl Generator {
                 break candidate;
             }
         };
+
         if self.rng.chance(1, 5) {
             // A backward counted loop: mov ecx, n; L: add marker, imm8; loop L.
             let count = 1 + self.rng.below(5) as u32;
@@ -882,6 +883,7 @@ impl Generator {
             code.extend_from_slice(&[0xE2, (-6i8) as u8]);
             return code;
         }
+
         if self.rng.chance(1, 3) {
             // cmp r64, r64: a defined way to set every flag before the branch.
             let first = self.rng.below(16) as u8;
@@ -892,6 +894,7 @@ impl Generator {
                 0xC0 | ((second & 7) << 3) | (first & 7),
             ]);
         }
+
         // Not-taken path: mov marker32, imm32; jmp over the taken path. Taken path: mov
         // marker32, imm32.
         let rex = if marker >= 8 { Some(0x41u8) } else { None };
@@ -924,6 +927,7 @@ impl Generator {
                 self.small_counter(state);
             }
         }
+
         code.extend(rex);
         code.push(0xB8 | (marker & 7));
         code.extend_from_slice(&0x1111_1111u32.to_le_bytes());
@@ -1361,8 +1365,8 @@ pub fn read_register(state: &UserState, register: Register) -> u64 {
     }
 }
 
-/// Writes the low bits of `value` into a GPR of any width, keeping the other bits of the
-/// 64-bit register (this sets up inputs; it is not the CPU's zero-extending write).
+/// Writes the low bits of `value` into a GPR of any width and keeps the other bits of
+/// the 64-bit register. It sets up inputs, so unlike the CPU it never zero-extends.
 pub fn write_register(state: &mut UserState, register: Register, value: u64) {
     if let Some((index, shift, width)) = gpr_location(register) {
         let mask = width_mask(width) << shift;

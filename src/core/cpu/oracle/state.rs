@@ -58,7 +58,7 @@ pub const RSI: usize = 6;
 /// Index of RDI in [`UserState::gprs`].
 pub const RDI: usize = 7;
 
-/// The architectural state that a user-mode snippet sees: GPRs, the user-visible RFLAGS
+/// The architectural state that a user-mode snippet reads and writes: GPRs, the user-visible RFLAGS
 /// bits, the SSE registers and the data area at [`DATA_ADDR`].
 #[derive(Clone, PartialEq, Eq)]
 pub struct UserState {
