@@ -22,6 +22,8 @@ pub mod flags;
 pub mod mmu;
 pub mod msr;
 mod ops;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod oracle;
 pub mod segments;
 pub mod state;
 
