@@ -9,10 +9,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
+use super::output::OutputFormat;
 use crate::storage::qcow2::{
     CheckReport, CompressionType, CreateOptions, Qcow2, RepairMode, Snapshot,
 };
-use super::output::OutputFormat;
 use crate::storage::{open_image, probe_format, BlockBackend, ImageFormat, OpenOptions, RawFile};
 
 /// `check` exit status when the image is corrupt (as qemu-img).
@@ -44,7 +44,6 @@ enum DiskCommand {
     /// Manage internal snapshots: -c|-a|-d NAME or -l, or create|list|apply|delete.
     Snapshot(SnapshotArgs),
 }
-
 
 #[derive(Args, Debug)]
 struct CreateArgs {

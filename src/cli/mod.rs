@@ -199,7 +199,6 @@ pub struct VmmArgs {
     pub tcp: TcpApiArgs,
 }
 
-
 #[derive(Subcommand, Debug)]
 enum GuestCommand {
     /// Download Debian's cloud kernel and BusyBox and write DIR/vmlinuz and
