@@ -18,8 +18,8 @@ use crate::api::SerialSink;
 use crate::core::memory::create_guest_memory;
 use crate::core::vm::{Vm, VmControl, VmIo};
 use crate::hypervisor::{
-    BackendKind, CpuState, HypervisorError, HypervisorVm, IoHandler, IrqChip, PlatformDevice, Vcpu,
-    VcpuExit, VcpuKicker, VcpuStats,
+    BackendKind, CpuState, HypervisorError, HypervisorVm, IoHandler, IrqChip, PlatformDevices,
+    Vcpu, VcpuExit, VcpuKicker, VcpuStats,
 };
 use crate::utils::config::VmConfig;
 
@@ -51,8 +51,8 @@ impl HypervisorVm for IdleBackend {
         Arc::new(NoIrqChip)
     }
 
-    fn platform_devices(&self) -> Vec<PlatformDevice> {
-        Vec::new()
+    fn platform_devices(&self) -> PlatformDevices {
+        PlatformDevices::default()
     }
 
     fn create_vcpu(&self, _id: u32) -> Result<Box<dyn Vcpu>, HypervisorError> {
