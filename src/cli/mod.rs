@@ -6,6 +6,7 @@ use std::time::Duration;
 
 pub mod disk;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::api::VmAction;
@@ -409,8 +410,12 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
 }
 
 fn guest_fetch(args: GuestFetchArgs, format: OutputFormat) -> anyhow::Result<i32> {
+    // The fetch runs tools in other working directories, so relative paths must be
+    // resolved against this one first.
+    let dir = std::path::absolute(&args.dir)
+        .with_context(|| format!("invalid --dir {}", args.dir.display()))?;
     let options = crate::guest::FetchOptions {
-        dir: args.dir,
+        dir,
         debs: args.debs,
     };
     let guest = crate::guest::fetch_guest(&options, &mut |line| eprintln!("{line}"))?;
