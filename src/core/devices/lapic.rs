@@ -1031,6 +1031,35 @@ mod tests {
     }
 
     #[test]
+    fn extreme_times_do_not_overflow() {
+        let (mut lapic, _) = enabled_lapic();
+        write(&mut lapic, REG_TIMER_DIVIDE, 0b1010);
+        write(
+            &mut lapic,
+            REG_LVT_TIMER,
+            (TIMER_MODE_PERIODIC << 17) | 0xef,
+        );
+        write(&mut lapic, REG_TIMER_INITIAL, u32::MAX);
+
+        assert!(lapic.advance(u64::MAX));
+        assert_eq!(lapic.next_deadline(u64::MAX), Some(u64::MAX));
+        assert!(!lapic.advance(0), "time going backwards reports nothing");
+
+        write(
+            &mut lapic,
+            REG_LVT_TIMER,
+            (TIMER_MODE_TSC_DEADLINE << 17) | 0xef,
+        );
+        lapic.set_tsc_deadline(u64::MAX);
+        assert_eq!(
+            lapic.next_deadline(0),
+            Some(1 << 63),
+            "u64::MAX ticks at 2 GHz"
+        );
+        assert!(lapic.advance(u64::MAX));
+    }
+
+    #[test]
     fn masked_timer_counts_without_interrupt() {
         let (mut lapic, clock) = enabled_lapic();
         let start = clock.monotonic_ns();

@@ -888,6 +888,19 @@ mod tests {
     }
 
     #[test]
+    fn extreme_times_do_not_overflow() {
+        let (mut pit, clock) = pit();
+        let start = now(&clock);
+        program(&mut pit, 0, 2, 1);
+
+        let edges = pit.advance(u64::MAX);
+
+        assert_eq!(edges, ns_to_ticks(u64::MAX - start));
+        assert_eq!(pit.next_deadline(u64::MAX), Some(u64::MAX));
+        assert_eq!(pit.advance(0), 0, "time going backwards reports nothing");
+    }
+
+    #[test]
     fn unprogrammed_channel0_has_no_deadline() {
         let (mut pit, clock) = pit();
 
