@@ -87,7 +87,7 @@ pub struct WindowedDevice {
 impl WindowedDevice {
     /// Returns one [`PlatformDevice`] per window, for backends that hand their devices to
     /// the VM in that form. Each one adds the window's offset before it reaches the shared
-    /// device, so the device sees the same offsets as through [`Bus::insert_windows`].
+    /// device, so the device receives the same offsets as through [`Bus::insert_windows`].
     pub fn platform_devices(&self) -> Vec<PlatformDevice> {
         self.windows
             .iter()
@@ -384,10 +384,10 @@ mod tests {
         for gsi in [0, 1, 4, 8, 16, 23] {
             irq_chip.pulse_irq(gsi).unwrap();
         }
-        let taken = (0..1000)
+        let acknowledged = (0..1000)
             .take_while(|_| irq_chip.acknowledge().is_some())
             .count();
-        assert!(taken < 1000, "acknowledge keeps returning vectors");
+        assert!(acknowledged < 1000, "acknowledge keeps returning vectors");
     }
 
     #[test]
@@ -418,7 +418,7 @@ mod tests {
         assert_eq!(data, [0xde], "slave ELCR at offset 5");
     }
 
-    /// A bus device reached through its shared handle, as the bus holds it.
+    /// A bus device reached through its shared handle, as the bus stores it.
     struct SharedDevice(Arc<Mutex<dyn BusDevice>>);
 
     impl BusDevice for SharedDevice {
