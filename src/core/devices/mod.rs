@@ -28,8 +28,6 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::hypervisor::PlatformDevice;
-
 /// A device reachable through port I/O or MMIO.
 pub trait BusDevice: Send {
     /// Reads `data.len()` bytes at `offset` from the start of the device's range.
@@ -82,43 +80,6 @@ pub struct WindowedDevice {
     pub windows: &'static [DeviceWindow],
     /// The device shared by every window.
     pub device: Arc<Mutex<dyn BusDevice>>,
-}
-
-impl WindowedDevice {
-    /// Returns one [`PlatformDevice`] per window, for backends that hand their devices to
-    /// the VM in that form. Each one adds the window's offset before it reaches the shared
-    /// device, so the device receives the same offsets as through [`Bus::insert_windows`].
-    pub fn platform_devices(&self) -> Vec<PlatformDevice> {
-        self.windows
-            .iter()
-            .map(|window| PlatformDevice {
-                name: window.name,
-                range: window.range,
-                device: Arc::new(Mutex::new(OffsetDevice {
-                    device: self.device.clone(),
-                    offset: window.offset,
-                })),
-            })
-            .collect()
-    }
-}
-
-/// A window of a shared device that starts at a device offset other than 0.
-struct OffsetDevice {
-    device: Arc<Mutex<dyn BusDevice>>,
-    offset: u64,
-}
-
-impl BusDevice for OffsetDevice {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let mut device = self.device.lock().unwrap_or_else(|e| e.into_inner());
-        device.read(self.offset.wrapping_add(offset), data);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let mut device = self.device.lock().unwrap_or_else(|e| e.into_inner());
-        device.write(self.offset.wrapping_add(offset), data);
-    }
 }
 
 /// A source of time for devices that read a clock inside a register access (the ACPI PM
@@ -388,34 +349,6 @@ mod tests {
             .take_while(|_| irq_chip.acknowledge().is_some())
             .count();
         assert!(acknowledged < 1000, "acknowledge keeps returning vectors");
-    }
-
-    #[test]
-    fn platform_devices_keep_window_offsets() {
-        let clock = Arc::new(ManualClock::default());
-        let chip = Arc::new(irq_chip::EmulatedIrqChip::new(clock, 1_000_000).unwrap());
-        let pic = chip
-            .bus_devices()
-            .into_iter()
-            .find(|d| d.windows[0].name == "pic-master")
-            .unwrap();
-        let mut bus = Bus::new();
-
-        for device in pic.platform_devices() {
-            bus.insert(device.name, device.range, device.device)
-                .unwrap();
-        }
-
-        // The slave's mask register, through its own window, and the master's stay apart.
-        assert!(bus.write(0xa1, &[0x5a]));
-        let mut data = [0];
-        assert!(bus.read(0xa1, &mut data));
-        assert_eq!(data, [0x5a]);
-        assert!(bus.read(0x21, &mut data));
-        assert_eq!(data, [0xfb], "master mask unchanged");
-        assert!(bus.write(0x4d1, &[0xff]));
-        assert!(bus.read(0x4d1, &mut data));
-        assert_eq!(data, [0xde], "slave ELCR at offset 5");
     }
 
     /// A bus device reached through its shared handle, as the bus stores it.
