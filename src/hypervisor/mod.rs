@@ -3,6 +3,7 @@
 
 #[cfg(target_os = "linux")]
 pub mod kvm;
+pub mod select;
 pub mod traits;
 
 use std::fmt;
