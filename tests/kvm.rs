@@ -421,3 +421,39 @@ fn fetch_from_mmio_fails_with_dump() {
     assert!(message.contains("KVM_EXIT_INTERNAL_ERROR"), "{message}");
     assert!(message.contains("rip=00000000d0000000"), "{message}");
 }
+
+#[test]
+fn kick_reaches_only_its_vcpu() {
+    if !kvm_available("kick_reaches_only_its_vcpu") {
+        return;
+    }
+    let memory = create_guest_memory(16).unwrap();
+    let vm = KvmVm::new(&memory).unwrap();
+    let entry = load_program(&memory, &assemble("spin"), EntryMode::Real);
+    let mut first = vm.create_vcpu(0).unwrap();
+    let mut second = vm.create_vcpu(1).unwrap();
+    first.set_state(&entry).unwrap();
+    second.set_state(&entry).unwrap();
+    let first_kicker = first.kicker();
+    let second_kicker = second.kicker();
+    let (second_done, second_done_receiver) = std::sync::mpsc::channel();
+    let io = Arc::new(RecordingIo::new(EXIT_PORT));
+
+    let second_io = Arc::clone(&io);
+    let second_thread = std::thread::spawn(move || {
+        let exit = second.run(second_io.as_ref());
+        second_done.send(()).unwrap();
+        exit
+    });
+    let first_io = Arc::clone(&io);
+    let first_thread = std::thread::spawn(move || first.run(first_io.as_ref()));
+    std::thread::sleep(Duration::from_millis(50));
+    second_kicker.kick();
+    second_done_receiver.recv().unwrap();
+    let first_still_running = !first_thread.is_finished();
+    first_kicker.kick();
+
+    assert_eq!(second_thread.join().unwrap().unwrap(), VcpuExit::Kicked);
+    assert!(first_still_running, "kicking vCPU 1 also stopped vCPU 0");
+    assert_eq!(first_thread.join().unwrap().unwrap(), VcpuExit::Kicked);
+}
