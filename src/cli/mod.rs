@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub mod disk;
+
 use clap::{Args, Parser, Subcommand};
 
 use crate::hypervisor::BackendChoice;
@@ -36,6 +38,42 @@ struct Cli {
 enum Command {
     /// Boot a VM in the foreground with its serial console on this terminal.
     Run(RunArgs),
+    /// Build or fetch test guests.
+    #[command(subcommand)]
+    Guest(GuestCommand),
+    /// Create, inspect, check, convert, resize and snapshot disk images.
+    Disk(disk::DiskArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum GuestCommand {
+    /// Download Debian's cloud kernel and BusyBox and write DIR/vmlinuz and
+    /// DIR/initramfs.img.
+    Fetch(GuestFetchArgs),
+}
+
+/// How a command prints its result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Lines for people.
+    #[default]
+    Text,
+    /// One JSON object on standard output.
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct GuestFetchArgs {
+    /// Folder for vmlinuz and initramfs.img, created if missing.
+    #[arg(long, value_name = "DIR", default_value = "guest")]
+    pub dir: PathBuf,
+    /// Use the linux-image-<version>-cloud-amd64 and busybox-static .deb files in FOLDER
+    /// instead of downloading them with apt-get.
+    #[arg(long, value_name = "FOLDER")]
+    pub debs: Option<PathBuf>,
+    /// Result format: text or json (progress goes to standard error either way).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
 }
 
 /// Options shared by `run` and `create`.
@@ -113,6 +151,8 @@ pub fn main() -> i32 {
 
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Guest(GuestCommand::Fetch(args)) => guest_fetch(args),
+        Command::Disk(args) => disk::run(args),
     };
     match result {
         Ok(code) => code,
@@ -129,4 +169,25 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         "running VM {} is not implemented yet; the boot path is being built",
         config.name
     )
+}
+
+fn guest_fetch(args: GuestFetchArgs) -> anyhow::Result<i32> {
+    let options = crate::guest::FetchOptions {
+        dir: args.dir,
+        debs: args.debs,
+    };
+    let guest = crate::guest::fetch_guest(&options, &mut |line| eprintln!("{line}"))?;
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&guest)?),
+        OutputFormat::Text => {
+            println!("kernel:    {}", guest.kernel.display());
+            println!("initramfs: {}", guest.initramfs.display());
+            println!(
+                "boot it with: monstervm run --kernel {} --initrd {}",
+                guest.kernel.display(),
+                guest.initramfs.display()
+            );
+        }
+    }
+    Ok(EXIT_OK)
 }

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use traits::{
-    CpuState, DescriptorTable, IoHandler, IrqChip, Segment, Vcpu, VcpuExit, VcpuKicker, VcpuStats,
+    CpuState, DescriptorTable, FpuState, IoHandler, IrqChip, Segment, Vcpu, VcpuExit, VcpuKicker,
+    VcpuStats,
 };
 
 use crate::core::devices::BusDevice;
