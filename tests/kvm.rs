@@ -19,7 +19,7 @@ use monstervm::hypervisor::kvm::{
     open_kvm, probe_hardware_speed, KvmVm, PROBE_INSTRUCTIONS, SOFTWARE_SPEED_LIMIT,
 };
 use monstervm::hypervisor::{HypervisorError, HypervisorVm, IrqChip, Vcpu, VcpuExit};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Returns whether KVM is usable. Otherwise it prints why the test skips, or panics
 /// when MONSTERVM_REQUIRE_KVM=1.
@@ -222,6 +222,13 @@ fn state_round_trips_long_mode() {
         *gpr = 0x0101_0101_0101_0101 * (i as u64 + 1);
     }
     entry.msrs = vec![(0xc000_0082, 0xffff_ffff_8100_0000), (0x174, 0x10)];
+    entry.xmm[3] = [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210];
+    entry.mxcsr = 0x1fa0;
+    entry.fpu.fcw = 0x27f;
+    entry.fpu.st[7] = [0x8000_0000_0000_0000, 0x4000];
+    entry.dr[0] = 0x1000;
+    entry.dr[7] = 0x401;
+    entry.halted = true;
 
     test.vcpu.set_state(&entry).unwrap();
     let state = test.vcpu.state().unwrap();
@@ -240,6 +247,16 @@ fn state_round_trips_long_mode() {
         "LSTAR"
     );
     assert!(state.msrs.contains(&(0x174, 0x10)), "SYSENTER_CS");
+    assert_eq!(state.xmm, entry.xmm);
+    assert_eq!(state.mxcsr, entry.mxcsr);
+    assert_eq!(state.fpu.fcw, entry.fpu.fcw);
+    assert_eq!(state.fpu.st, entry.fpu.st);
+    assert_eq!(state.dr[0], entry.dr[0]);
+    assert_eq!(state.dr[7], entry.dr[7]);
+    assert!(state.halted, "the vCPU was put into HLT");
+
+    // Halted with interrupts disabled, the vCPU can only report that.
+    assert_eq!(test.vcpu.run(&test.io).unwrap(), VcpuExit::Halted);
 }
 
 #[test]
@@ -456,4 +473,29 @@ fn kick_reaches_only_its_vcpu() {
     assert_eq!(second_thread.join().unwrap().unwrap(), VcpuExit::Kicked);
     assert!(first_still_running, "kicking vCPU 1 also stopped vCPU 0");
     assert_eq!(first_thread.join().unwrap().unwrap(), VcpuExit::Kicked);
+}
+
+#[test]
+fn guest_sees_fpu_state_set() {
+    if !kvm_available("guest_sees_fpu_state_set") {
+        return;
+    }
+    let mut test = new_test_vm(EXIT_PORT);
+    let mut entry = load_program(&test.memory, &assemble("long_sse_store"), EntryMode::Long);
+    entry.mxcsr = 0x9fc0;
+    entry.xmm[3] = [0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908];
+    entry.fpu.fcw = 0x27f;
+    test.vcpu.set_state(&entry).unwrap();
+
+    assert_eq!(test.vcpu.run(&test.io).unwrap(), VcpuExit::Halted);
+
+    let fcw: u16 = test.memory.read_obj(GuestAddress(0x9000)).unwrap();
+    let mxcsr: u32 = test.memory.read_obj(GuestAddress(0x9000 + 24)).unwrap();
+    let mut xmm3 = [0u8; 16];
+    test.memory
+        .read_slice(&mut xmm3, GuestAddress(0x9000 + 208))
+        .unwrap();
+    assert_eq!(mxcsr, 0x9fc0);
+    assert_eq!(xmm3, std::array::from_fn::<u8, 16, _>(|i| i as u8));
+    assert_eq!(fcw, 0x27f);
 }

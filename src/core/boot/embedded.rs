@@ -8,7 +8,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::hypervisor::{CpuState, DescriptorTable, Segment};
+use crate::hypervisor::{CpuState, DescriptorTable, FpuState, Segment};
 
 /// The assembled guest.
 pub static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/boot.bin"));
@@ -95,6 +95,14 @@ pub fn real_mode_state(cs: u16, ip: u16) -> CpuState {
         },
         // ET reads as 1 on every CPU since the Pentium.
         cr0: 0x10,
+        // The power-up values: FCW 0x40, MXCSR with every exception masked, DR6 and DR7
+        // with their reserved-one bits.
+        fpu: FpuState {
+            fcw: 0x40,
+            ..FpuState::default()
+        },
+        mxcsr: 0x1f80,
+        dr: [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400],
         ..CpuState::default()
     }
 }
