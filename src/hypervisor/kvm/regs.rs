@@ -198,10 +198,11 @@ pub fn from_kvm_fpu(kvm: &kvm_fpu, state: &mut CpuState) {
 /// Size of the FXSAVE area, which is also the legacy area at the start of an XSAVE area.
 pub const FXSAVE_AREA_BYTES: usize = 512;
 
-/// Writes the x87 and SSE state of `state` into `area` in the 64-bit FXSAVE layout:
-/// FCW at 0, FSW at 2, abridged FTW at 4, FOP at 6, FIP at 8, FDP at 16, MXCSR at 24,
-/// ST0-ST7 from 32 and XMM0-XMM15 from 160, 16 bytes each. Other bytes, such as
-/// MXCSR_MASK at 28, keep their values.
+/// Writes the x87 and SSE state of `state` into `area` in the 64-bit FXSAVE layout.
+///
+/// The layout has FCW at byte 0, FSW at 2, the abridged FTW at 4, FOP at 6, FIP at 8,
+/// FDP at 16 and MXCSR at 24, then ST0-ST7 from 32 and XMM0-XMM15 from 160, 16 bytes
+/// each. Other bytes, such as MXCSR_MASK at 28, keep their values.
 pub fn to_fxsave_area(state: &CpuState, area: &mut [u8; FXSAVE_AREA_BYTES]) {
     let fpu = &state.fpu;
     area[0..2].copy_from_slice(&fpu.fcw.to_le_bytes());
@@ -247,8 +248,8 @@ pub fn from_fxsave_area(area: &[u8; FXSAVE_AREA_BYTES], state: &mut CpuState) {
     state.xmm = std::array::from_fn(|i| register_at(160 + 16 * i));
 }
 
-/// Returns DR0-DR3, DR6 and DR7 of `state` as `kvm_debugregs`; DR4 and DR5 alias DR6
-/// and DR7 and are not stored.
+/// Returns DR0-DR3, DR6 and DR7 of `state` as `kvm_debugregs`. DR4 and DR5 alias DR6
+/// and DR7, so they are not stored.
 pub fn to_kvm_debugregs(state: &CpuState) -> kvm_debugregs {
     kvm_debugregs {
         db: [state.dr[0], state.dr[1], state.dr[2], state.dr[3]],
