@@ -12,7 +12,12 @@ use std::time::Duration;
 
 use guests::{assemble, load_program, program, EntryMode, RecordingIo, SerialStub, EXIT_PORT};
 use monstervm::core::boot::embedded;
-use monstervm::core::devices::{Bus, BusDevice, BusRange, PlatformControl, PlatformRequest};
+use monstervm::core::devices::acpi_pm::{AcpiPm, ACPI_PM_WINDOWS};
+use monstervm::core::devices::rtc::{Rtc, RTC_WINDOWS};
+use monstervm::core::devices::serial::{Serial, COM1_IRQ, COM1_WINDOWS};
+use monstervm::core::devices::{
+    Bus, BusDevice, BusRange, Clock, HostClock, PlatformControl, PlatformRequest,
+};
 use monstervm::core::memory::create_guest_memory;
 use monstervm::core::vm::{Vm, VmControl, VmExit, VmIo};
 use monstervm::hypervisor::kvm::{
@@ -498,4 +503,74 @@ fn guest_sees_fpu_state_set() {
     assert_eq!(mxcsr, 0x9fc0);
     assert_eq!(xmm3, std::array::from_fn::<u8, 16, _>(|i| i as u8));
     assert_eq!(fcw, 0x27f);
+}
+
+/// A serial sink that the test reads after the run.
+#[derive(Clone, Default)]
+struct SharedOutput(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn embedded_guest_runs_with_platform_devices() {
+    if !kvm_available("embedded_guest_runs_with_platform_devices") {
+        return;
+    }
+    let memory = create_guest_memory(16).unwrap();
+    let kvm_vm = Arc::new(KvmVm::new(&memory).unwrap());
+    let mut vcpu = kvm_vm.create_vcpu(0).unwrap();
+    vcpu.set_state(&embedded::load(&memory).unwrap()).unwrap();
+    let control = VmControl::new();
+    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
+    let output = SharedOutput::default();
+    let mut serial = Serial::new(kvm_vm.irq_chip(), COM1_IRQ, Box::new(output.clone()));
+    serial.enqueue_input(b"hi q");
+    let platform: Arc<dyn PlatformControl> = control.clone();
+    let power = AcpiPm::new(platform, Arc::clone(&clock));
+    let rtc = Rtc::new(clock, 16 << 20);
+    let mut pio = Bus::new();
+    pio.insert_windows(&COM1_WINDOWS, Arc::new(Mutex::new(serial)))
+        .unwrap();
+    pio.insert_windows(&ACPI_PM_WINDOWS, Arc::new(Mutex::new(power)))
+        .unwrap();
+    pio.insert_windows(&RTC_WINDOWS, Arc::new(Mutex::new(rtc)))
+        .unwrap();
+    let io = Arc::new(VmIo::new(pio, Bus::new()));
+    let backend: Arc<dyn HypervisorVm> = kvm_vm;
+    let mut vm = Vm::from_parts("embedded".into(), memory, backend, io, control, vec![vcpu]);
+
+    let exit = vm.run().unwrap();
+
+    assert_eq!(exit, VmExit::PowerOff);
+    let output = String::from_utf8_lossy(&output.0.lock().unwrap()).into_owned();
+    assert!(
+        output.contains("Welcome to the MonsterVM embedded guest."),
+        "{output}"
+    );
+    assert!(
+        output.contains("power off.\r\nhi \r\nPowering off.\r\n"),
+        "{output}"
+    );
+    let time = output
+        .split("RTC time: ")
+        .nth(1)
+        .and_then(|rest| rest.get(..8))
+        .unwrap_or_else(|| panic!("no RTC time in {output:?}"));
+    let digits: Vec<&str> = time.split(':').collect();
+    assert_eq!(digits.len(), 3, "{time:?} is not HH:MM:SS");
+    for field in digits {
+        assert!(
+            field.len() == 2 && field.chars().all(|c| c.is_ascii_digit()),
+            "{time:?} has a field that is not two BCD digits"
+        );
+    }
 }

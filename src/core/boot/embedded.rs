@@ -8,6 +8,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::core::devices::acpi_pm;
 use crate::hypervisor::{CpuState, DescriptorTable, FpuState, Segment};
 
 /// The assembled guest.
@@ -19,10 +20,10 @@ pub const LOAD_ADDRESS: u64 = 0x8000;
 /// image, so RAM must reach at least this far: 64 KiB.
 pub const MEMORY_NEEDED: u64 = 0x1_0000;
 /// The ACPI PM1a control port that the guest writes `PM1A_SLEEP_S5` to, as a 16-bit
-/// write, when it powers off.
-pub const PM1A_CNT_PORT: u16 = 0x604;
+/// write, when it powers off: the one that `core::devices::acpi_pm` implements.
+pub const PM1A_CNT_PORT: u16 = acpi_pm::PM1A_CNT_BLK;
 /// The value written to [`PM1A_CNT_PORT`]: SLP_TYP 5 (bits 10-12) with SLP_EN (bit 13).
-pub const PM1A_SLEEP_S5: u16 = (5 << 10) | (1 << 13);
+pub const PM1A_SLEEP_S5: u16 = ((acpi_pm::SLP_TYP_S5 as u16) << 10) | (1 << 13);
 /// The guest's serial port (COM1, a 16550 at this base, polled).
 pub const SERIAL_PORT: u16 = 0x3f8;
 
