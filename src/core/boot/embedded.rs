@@ -45,7 +45,7 @@ pub enum EmbeddedError {
 /// Writes the embedded guest into `memory` and returns the real-mode state that enters it.
 ///
 /// The returned state has CS:IP 0000:8000, 64 KiB real-mode segments based at 0,
-/// interrupts disabled and paging off; registers it does not name are zero.
+/// interrupts disabled and paging off, as [`real_mode_state`] describes.
 pub fn load(memory: &GuestMemoryMmap) -> Result<CpuState, EmbeddedError> {
     let image_end = LOAD_ADDRESS + IMAGE.len() as u64;
     let needed_end = image_end.max(MEMORY_NEEDED);
@@ -61,6 +61,9 @@ pub fn load(memory: &GuestMemoryMmap) -> Result<CpuState, EmbeddedError> {
 }
 
 /// Returns a real-mode state entering at `cs:ip`, with every data segment at base 0.
+///
+/// The x87 control word, MXCSR, DR6 and DR7 hold their power-up values, and every other
+/// register is zero.
 pub fn real_mode_state(cs: u16, ip: u16) -> CpuState {
     let data = real_mode_segment(0, 0x3);
     CpuState {
