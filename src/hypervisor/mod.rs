@@ -4,7 +4,6 @@
 #[cfg(target_os = "linux")]
 pub mod emulator;
 pub mod kvm;
-pub mod select;
 pub mod traits;
 
 use std::fmt;
