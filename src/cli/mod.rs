@@ -46,7 +46,7 @@ enum GuestCommand {
     Fetch(GuestFetchArgs),
 }
 
-/// How a command prints its result.
+/// Output format of a command's result.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
     /// Lines for people.

@@ -25,7 +25,7 @@ then `apt-get download` the linux-image-<version>-cloud-amd64 package that the f
 with the two real .deb files as `monstervm guest fetch --debs FOLDER`; or put a bzImage at DIR/vmlinuz and a newc cpio \
 initramfs with a static BusyBox and an /init script at DIR/initramfs.img";
 
-/// Where to write the guest and where its packages come from.
+/// Output folder and package source of `guest fetch`.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
     /// Output folder, created if missing.

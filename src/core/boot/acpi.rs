@@ -1,10 +1,11 @@
 //! ACPI tables: RSDP, XSDT, FADT, FACS, MADT and a DSDT (ACPI 6.4).
 //!
 //! The tables describe the fixed platform that MonsterVM emulates: local APICs and one
-//! IOAPIC, the ISA IRQ 0 to GSI 2 override, the PM1a event and control blocks of the ACPI
-//! PM device, and a `\_S5` package so that the guest's `poweroff` writes sleep type 5 with
-//! SLP_EN to PM1a_CNT. The DSDT also declares the PCI host bridge, without which Linux's
-//! ACPI mode never scans PCI bus 0.
+//! IOAPIC, the ISA IRQ 0 to GSI 2 override, and the PM1a event and control blocks of the
+//! ACPI PM device. The DSDT's `\_S5` package makes the guest's `poweroff` write sleep
+//! type 5 with SLP_EN to PM1a_CNT. The DSDT also declares the PCI host bridge, because
+//! Linux with ACPI enabled probes PCI bus 0 only through such a device: its legacy probe
+//! (`pci_subsys_init` in arch/x86/pci/legacy.c, 6.1) runs only when ACPI PCI setup fails.
 //!
 //! All tables are built into one buffer written at a fixed guest-physical address:
 //!
@@ -64,7 +65,7 @@ const INTI_LEVEL_HIGH: u16 = 0x1 | (0x3 << 2);
 /// MPS INTI flags: conforms to the bus (edge, active high on ISA).
 const INTI_CONFORMING: u16 = 0;
 
-/// What the tables describe.
+/// Platform facts that the tables describe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcpiConfig {
     /// Number of processors; their local APIC IDs are 0 to `vcpus - 1`.

@@ -16,7 +16,7 @@ pub const LEGACY_MAGIC: u32 = 0x184c_2102;
 pub const LEGACY_BLOCK_SIZE: usize = 8 << 20;
 const MIN_MATCH: usize = 4;
 
-/// Why a stream could not be decoded.
+/// Reason a stream could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Lz4Error {
     #[error("LZ4 stream does not start with the legacy magic 0x184c2102")]

@@ -17,7 +17,7 @@ const MIN_PAYLOAD_PROTOCOL: u16 = 0x0208;
 /// Largest vmlinux accepted, in bytes; Debian's 6.1 vmlinux is about 40 MiB.
 pub const MAX_VMLINUX_SIZE: usize = 512 << 20;
 
-/// Why no vmlinux could be extracted.
+/// Reason no vmlinux could be extracted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VmlinuxError {
     #[error("not a bzImage: {0}")]
