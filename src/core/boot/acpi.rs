@@ -245,8 +245,10 @@ fn fadt_table(facs: u64, dsdt: u64) -> Vec<u8> {
 
     let mut table = header(b"FACP", FADT_REVISION);
     table.resize(FADT_SIZE, 0);
-    // The 32-bit and 64-bit copies of the addresses agree, as ACPICA checks.
-    put_u32(&mut table, FIRMWARE_CTRL, facs as u32);
+    // The FACS address goes only into X_FIRMWARE_CTRL: with both fields set, Linux 6.1
+    // lists and reserves the FACS twice. The DSDT address goes into both fields, which
+    // agree, as ACPICA checks.
+    put_u32(&mut table, FIRMWARE_CTRL, 0);
     put_u32(&mut table, DSDT, dsdt as u32);
     put_u16(&mut table, SCI_INT, u16::from(SCI_IRQ));
     // SMI_CMD stays 0: the platform is always in ACPI mode, so the OS never switches.
@@ -395,7 +397,11 @@ mod tests {
         assert_eq!(fadt.len(), 276);
         assert_eq!(fadt[8], 6);
         assert_eq!(sum(fadt), 0);
-        assert_eq!(u32_at(fadt, 36) as u64, t.facs);
+        assert_eq!(
+            u32_at(fadt, 36),
+            0,
+            "FIRMWARE_CTRL must be 0: X_FIRMWARE_CTRL is set"
+        );
         assert_eq!(u32_at(fadt, 40) as u64, t.dsdt);
         assert_eq!(u16_at(fadt, 46), 9);
         assert_eq!(

@@ -1,0 +1,230 @@
+//! Starts the real Debian kernel on /dev/kvm with the state and tables that `load_linux`
+//! builds, and checks what the kernel's early console prints about them: the command
+//! line, the e820 map and the ACPI tables.
+//!
+//! The vCPU runs the ELF vmlinux extracted from `guest/vmlinuz` (from
+//! `monstervm guest fetch`) through the 64-bit entry. Serial output on port 0x3f8 is
+//! collected, every other port reads as all ones, and the run stops once the kernel has
+//! parsed the MADT, at a halt or shutdown, or after a time budget. The budget only bounds
+//! the run: the checks are on the output. Skips, saying why, without /dev/kvm (fails
+//! instead with MONSTERVM_REQUIRE_KVM=1) or without the kernel.
+
+#![cfg(target_os = "linux")]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuExit};
+use monstervm::core::boot::linux::{load_linux, LinuxBootSpec};
+use monstervm::core::boot::vmlinux::extract_vmlinux;
+use monstervm::core::memory::create_guest_memory;
+use monstervm::hypervisor::{CpuState, Segment};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+const COM1: u16 = 0x3f8;
+/// Line status register value: transmitter empty and holding register empty.
+const LSR_IDLE: u8 = 0x60;
+/// The line the kernel prints after it has parsed the MADT's interrupt overrides.
+const STOP_LINE: &str = "ACPI: Using ACPI (MADT) for SMP configuration information";
+/// Bound on the run, because this host's KVM may emulate guest instructions slowly.
+const RUN_BUDGET: Duration = Duration::from_secs(300);
+
+fn skip_or_fail(reason: &str) {
+    if std::env::var("MONSTERVM_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("MONSTERVM_REQUIRE_KVM=1 but {reason}");
+    }
+    eprintln!("skipping: {reason}");
+}
+
+fn kvm_segment_from(segment: &Segment) -> kvm_segment {
+    kvm_segment {
+        base: segment.base,
+        limit: segment.limit,
+        selector: segment.selector,
+        type_: segment.type_,
+        present: u8::from(segment.present),
+        dpl: segment.dpl,
+        db: u8::from(segment.db),
+        s: u8::from(segment.s),
+        l: u8::from(segment.l),
+        g: u8::from(segment.g),
+        avl: 0,
+        unusable: u8::from(segment.unusable),
+        padding: 0,
+    }
+}
+
+/// Runs the vCPU from `state` and returns everything written to COM1.
+fn run_kernel(memory: &vm_memory::GuestMemoryMmap, state: &CpuState) -> String {
+    let kvm = Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    vm.set_tss_address(0xfffb_d000).unwrap();
+    vm.create_irq_chip().unwrap();
+    vm.create_pit2(kvm_pit_config::default()).unwrap();
+    for (slot, region) in memory.iter().enumerate() {
+        let host = region.get_host_address(MemoryRegionAddress(0)).unwrap();
+        let mapping = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the mapping belongs to `memory`, which outlives the VM.
+        unsafe { vm.set_user_memory_region(mapping).unwrap() };
+    }
+
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+    for entry in cpuid.as_mut_slice() {
+        if entry.function == 1 {
+            // Hide XSAVE, OSXSAVE, AVX and CMPXCHG16B: this host's KVM cannot emulate them.
+            entry.ecx &= !((1 << 26) | (1 << 27) | (1 << 28) | (1 << 13));
+        }
+        if entry.function == 7 && entry.index == 0 {
+            entry.ebx = 0;
+            entry.ecx = 0;
+            entry.edx = 0;
+        }
+    }
+    vcpu.set_cpuid2(&cpuid).unwrap();
+
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs = kvm_segment_from(&state.cs);
+    sregs.ds = kvm_segment_from(&state.ds);
+    sregs.es = kvm_segment_from(&state.es);
+    sregs.fs = kvm_segment_from(&state.fs);
+    sregs.gs = kvm_segment_from(&state.gs);
+    sregs.ss = kvm_segment_from(&state.ss);
+    sregs.tr = kvm_segment_from(&state.tr);
+    sregs.ldt = kvm_segment_from(&state.ldt);
+    sregs.gdt.base = state.gdt.base;
+    sregs.gdt.limit = state.gdt.limit;
+    sregs.idt.base = state.idt.base;
+    sregs.idt.limit = state.idt.limit;
+    sregs.cr0 = state.cr0;
+    sregs.cr3 = state.cr3;
+    sregs.cr4 = state.cr4;
+    sregs.efer = state.efer;
+    vcpu.set_sregs(&sregs).unwrap();
+
+    let mut regs = vcpu.get_regs().unwrap();
+    [
+        regs.rax, regs.rcx, regs.rdx, regs.rbx, regs.rsp, regs.rbp, regs.rsi, regs.rdi,
+    ] = state.gprs[..8].try_into().unwrap();
+    regs.rip = state.rip;
+    regs.rflags = state.rflags;
+    vcpu.set_regs(&regs).unwrap();
+
+    let mut output = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < RUN_BUDGET {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(COM1, data)) => {
+                output.extend_from_slice(data);
+                if String::from_utf8_lossy(&output).contains(STOP_LINE) {
+                    break;
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                data.fill(0xff);
+                if port == COM1 + 5 {
+                    data[0] = LSR_IDLE;
+                }
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            Ok(VcpuExit::IoOut(..)) | Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(exit) => {
+                eprintln!("vCPU stopped: {exit:?}");
+                break;
+            }
+            Err(error) => {
+                eprintln!("KVM_RUN failed: {error}");
+                break;
+            }
+        }
+    }
+    eprintln!("ran {:?}", start.elapsed());
+    String::from_utf8_lossy(&output).into_owned()
+}
+
+#[test]
+fn kernel_reads_boot_tables() {
+    if let Err(error) = std::fs::File::open("/dev/kvm") {
+        skip_or_fail(&format!("/dev/kvm cannot be opened ({error})"));
+        return;
+    }
+    let vmlinuz = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("guest/vmlinuz");
+    let Ok(bzimage) = std::fs::read(&vmlinuz) else {
+        eprintln!(
+            "skipping: no {} (run `monstervm guest fetch`)",
+            vmlinuz.display()
+        );
+        return;
+    };
+    let vmlinux = match extract_vmlinux(&bzimage) {
+        Ok(vmlinux) => vmlinux,
+        Err(error) => {
+            eprintln!(
+                "skipping: cannot extract vmlinux from {}: {error}",
+                vmlinuz.display()
+            );
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, vmlinux).unwrap();
+
+    let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0 nokaslr panic=-1";
+    let memory = create_guest_memory(256).unwrap();
+    let spec = LinuxBootSpec {
+        cmdline: cmdline.to_string(),
+        vcpus: 2,
+        ..LinuxBootSpec::new(&kernel)
+    };
+    let boot = load_linux(&memory, &spec).unwrap();
+    let console = run_kernel(&memory, &boot.cpu_state);
+    eprintln!("{console}");
+
+    assert!(
+        console.contains(&format!("Command line: {cmdline}")),
+        "command line"
+    );
+    assert!(
+        console.contains("BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable"),
+        "low RAM in the e820 map"
+    );
+    assert!(
+        console.contains("BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved"),
+        "reserved area in the e820 map"
+    );
+    assert!(
+        console.contains("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"),
+        "high RAM in the e820 map"
+    );
+    assert!(
+        console.contains("ACPI: RSDP 0x00000000000E0000"),
+        "RSDP found"
+    );
+    for table in ["XSDT", "FACP", "DSDT", "FACS", "APIC"] {
+        let listed = console.matches(&format!("ACPI: {table} 0x")).count();
+        assert_eq!(listed, 1, "{table} listed {listed} times");
+    }
+    assert!(
+        !console.contains("Incorrect checksum"),
+        "a table checksum is wrong"
+    );
+    assert!(
+        console.contains("ACPI: INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2"),
+        "IRQ 0 override"
+    );
+    assert!(
+        console.contains("IOAPIC[0]: apic_id 2"),
+        "IOAPIC from the MADT"
+    );
+    assert!(console.contains(STOP_LINE), "MADT used for SMP");
+}
