@@ -198,7 +198,7 @@ pub enum BootError {
         #[source]
         source: linux_loader::loader::Error,
     },
-    #[error("guest memory of {memory_mib} MiB is too small for {what}: about {required_mib} MiB is needed below 3 GiB; raise --memory")]
+    #[error("guest memory of {memory_mib} MiB is too small for {what}, which needs about {required_mib} MiB: raise --memory")]
     MemoryTooSmall {
         what: &'static str,
         memory_mib: u64,
