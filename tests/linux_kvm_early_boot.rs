@@ -31,7 +31,7 @@ const LSR_IDLE: u8 = 0x60;
 /// The line the kernel prints after it has parsed the MADT's interrupt overrides.
 const STOP_LINE: &str = "ACPI: Using ACPI (MADT) for SMP configuration information";
 /// Bound on the run, because this host's KVM may emulate guest instructions slowly.
-const RUN_BUDGET: Duration = Duration::from_secs(300);
+const RUN_BUDGET: Duration = Duration::from_secs(600);
 /// Bound on a run that starts with the bzImage's decompressor.
 const BZIMAGE_RUN_BUDGET: Duration = Duration::from_secs(1800);
 
