@@ -1,8 +1,10 @@
-//! Guest boot: loading Linux kernels and the firmware tables they read.
+//! Guest loaders: each writes a guest into guest memory (with the firmware tables it
+//! reads) and returns the vCPU state to enter it with.
 
 pub mod acpi;
 pub mod aml;
 pub mod e820;
+pub mod embedded;
 pub mod entry;
 pub mod image;
 pub mod layout;
