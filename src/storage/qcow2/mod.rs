@@ -373,7 +373,8 @@ impl Qcow2 {
         let image =
             Qcow2::open_in_chain(path, &OpenOptions::default(), &mut vec![canonical], false)?;
         image.resize(size)?;
-        Ok(image)
+        image.close()?;
+        Qcow2::open(path, &OpenOptions::default())
     }
 
     fn lock(&self) -> MutexGuard<'_, Image> {
