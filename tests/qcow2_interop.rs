@@ -236,10 +236,12 @@ fn backing_without_format_is_not_probed_as_raw() {
         backing_file: Some("base.raw".into()),
         ..Default::default()
     };
-    monstervm::storage::Qcow2::create(&top, &options)
-        .unwrap()
-        .close()
-        .unwrap();
+    // Creation writes the image, then fails to reopen it through its backing file.
+    let err = monstervm::storage::Qcow2::create(&top, &options).unwrap_err();
+    assert!(
+        matches!(err, StorageError::BackingFormatMissing { .. }),
+        "{err}"
+    );
     let err = open_image(&top, &OpenOptions::read_only()).unwrap_err();
     assert!(
         matches!(err, StorageError::BackingFormatMissing { .. }),

@@ -7,8 +7,8 @@ use super::image::Image;
 use super::table::{self, ClusterKind, COPIED, L1_RESERVED, OFFSET_MASK};
 use crate::storage::StorageError;
 
-/// Most clusters a check tracks (one u32 counter each).
-const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
+/// Most clusters a check tracks: one u32 counter each, so at most 1 GiB of memory.
+const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
 /// Most problems a report lists one by one; the counts stay exact.
 const MAX_MESSAGES: usize = 1000;
 
@@ -443,6 +443,7 @@ impl Image {
             });
         }
 
+        self.alloc_end = self.alloc_end.max(start + blocks + table_clusters);
         let mut reftable = vec![0u64; (table_clusters * cluster_size / 8) as usize];
         for block in 0..blocks {
             let offset = (start + block) * cluster_size;
@@ -469,7 +470,7 @@ impl Image {
         self.reftable = reftable;
         self.reftable_dirty = false;
         self.refblock_cache.clear();
-        self.alloc_end = start + blocks + table_clusters;
+        self.alloc_end = self.alloc_end.max(start + blocks + table_clusters);
         self.free_hint = 1;
         self.fix_copied_flags()?;
         self.flush_metadata()?;

@@ -75,12 +75,24 @@ impl Image {
         read_full(&self.file, &self.path, buf, offset)
     }
 
-    /// Writes `buf` at `offset`.
+    /// Writes `buf` at `offset`, which must lie in clusters the image already has or has
+    /// allocated: a host offset read from a damaged table fails here instead of growing
+    /// the file to that offset.
     pub fn pwrite(&mut self, buf: &[u8], offset: u64) -> Result<(), StorageError> {
         if self.read_only {
             return Err(StorageError::ReadOnly {
                 path: self.path.clone(),
             });
+        }
+        let limit = self.alloc_end.saturating_mul(self.cluster_size());
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > limit)
+        {
+            return Err(self.corrupt(format!(
+                "write of {} bytes at host offset {offset:#x} is past the end of the image ({limit:#x})",
+                buf.len()
+            )));
         }
         self.file
             .write_all_at(buf, offset)
