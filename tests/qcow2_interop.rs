@@ -293,3 +293,63 @@ fn snapshots_made_by_qemu_apply_like_qemu() {
         assert_eq!(code, 0, "{options}: qemu-img check after apply: {text}");
     }
 }
+
+#[test]
+fn lazy_refcounts_are_repaired_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("lazy.qcow2");
+    let path = image.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        path,
+        SIZE,
+    ]);
+    // qemu-io's abort command crashes it with refcount updates still postponed.
+    let out = common::run_tool("qemu-io", &["-c", "write -P 3 0 300k", "-c", "abort", path]);
+    assert!(!out.status.success(), "qemu-io abort should crash");
+    let (code, report) = common::qemu_check(&image);
+    assert_eq!(code, 2, "the crash must leave stale refcounts: {report}");
+
+    let qcow2 = monstervm::storage::Qcow2::open(&image, &OpenOptions::default()).unwrap();
+    qcow2.close().unwrap();
+    let (code, report) = common::qemu_check(&image);
+    assert_eq!(code, 0, "after repair: {report}");
+    qemu_io(&image, &["read -P 3 0 300k"]);
+}
+
+#[test]
+fn unknown_extension_kept_and_autoclear_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("ext.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), SIZE]);
+    let mut data = std::fs::read(&image).unwrap();
+    // Insert an extension of an unknown type right after the 112-byte header.
+    let extension: &[u8] = b"\x12\x34\x56\x78\x00\x00\x00\x05hello\x00\x00\x00";
+    let tail = data[112..4096 - extension.len()].to_vec();
+    data[112..112 + extension.len()].copy_from_slice(extension);
+    data[112 + extension.len()..4096].copy_from_slice(&tail);
+    // Autoclear bit 5 has no meaning yet; a writer must clear it.
+    data[88..96].copy_from_slice(&(1u64 << 5).to_be_bytes());
+    std::fs::write(&image, &data).unwrap();
+
+    let qcow2 = monstervm::storage::Qcow2::open(&image, &OpenOptions::default()).unwrap();
+    use monstervm::storage::BlockBackend;
+    qcow2.write_at(&[1; 4096], 0).unwrap();
+    qcow2.close().unwrap();
+
+    let after = std::fs::read(&image).unwrap();
+    let header_area = &after[..4096];
+    assert!(
+        header_area.windows(extension.len()).any(|w| w == extension),
+        "unknown extension was dropped"
+    );
+    assert_eq!(&after[88..96], &[0u8; 8], "autoclear bits");
+    let (code, report) = common::qemu_check(&image);
+    assert_eq!(code, 0, "{report}");
+    qemu_io(&image, &["read -P 1 0 4096"]);
+}
