@@ -128,6 +128,7 @@ fn backing_chain_reads_through_every_layer() {
     let top = dir.path().join("top.qcow2");
     qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "4M"]);
     qemu_io(&base, &["write -P 0xa1 0 4M"]);
+
     // Relative backing names resolve against the overlay's folder.
     qemu_img(&[
         "create",
@@ -142,6 +143,7 @@ fn backing_chain_reads_through_every_layer() {
         "6M",
     ]);
     qemu_io(&mid, &["write -P 0xb2 64k 100k", "write -z 2M 64k"]);
+
     qemu_img(&[
         "create",
         "-q",

@@ -32,6 +32,7 @@ fn cases() -> Vec<Case> {
         with_backing,
         max_snapshots,
     };
+
     let v2 = CreateOptions {
         version: 2,
         ..base.clone()
@@ -71,6 +72,7 @@ fn cases() -> Vec<Case> {
         compression: CompressionType::Zstd,
         ..base.clone()
     };
+
     vec![
         with("default", base.clone(), false, 4),
         with("version 2", v2.clone(), false, 4),
@@ -213,7 +215,7 @@ fn run_case(case: &Case, seed: u64, dir: &Path) {
         String::from_utf8_lossy(&out.stdout)
     );
 
-    // Each remaining snapshot, applied by qemu-img, holds what the model saved.
+    // Each remaining snapshot, applied by qemu-img, contains what the model saved.
     for (name, data) in &saved {
         let copy = dir.join("copy.qcow2");
         std::fs::copy(&image_path, &copy).unwrap();
@@ -273,7 +275,7 @@ fn refcount_table_grows_with_small_clusters() {
 }
 
 #[test]
-fn dirty_bit_set_while_open_and_cleared_on_close() {
+fn dirty_bit_tracks_open_state() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dirty.qcow2");
     let image = Qcow2::create(

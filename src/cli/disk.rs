@@ -245,8 +245,8 @@ fn parse_format(name: &str) -> anyhow::Result<ImageFormat> {
     Ok(name.parse::<ImageFormat>()?)
 }
 
-fn detect_format(path: &Path, given: Option<&str>) -> anyhow::Result<ImageFormat> {
-    match given {
+fn detect_format(path: &Path, requested: Option<&str>) -> anyhow::Result<ImageFormat> {
+    match requested {
         Some(name) => parse_format(name),
         None => Ok(probe_format(path)?),
     }

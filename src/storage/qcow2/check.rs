@@ -12,7 +12,7 @@ const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
 /// Most problems a report lists one by one; the counts stay exact.
 const MAX_MESSAGES: usize = 1000;
 
-/// What a check found, in qemu-img's terms.
+/// Findings of a check, in qemu-img's terms.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckReport {
     /// Refcounts too low, bad COPIED flags and invalid or out-of-file references.
@@ -37,7 +37,7 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
 }
 
-/// Which problems a repair fixes.
+/// Scope of a repair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RepairMode {
     /// Only report.
@@ -299,6 +299,7 @@ impl Image {
         let count = be(0, 4);
         let dir_size = be(8, 8);
         let dir_offset = be(16, 8);
+
         if dir_size > 64 << 20
             || dir_offset
                 .checked_add(dir_size)
@@ -310,6 +311,7 @@ impl Image {
             );
             return Ok(());
         }
+
         counter.add(dir_offset, dir_size, cluster_size, "bitmap directory");
         let mut dir = vec![0u8; dir_size as usize];
         self.pread(&mut dir, dir_offset)?;
@@ -331,6 +333,7 @@ impl Image {
             let table_size = word(8, 4);
             let name_len = word(18, 2) as usize;
             let extra_len = word(20, 4) as usize;
+
             counter.add(table_offset, table_size * 8, cluster_size, "bitmap table");
             if let Ok(entries) = self.read_table("bitmap table offset", table_offset, table_size) {
                 for entry in entries {
@@ -345,7 +348,7 @@ impl Image {
         Ok(())
     }
 
-    /// Checks the image and, for a writable image, repairs what `mode` asks for.
+    /// Checks the image and, for a writable image, repairs what `mode` requests.
     pub fn check(&mut self, mode: RepairMode) -> Result<CheckReport, StorageError> {
         self.flush_metadata()?;
         let mut counter = self.count_references(true)?;

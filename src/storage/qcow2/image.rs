@@ -45,7 +45,7 @@ pub(crate) struct Image {
     pub alloc_end: u64,
     /// Bytes in the file, as far as this process wrote or found it.
     pub file_len: u64,
-    /// Next free byte in the cluster that holds the last compressed cluster (0 if none).
+    /// Next free byte in the cluster that contains the last compressed cluster (0 if none).
     pub compressed_cursor: u64,
     pub backing: Option<Box<dyn BlockBackend>>,
     pub snapshots: Vec<Snapshot>,
@@ -167,14 +167,18 @@ impl Image {
     }
 
     /// Reads a whole metadata cluster, rejecting offsets past the end of the file.
-    pub fn read_cluster_checked(&self, what: &str, offset: u64) -> Result<Vec<u8>, StorageError> {
+    pub fn read_cluster_checked(
+        &self,
+        structure: &str,
+        offset: u64,
+    ) -> Result<Vec<u8>, StorageError> {
         let cluster_size = self.cluster_size();
         if offset == 0
             || offset % cluster_size != 0
             || offset + cluster_size > self.file_len.next_multiple_of(cluster_size)
         {
             return Err(self.corrupt(format!(
-                "{what} offset {offset:#x} is zero, unaligned or past the end of the file"
+                "{structure} offset {offset:#x} is zero, unaligned or past the end of the file"
             )));
         }
         let mut data = vec![0u8; cluster_size as usize];

@@ -17,6 +17,7 @@ mod table;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 pub use check::{CheckReport, RepairMode};
@@ -105,6 +106,8 @@ pub struct Qcow2 {
     path: PathBuf,
     read_only: bool,
     opened_dirty: bool,
+    /// Set by [`Qcow2::close`], so that dropping the image does not close it twice.
+    closed: AtomicBool,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -239,6 +242,7 @@ impl Qcow2 {
             path: path.to_path_buf(),
             read_only: options.read_only,
             opened_dirty,
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -357,7 +361,8 @@ impl Qcow2 {
         file_bytes.extend_from_slice(&reftable);
         file_bytes.extend_from_slice(&refblock);
         if entries < 3 {
-            // A 512-byte block of 64-bit refcounts covers 64 clusters, so this cannot happen.
+            // Clusters of at least 512 bytes with refcounts of at most 64 bits give a block of at
+            // least 64 entries; this guards the arithmetic above, not a reachable case.
             return Err(invalid_option(
                 path,
                 "refcount_bits",
@@ -487,13 +492,16 @@ impl Qcow2 {
     /// but can only log a failure.
     pub fn close(self) -> Result<(), StorageError> {
         let result = self.lock().close();
-        std::mem::forget(self);
+        self.closed.store(true, Ordering::Release);
         result
     }
 }
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         if let Err(e) = self.lock().close() {
             tracing::error!(path = %self.path.display(), error = %e, "closing qcow2 image failed; the image stays marked dirty");
         }

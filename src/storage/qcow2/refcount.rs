@@ -1,8 +1,8 @@
 //! Refcounts and cluster allocation.
 //!
-//! The refcount table lists refcount blocks; a block is one cluster of entries
-//! `refcount_bits` wide (1 to 64 bits, least significant bits first within a byte for
-//! widths below 8, big-endian for wider ones). A new refcount block is placed inside the
+//! The refcount table lists refcount blocks. A block is one cluster of entries
+//! `refcount_bits` wide: 1 to 64 bits, least significant bits first within a byte for
+//! widths below 8, big-endian for wider ones. A new refcount block is placed inside the
 //! range it describes, so it records its own refcount. When the table itself is full, a
 //! larger table and the blocks covering it are written past the end of the file.
 

@@ -329,13 +329,13 @@ impl Image {
                 continue;
             }
             let copied = self.refcount(l2_offset / self.cluster_size())? == 1;
-            let wanted = if copied {
+            let expected = if copied {
                 l1_entry | COPIED
             } else {
                 l1_entry & !COPIED
             };
-            if wanted != l1_entry {
-                self.l1[i] = wanted;
+            if expected != l1_entry {
+                self.l1[i] = expected;
                 self.l1_dirty = true;
             }
             for index in 0..self.header.l2_entries() as usize {
@@ -354,14 +354,14 @@ impl Image {
                     _ => continue,
                 };
                 let copied = self.refcount(host / self.cluster_size())? == 1;
-                let wanted = if copied {
+                let expected = if copied {
                     entry | COPIED
                 } else {
                     entry & !COPIED
                 };
-                if wanted != entry {
+                if expected != entry {
                     let l2 = self.l2_table(l2_offset)?;
-                    table::set_u64(&mut l2.data, index * words, wanted);
+                    table::set_u64(&mut l2.data, index * words, expected);
                     l2.dirty = true;
                 }
             }

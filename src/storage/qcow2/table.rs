@@ -73,7 +73,7 @@ pub fn set_u64(table: &mut [u8], index: usize, value: u64) {
     table[at..at + 8].copy_from_slice(&value.to_be_bytes());
 }
 
-/// What an L2 entry (or the lack of an L2 table) says about one guest cluster.
+/// State of one guest cluster, from its L2 entry or the lack of an L2 table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClusterKind {
     /// No data: read the backing file or zeros.
