@@ -355,3 +355,37 @@ fn unknown_extension_kept_and_autoclear_cleared() {
     assert_eq!(code, 0, "{report}");
     qemu_io(&image, &["read -P 1 0 4096"]);
 }
+
+#[test]
+fn bitmaps_counted_then_dropped_by_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("bitmaps.qcow2");
+    let path = image.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", path, SIZE]);
+    qemu_io(&image, &["write -P 1 0 1M"]);
+    qemu_img(&["bitmap", "--add", path, "b0"]);
+    qemu_io(&image, &["write -P 2 2M 1M"]);
+
+    let qcow2 = monstervm::storage::Qcow2::open(&image, &OpenOptions::read_only()).unwrap();
+    let report = qcow2
+        .check(monstervm::storage::qcow2::RepairMode::None)
+        .unwrap();
+    assert_eq!(
+        (report.corruptions, report.leaks),
+        (0, 0),
+        "{:?}",
+        report.messages
+    );
+    drop(qcow2);
+
+    // A writer cannot keep the bitmaps current, so it removes them and frees their clusters.
+    let qcow2 = monstervm::storage::Qcow2::open(&image, &OpenOptions::default()).unwrap();
+    qcow2.close().unwrap();
+    let (code, report) = common::qemu_check(&image);
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        !qemu_img(&["info", path]).contains("bitmaps:"),
+        "bitmaps extension still present"
+    );
+    qemu_io(&image, &["read -P 1 0 1M", "read -P 2 2M 1M"]);
+}

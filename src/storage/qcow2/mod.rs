@@ -226,6 +226,7 @@ impl Qcow2 {
         image.snapshot_table_len = image.load_snapshots()?;
 
         if !options.read_only {
+            let bitmap_clusters = image.drop_bitmaps()?;
             // This writer keeps no bitmaps, so every autoclear feature becomes invalid.
             image.header.autoclear_features = 0;
             if opened_dirty {
@@ -236,6 +237,7 @@ impl Qcow2 {
                 image.header.incompatible_features |= INCOMPAT_DIRTY;
             }
             image.write_header()?;
+            image.release(&bitmap_clusters)?;
         }
         Ok(Qcow2 {
             image: Mutex::new(image),
@@ -526,6 +528,35 @@ fn read_header(file: &File, path: &Path, file_len: u64) -> Result<Header, Storag
 }
 
 impl Image {
+    /// Removes the persistent bitmaps extension, which this writer cannot keep up to date,
+    /// and returns the clusters to release once the header without it is on disk. Keeping
+    /// the extension with autoclear bit 0 cleared would leave its clusters as leaks for
+    /// `qemu-img check`. Damaged bitmap structures are dropped without releasing anything.
+    fn drop_bitmaps(&mut self) -> Result<Vec<u64>, StorageError> {
+        let Some(index) = self
+            .header
+            .other_extensions
+            .iter()
+            .position(|e| e.kind == header::EXT_BITMAPS)
+        else {
+            return Ok(Vec::new());
+        };
+        let cluster_size = self.cluster_size();
+        let clusters = match self.bitmap_ranges()? {
+            Ok(ranges) => ranges
+                .iter()
+                .flat_map(|&(offset, len, _)| {
+                    (offset / cluster_size..(offset + len).div_ceil(cluster_size))
+                        .map(move |c| c * cluster_size)
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        tracing::warn!(path = %self.path.display(), "removing persistent dirty bitmaps, which writes would leave stale");
+        self.header.other_extensions.remove(index);
+        Ok(clusters)
+    }
+
     /// Grows the virtual disk to `new_size` bytes, moving the L1 table if it must grow.
     pub fn resize(&mut self, new_size: u64) -> Result<(), StorageError> {
         if new_size < self.header.size {
