@@ -38,7 +38,7 @@ enum DiskCommand {
     Check(CheckArgs),
     /// Copy an image into a new one of any format: convert [-c] -O FMT SRC DST.
     Convert(ConvertArgs),
-    /// Grow an image: resize IMAGE [+]SIZE.
+    /// Resize an image (qcow2 only grows): resize IMAGE [+|-]SIZE.
     Resize(ResizeArgs),
     /// Manage internal snapshots: -c|-a|-d NAME or -l, or create|list|apply|delete.
     Snapshot(SnapshotArgs),

@@ -364,7 +364,7 @@ impl Qcow2 {
         file_bytes.extend_from_slice(&refblock);
         if entries < 3 {
             // Clusters of at least 512 bytes with refcounts of at most 64 bits give a block of at
-            // least 64 entries; this guards the arithmetic above, not a reachable case.
+            // least 64 entries, so this branch only guards the arithmetic above.
             return Err(invalid_option(
                 path,
                 "refcount_bits",
