@@ -389,3 +389,36 @@ fn bitmaps_counted_then_dropped_by_writer() {
     );
     qemu_io(&image, &["read -P 1 0 1M", "read -P 2 2M 1M"]);
 }
+
+#[test]
+fn external_data_file_images_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("disk.data");
+    for extra in ["", ",data_file_raw=on", ",extended_l2=on"] {
+        let image = dir.path().join("external.qcow2");
+        let options = format!("data_file={}{extra}", data.display());
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &options,
+            image.to_str().unwrap(),
+            SIZE,
+        ]);
+        fill(&image);
+        assert_reads_like_qemu(&image, dir.path(), &options);
+
+        let deny = OpenOptions {
+            read_only: true,
+            backing: BackingPolicy::Deny,
+            ..OpenOptions::default()
+        };
+        let err = open_image(&image, &deny).unwrap_err();
+        assert!(
+            matches!(err, StorageError::BackingDenied { .. }),
+            "{options}: {err}"
+        );
+    }
+}

@@ -361,3 +361,77 @@ fn refcount_overflow_fails_cleanly() {
     let (code, text) = qemu_check(&path);
     assert_eq!(code, 0, "{text}");
 }
+
+#[test]
+fn data_file_workload_passes_qemu_check() {
+    for extra in ["", ",data_file_raw=on", ",extended_l2=on"] {
+        let dir = tempfile::tempdir().unwrap();
+        let image_path = dir.path().join("image.qcow2");
+        let path = image_path.to_str().unwrap();
+        // qemu-img creates a relative data file name in its working folder, so pass a
+        // full path.
+        let data = dir.path().join("disk.data");
+        let options = format!("data_file={}{extra}", data.display());
+        let options = options.as_str();
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", options, path, "8M"]);
+
+        let image = Qcow2::open(&image_path, &OpenOptions::default()).unwrap();
+        let mut model = vec![0u8; SIZE as usize];
+        let mut rng = Rng(0xda7a);
+        for _ in 0..300 {
+            let offset = rng.below(SIZE);
+            let len = (rng.below(100_000) + 1).min(SIZE - offset);
+            let range = offset as usize..(offset + len) as usize;
+            match rng.below(10) {
+                0..=6 => {
+                    let fill = rng.next() as u8;
+                    image.write_at(&vec![fill; len as usize], offset).unwrap();
+                    model[range].fill(fill);
+                }
+                7 => {
+                    image.write_zeroes(offset, len).unwrap();
+                    model[range].fill(0);
+                }
+                8 => {
+                    image.discard(offset, len).unwrap();
+                    model_discard(&mut model, offset, len, 65536, false);
+                }
+                _ => image.flush().unwrap(),
+            }
+        }
+        let err = image.create_snapshot("none").unwrap_err();
+        assert!(
+            matches!(err, monstervm::storage::StorageError::Unsupported { .. }),
+            "{options}: {err}"
+        );
+        assert_eq!(
+            first_difference(&contents_of(&image), &model),
+            None,
+            "{options}"
+        );
+        image.close().unwrap();
+
+        let (code, text) = qemu_check(&image_path);
+        assert_eq!(code, 0, "{options}: qemu-img check: {text}");
+        let expected = dir.path().join("expected.raw");
+        write_raw(&expected, &model);
+        let out = run_tool(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "qcow2",
+                expected.to_str().unwrap(),
+                path,
+            ],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{options}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}

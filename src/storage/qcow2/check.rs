@@ -213,13 +213,24 @@ impl Image {
                 } else {
                     0
                 };
-                let kind = table::classify(
-                    entry,
-                    self.header.version,
-                    self.header.extended_l2(),
-                    cluster_size,
-                );
+                let kind = if self.has_data_file() {
+                    table::classify_with_data_file(entry, self.header.extended_l2(), cluster_size)
+                } else {
+                    table::classify(
+                        entry,
+                        self.header.version,
+                        self.header.extended_l2(),
+                        cluster_size,
+                    )
+                };
                 match kind {
+                    // Data file clusters have no refcounts and always carry COPIED.
+                    Some(ClusterKind::Normal { .. }) if self.has_data_file() => {
+                        if active {
+                            counter.report.allocated_clusters += 1;
+                        }
+                    }
+                    Some(ClusterKind::Zero { .. }) if self.has_data_file() => {}
                     None => counter.problem(
                         true,
                         format!("ERROR L2 entry {entry:#x} in table at {l2_offset:#x} is invalid"),

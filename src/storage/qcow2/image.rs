@@ -48,6 +48,8 @@ pub(crate) struct Image {
     /// Next free byte in the cluster that contains the last compressed cluster (0 if none).
     pub compressed_cursor: u64,
     pub backing: Option<Box<dyn BlockBackend>>,
+    /// External data file: guest cluster N lives at offset N there, without refcounts.
+    pub data_file: Option<(File, PathBuf)>,
     pub snapshots: Vec<Snapshot>,
     /// Size in bytes of the snapshot table in the file.
     pub snapshot_table_len: u64,
@@ -101,8 +103,46 @@ impl Image {
         Ok(())
     }
 
-    /// Calls fdatasync on the image file.
+    /// Returns whether guest data lives in an external data file.
+    pub fn has_data_file(&self) -> bool {
+        self.data_file.is_some()
+    }
+
+    /// Reads guest data at host offset `offset` of the data file or, without one, the image.
+    pub fn data_read(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
+        match &self.data_file {
+            Some((file, path)) => read_full(file, path, buf, offset),
+            None => self.pread(buf, offset),
+        }
+    }
+
+    /// Writes guest data at host offset `offset` of the data file or, without one, the image.
+    pub fn data_write(&mut self, buf: &[u8], offset: u64) -> Result<(), StorageError> {
+        let Some((file, path)) = &self.data_file else {
+            return self.pwrite(buf, offset);
+        };
+        if self.read_only {
+            return Err(StorageError::ReadOnly { path: path.clone() });
+        }
+        file.write_all_at(buf, offset)
+            .map_err(|e| StorageError::io(path, "write", e))
+    }
+
+    /// Returns the host cluster for new data of the guest cluster at `guest_cluster`:
+    /// the same offset in an external data file, or a newly allocated image cluster.
+    pub fn alloc_data_cluster(&mut self, guest_cluster: u64) -> Result<u64, StorageError> {
+        if self.has_data_file() {
+            return Ok(guest_cluster);
+        }
+        self.alloc_clusters(1)
+    }
+
+    /// Calls fdatasync on the data file, if any, and then on the image file.
     pub fn sync(&self) -> Result<(), StorageError> {
+        if let (Some((file, path)), false) = (&self.data_file, self.read_only) {
+            file.sync_data()
+                .map_err(|e| StorageError::io(path, "fdatasync", e))?;
+        }
         self.file
             .sync_data()
             .map_err(|e| StorageError::io(&self.path, "fdatasync", e))

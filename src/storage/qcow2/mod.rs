@@ -172,13 +172,23 @@ impl Qcow2 {
                 });
             }
         }
-        if header.incompatible_features & header::INCOMPAT_DATA_FILE != 0 {
-            // NOTE: external data files are rejected, not served.
-            return Err(StorageError::Unsupported {
-                path: path.to_path_buf(),
-                feature: "external data files".into(),
-            });
-        }
+        let data_file = if header.incompatible_features & header::INCOMPAT_DATA_FILE != 0 {
+            let Some(name) = &header.data_file else {
+                return Err(StorageError::Unsupported {
+                    path: path.to_path_buf(),
+                    feature: "an external data file without a data file name extension".into(),
+                });
+            };
+            let data_path = super::resolve_backing_path(path, name);
+            let file = FsOpenOptions::new()
+                .read(true)
+                .write(!options.read_only)
+                .open(&data_path)
+                .map_err(|e| StorageError::io(&data_path, "open external data file", e))?;
+            Some((file, data_path))
+        } else {
+            None
+        };
         let backing = match &header.backing_file {
             None => None,
             Some(_) if !follow_backing => None,
@@ -216,6 +226,7 @@ impl Qcow2 {
             file_len,
             compressed_cursor: 0,
             backing,
+            data_file,
             snapshots: Vec::new(),
             snapshot_table_len: 0,
             decompressed: None,

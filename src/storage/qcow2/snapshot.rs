@@ -338,6 +338,10 @@ impl Image {
                 self.l1[i] = expected;
                 self.l1_dirty = true;
             }
+            if self.has_data_file() {
+                // Data file clusters have no refcounts; COPIED stays as written.
+                continue;
+            }
             for index in 0..self.header.l2_entries() as usize {
                 let entry = table::get_u64(&self.l2_table(l2_offset)?.data, index * words);
                 let host = match table::classify(
@@ -371,6 +375,12 @@ impl Image {
 
     /// Creates a snapshot of the current disk contents named `name`.
     pub fn create_snapshot(&mut self, name: &str) -> Result<Snapshot, StorageError> {
+        if self.has_data_file() {
+            return Err(StorageError::Unsupported {
+                path: self.path.clone(),
+                feature: "internal snapshots of an image with an external data file".into(),
+            });
+        }
         if self.snapshots.iter().any(|s| s.name == name) {
             return Err(StorageError::SnapshotExists {
                 path: self.path.clone(),
