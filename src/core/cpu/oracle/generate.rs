@@ -172,20 +172,9 @@ impl Class {
         }
     }
 
-    /// Returns the host CPU features that the class needs and this host lacks, by their
-    /// `is_x86_feature_detected!` names; empty when the class can run.
-    pub fn missing_host_features(self) -> Vec<&'static str> {
-        let needed: &[&'static str] = match self {
-            Class::BitCount => &["popcnt", "lzcnt", "bmi1"],
-            Class::Sse => &["sse"],
-            Class::Sse2 => &["sse2"],
-            _ => &[],
-        };
-        needed
-            .iter()
-            .copied()
-            .filter(|feature| !host_has_feature(feature))
-            .collect()
+    /// Returns whether the class is built by hand rather than from iced-x86's tables.
+    pub fn is_hand_built(self) -> bool {
+        matches!(self, Class::Jcc | Class::String | Class::Stack)
     }
 
     /// Returns the mnemonics from which the class's encodings are taken, or an empty list
@@ -406,16 +395,44 @@ pub struct Generator {
 }
 
 impl Generator {
-    /// Creates a generator whose cases depend only on `seed`.
+    /// Creates a generator whose cases depend only on `seed` and on the features of the
+    /// host CPU: encodings that need a feature the host lacks are left out.
     pub fn new(seed: u64) -> Self {
         let mut codes = HashMap::new();
         for class in Class::ALL {
-            codes.insert(class, candidate_codes(class));
+            let supported = candidate_codes(class)
+                .into_iter()
+                .filter(|code| {
+                    code.cpuid_features()
+                        .iter()
+                        .all(|feature| host_supports(*feature))
+                })
+                .collect();
+            codes.insert(class, supported);
         }
         Self {
             rng: Rng::new(seed),
             codes,
         }
+    }
+
+    /// Keeps only the encodings for which `keep` returns true, for example those whose
+    /// CPUID features the emulator advertises, and returns how many were dropped per
+    /// class.
+    pub fn retain_codes(&mut self, keep: impl Fn(Code) -> bool) -> HashMap<Class, usize> {
+        let mut dropped = HashMap::new();
+        for (class, codes) in &mut self.codes {
+            let before = codes.len();
+            codes.retain(|code| keep(*code));
+            dropped.insert(*class, before - codes.len());
+        }
+        dropped
+    }
+
+    /// Returns whether the generator can build cases of `class`: hand-built classes
+    /// always, table-driven ones while any of their encodings remain.
+    pub fn can_generate(&self, class: Class) -> bool {
+        class.is_hand_built() || !self.codes(class).is_empty()
     }
 
     /// Returns the iced-x86 encodings from which `class` draws its instructions; empty
@@ -425,7 +442,16 @@ impl Generator {
     }
 
     /// Generates one case of `class`.
+    ///
+    /// # Panics
+    ///
+    /// Panics if [`Generator::can_generate`] returns false for `class`.
     pub fn generate(&mut self, class: Class) -> Case {
+        assert!(
+            self.can_generate(class),
+            "class {} has no encodings left",
+            class.name()
+        );
         loop {
             let mut input = self.random_state();
             let code = match class {
@@ -1013,10 +1039,12 @@ impl Generator {
 
     /// Builds one to three PUSH/POP/PUSHF/POPF instructions. POPF only pops a value that
     /// sets nothing but the arithmetic flags and DF: the input's stack top, or a value
-    /// that PUSHF just stored.
+    /// that PUSHF of at least the same size just stored. Anything else could set AC or
+    /// TF, which would trap in the native run.
     fn stack_snippet(&mut self, state: &mut UserState) -> Option<Vec<u8>> {
         let mut code = Vec::new();
-        let mut top_is_flags = true;
+        // Bytes of RFLAGS image on top of the stack: 8 for the prepared input.
+        let mut flags_on_top = 8;
         let flags = (self.rng.next_u64() & USER_RFLAGS_MASK) | FIXED_RFLAGS;
         let top = (state.gprs[RSP] - DATA_ADDR) as usize;
         state.data[top..top + 8].copy_from_slice(&flags.to_le_bytes());
@@ -1039,7 +1067,7 @@ impl Generator {
                 }
             };
             let rex_b = if register >= 8 { Some(0x41u8) } else { None };
-            let mut pushed_flags = false;
+            let mut pushed_flags = 0;
             match self.rng.below(9) {
                 0 => {
                     code.extend(rex_b);
@@ -1071,14 +1099,15 @@ impl Generator {
                     }
                 },
                 5 => {
+                    pushed_flags = 8;
                     if self.rng.chance(1, 2) {
                         code.push(0x66);
+                        pushed_flags = 2;
                     }
                     code.push(0x9C);
-                    pushed_flags = true;
                 }
-                6 if top_is_flags => {
-                    if self.rng.chance(1, 4) {
+                6 if flags_on_top >= 2 => {
+                    if flags_on_top == 2 || self.rng.chance(1, 4) {
                         code.push(0x66);
                     }
                     code.push(0x9D);
@@ -1098,10 +1127,10 @@ impl Generator {
                 }
                 _ => {
                     code.push(0x9C);
-                    pushed_flags = true;
+                    pushed_flags = 8;
                 }
             }
-            top_is_flags = pushed_flags;
+            flags_on_top = pushed_flags;
         }
         if let Some(plan) = memory {
             let draft = Draft {
@@ -1114,15 +1143,22 @@ impl Generator {
     }
 }
 
-/// Returns whether the host CPU has `feature`, one of the names that
-/// [`Class::missing_host_features`] uses.
-fn host_has_feature(feature: &str) -> bool {
+/// Returns whether the host CPU has `feature`. Features that no generated class uses
+/// count as missing.
+pub fn host_supports(feature: CpuidFeature) -> bool {
     match feature {
-        "popcnt" => std::arch::is_x86_feature_detected!("popcnt"),
-        "lzcnt" => std::arch::is_x86_feature_detected!("lzcnt"),
-        "bmi1" => std::arch::is_x86_feature_detected!("bmi1"),
-        "sse" => std::arch::is_x86_feature_detected!("sse"),
-        "sse2" => std::arch::is_x86_feature_detected!("sse2"),
+        // The x86-64 baseline includes every 8086-486 instruction and CMOV.
+        CpuidFeature::INTEL8086
+        | CpuidFeature::INTEL186
+        | CpuidFeature::INTEL386
+        | CpuidFeature::INTEL486
+        | CpuidFeature::X64
+        | CpuidFeature::CMOV => true,
+        CpuidFeature::SSE => std::arch::is_x86_feature_detected!("sse"),
+        CpuidFeature::SSE2 => std::arch::is_x86_feature_detected!("sse2"),
+        CpuidFeature::POPCNT => std::arch::is_x86_feature_detected!("popcnt"),
+        CpuidFeature::LZCNT => std::arch::is_x86_feature_detected!("lzcnt"),
+        CpuidFeature::BMI1 => std::arch::is_x86_feature_detected!("bmi1"),
         _ => false,
     }
 }
