@@ -215,6 +215,13 @@ fn emulator_matches_host_cpu() {
             );
             continue;
         }
+        if generator.host_dropped(class) > 0 {
+            println!(
+                "{:<20} ({} encodings left out: the host CPU lacks their features)",
+                class.name(),
+                generator.host_dropped(class)
+            );
+        }
         let dropped_codes = dropped.get(&class).copied().unwrap_or(0);
         if dropped_codes > 0 {
             println!(

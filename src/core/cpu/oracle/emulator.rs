@@ -398,3 +398,85 @@ fn exception_state(cpu: &Cpu, memory: &GuestMemoryMmap) -> Result<UserState, Ora
     });
     Ok(output)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::cpu::oracle::state::{FLAG_CF, FLAG_ZF, RCX};
+
+    #[test]
+    fn add_runs_to_snippet_end() {
+        // add rax, rbx
+        let mut input = UserState::new();
+        input.gprs[0] = u64::MAX;
+        input.gprs[3] = 1;
+        let output = run_emulated(&[0x48, 0x01, 0xD8], &input).unwrap();
+        assert_eq!(output.fault, None);
+        assert_eq!(output.gprs[0], 0);
+        assert_ne!(output.rflags & FLAG_CF, 0);
+        assert_ne!(output.rflags & FLAG_ZF, 0);
+    }
+
+    #[test]
+    fn store_reaches_data_area() {
+        // mov [rcx + 8], rax
+        let mut input = UserState::new();
+        input.gprs[0] = 0x1122_3344_5566_7788;
+        input.gprs[RCX] = DATA_ADDR;
+        let output = run_emulated(&[0x48, 0x89, 0x41, 0x08], &input).unwrap();
+        assert_eq!(&output.data[8..16], &0x1122_3344_5566_7788u64.to_le_bytes());
+    }
+
+    #[test]
+    fn guard_page_load_reports_page_fault() {
+        // nop; mov rax, [rcx]
+        let mut input = UserState::new();
+        let address = DATA_ADDR + DATA_SIZE as u64;
+        input.gprs[RCX] = address;
+        let output = run_emulated(&[0x90, 0x48, 0x8B, 0x01], &input).unwrap();
+        let fault = output.fault.expect("load from the guard page must fault");
+        assert_eq!(fault.vector, 14);
+        assert_eq!(fault.rip, CODE_ADDR + 1);
+        assert_eq!(fault.address, address);
+        assert_eq!(fault.error_code, 0b100);
+        assert_eq!(output.gprs[RSP], input.gprs[RSP]);
+    }
+
+    #[test]
+    fn write_to_code_page_reports_protection_fault() {
+        // mov [rcx], al, with RCX pointing at the snippet itself
+        let mut input = UserState::new();
+        input.gprs[RCX] = CODE_ADDR;
+        let output = run_emulated(&[0x88, 0x01], &input).unwrap();
+        let fault = output
+            .fault
+            .expect("write to the read-only code page must fault");
+        assert_eq!(fault.vector, 14);
+        assert_eq!(fault.error_code, 0b111);
+    }
+
+    #[test]
+    fn ud2_reports_invalid_opcode() {
+        let output = run_emulated(&[0x0F, 0x0B], &UserState::new()).unwrap();
+        let fault = output.fault.expect("ud2 must fault");
+        assert_eq!(fault.vector, 6);
+        assert_eq!(fault.rip, CODE_ADDR);
+    }
+
+    #[test]
+    fn endless_loop_is_runaway() {
+        // jmp $
+        let result = run_emulated(&[0xEB, 0xFE], &UserState::new());
+        assert!(
+            matches!(result, Err(OracleError::EmulatorRunaway { .. })),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn emulator_features_include_sse2() {
+        assert!(emulator_supports(CpuidFeature::SSE2));
+        assert!(emulator_supports(CpuidFeature::X64));
+        assert!(!emulator_supports(CpuidFeature::AVX512F));
+    }
+}

@@ -392,6 +392,8 @@ struct Draft {
 pub struct Generator {
     rng: Rng,
     codes: HashMap<Class, Vec<Code>>,
+    /// Encodings per class left out because the host CPU lacks a feature they need.
+    host_dropped: HashMap<Class, usize>,
 }
 
 impl Generator {
@@ -399,8 +401,11 @@ impl Generator {
     /// host CPU: encodings that need a feature the host lacks are left out.
     pub fn new(seed: u64) -> Self {
         let mut codes = HashMap::new();
+        let mut host_dropped = HashMap::new();
         for class in Class::ALL {
-            let supported = candidate_codes(class)
+            let candidates = candidate_codes(class);
+            let count = candidates.len();
+            let supported: Vec<Code> = candidates
                 .into_iter()
                 .filter(|code| {
                     code.cpuid_features()
@@ -408,12 +413,20 @@ impl Generator {
                         .all(|feature| host_supports(*feature))
                 })
                 .collect();
+            host_dropped.insert(class, count - supported.len());
             codes.insert(class, supported);
         }
         Self {
             rng: Rng::new(seed),
             codes,
+            host_dropped,
         }
+    }
+
+    /// Returns how many encodings of `class` were left out because the host CPU lacks a
+    /// feature that they need.
+    pub fn host_dropped(&self, class: Class) -> usize {
+        self.host_dropped.get(&class).copied().unwrap_or(0)
     }
 
     /// Keeps only the encodings for which `keep` returns true, for example those whose
