@@ -306,6 +306,7 @@ fn enter_user_mode(cpu: &mut Cpu, input: &UserState) {
         unusable: true,
         ..Segment::default()
     };
+
     cpu.seg = [
         data,
         flat(USER_CODE_SELECTOR, 0xB, 3, true),
@@ -330,11 +331,13 @@ fn enter_user_mode(cpu: &mut Cpu, input: &UserState) {
         base: IDT_ADDR,
         limit: 0xFFF,
     };
+
     // CR0.AM is set, as Linux sets it, although no snippet sets RFLAGS.AC.
     cpu.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG;
     cpu.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
     cpu.efer = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE;
     cpu.cr3 = PML4_ADDR;
+
     cpu.gpr = input.gprs;
     cpu.rip = CODE_ADDR;
     cpu.set_rflags(input.effective_rflags());
@@ -368,6 +371,7 @@ fn exception_state(cpu: &Cpu, memory: &GuestMemoryMmap) -> Result<UserState, Ora
             rip: cpu.rip,
         });
     }
+
     let vector = ((cpu.rip - HANDLERS_ADDR) / HANDLER_STRIDE) as u8;
     let frame = cpu.gpr[RSP];
     let read_u64 = |address: u64| {
@@ -386,6 +390,7 @@ fn exception_state(cpu: &Cpu, memory: &GuestMemoryMmap) -> Result<UserState, Ora
     } else {
         (0, frame)
     };
+
     let mut output = user_state(cpu, memory)?;
     output.rflags = read_u64(rip_slot + 16)?;
     output.gprs[RSP] = read_u64(rip_slot + 24)?;
