@@ -132,6 +132,8 @@ pub fn emulator_supports(feature: CpuidFeature) -> bool {
         | CpuidFeature::INTEL486 => true,
         CpuidFeature::X64 => bit(0x8000_0001, EDX, 29),
         CpuidFeature::CMOV => bit(1, EDX, 15),
+        CpuidFeature::CX8 => bit(1, EDX, 8),
+        CpuidFeature::CMPXCHG16B => bit(1, ECX, 13),
         CpuidFeature::SSE => bit(1, EDX, 25),
         CpuidFeature::SSE2 => bit(1, EDX, 26),
         CpuidFeature::POPCNT => bit(1, ECX, 23),

@@ -93,7 +93,7 @@ pub enum Class {
     CmovCc,
     /// Jcc (short and near), JRCXZ, LOOP, LOOPE, LOOPNE along flag-dependent paths.
     Jcc,
-    /// CMPXCHG, XADD, XCHG, with and without LOCK.
+    /// CMPXCHG, CMPXCHG8B, CMPXCHG16B, XADD, XCHG, with and without LOCK.
     Atomic,
     /// BSWAP of 32- and 64-bit registers.
     Bswap,
@@ -201,7 +201,7 @@ impl Class {
                 Cmovo, Cmovno, Cmovb, Cmovae, Cmove, Cmovne, Cmovbe, Cmova, Cmovs, Cmovns, Cmovp,
                 Cmovnp, Cmovl, Cmovge, Cmovle, Cmovg,
             ],
-            Class::Atomic => &[Cmpxchg, Xadd, Xchg],
+            Class::Atomic => &[Cmpxchg, Cmpxchg8b, Cmpxchg16b, Xadd, Xchg],
             Class::Bswap => &[Bswap],
             Class::Extend => &[Movsx, Movzx, Movsxd],
             Class::Lea => &[Lea],
@@ -896,6 +896,31 @@ impl Generator {
                 };
                 write_register(state, accumulator, value);
             }
+            Class::Atomic
+                if matches!(
+                    instruction.mnemonic(),
+                    Mnemonic::Cmpxchg8b | Mnemonic::Cmpxchg16b
+                ) && self.rng.chance(1, 2) =>
+            {
+                // Let EDX:EAX (RDX:RAX) match the memory operand, so that the exchange
+                // happens, unless the operand lies outside the data area.
+                let plan = draft.memory?;
+                let start = plan.address.checked_sub(DATA_ADDR)? as usize;
+                let half = plan.size / 2;
+                if let Some(bytes) = state.data.get(start..start + plan.size) {
+                    let mut low = [0u8; 8];
+                    let mut high = [0u8; 8];
+                    low[..half].copy_from_slice(&bytes[..half]);
+                    high[..half].copy_from_slice(&bytes[half..]);
+                    let (low_register, high_register) = if half == 8 {
+                        (Register::RAX, Register::RDX)
+                    } else {
+                        (Register::EAX, Register::EDX)
+                    };
+                    write_register(state, low_register, u64::from_le_bytes(low));
+                    write_register(state, high_register, u64::from_le_bytes(high));
+                }
+            }
             _ => {}
         }
         Some(())
@@ -1166,7 +1191,9 @@ pub fn host_supports(feature: CpuidFeature) -> bool {
         | CpuidFeature::INTEL386
         | CpuidFeature::INTEL486
         | CpuidFeature::X64
-        | CpuidFeature::CMOV => true,
+        | CpuidFeature::CMOV
+        | CpuidFeature::CX8 => true,
+        CpuidFeature::CMPXCHG16B => std::arch::is_x86_feature_detected!("cmpxchg16b"),
         CpuidFeature::SSE => std::arch::is_x86_feature_detected!("sse"),
         CpuidFeature::SSE2 => std::arch::is_x86_feature_detected!("sse2"),
         CpuidFeature::POPCNT => std::arch::is_x86_feature_detected!("popcnt"),
