@@ -382,3 +382,35 @@ fn native_runs_are_reproducible() {
         }
     }
 }
+
+/// The generator's dividend adjustment works: divisions both complete and raise #DE.
+#[test]
+fn divisions_both_complete_and_fault() {
+    let mut generator = Generator::new(0xD1F);
+    let mut completed = 0;
+    let mut divide_errors = 0;
+    while completed + divide_errors < 400 {
+        let case = generator.generate(Class::MulDiv);
+        let divides = case
+            .instructions()
+            .iter()
+            .any(|instruction| matches!(instruction.mnemonic(), Mnemonic::Div | Mnemonic::Idiv));
+        if !divides {
+            continue;
+        }
+        let output = run_native(&case.code, &case.input).expect("native run of a division");
+        match output.fault {
+            None => completed += 1,
+            Some(fault) if fault.vector == 0 => divide_errors += 1,
+            Some(_) => {}
+        }
+    }
+    assert!(
+        completed >= 100,
+        "only {completed} of 400 divisions completed"
+    );
+    assert!(
+        divide_errors >= 20,
+        "only {divide_errors} of 400 divisions raised #DE"
+    );
+}

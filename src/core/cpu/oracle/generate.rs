@@ -22,8 +22,8 @@ use iced_x86::{
 };
 
 use super::state::{
-    UserState, CODE_ADDR, DATA_ADDR, DATA_SIZE, FIXED_RFLAGS, MXCSR_DEFAULT, RCX, RDI, RSI, RSP,
-    USER_RFLAGS_MASK,
+    UserState, CODE_ADDR, DATA_ADDR, DATA_SIZE, FIXED_RFLAGS, MXCSR_DEFAULT, RBP, RCX, RDI, RSI,
+    RSP, USER_RFLAGS_MASK,
 };
 
 /// A small, fast, seedable pseudo-random generator (SplitMix64), so that a seed
@@ -103,7 +103,7 @@ pub enum Class {
     Lea,
     /// MOVS, STOS, LODS, CMPS, SCAS with and without REP/REPE/REPNE, DF both ways.
     String,
-    /// PUSH, POP, PUSHF, POPF sequences.
+    /// PUSH, POP, PUSHF, POPF, ENTER, LEAVE sequences.
     Stack,
     /// LAHF, SAHF.
     FlagsAh,
@@ -1075,7 +1075,7 @@ impl Generator {
         code
     }
 
-    /// Builds one to three PUSH/POP/PUSHF/POPF instructions. POPF only pops a value that
+    /// Builds one to three PUSH/POP/PUSHF/POPF/ENTER/LEAVE instructions. POPF only pops a value that
     /// sets nothing but the arithmetic flags and DF: the input's stack top, or a value
     /// that PUSHF of at least the same size just stored. Anything else could set AC or
     /// TF, which would trap in the native run.
@@ -1091,6 +1091,16 @@ impl Generator {
         // Planned up front so that no POP overwrites its address registers.
         let plan = self.plan_memory(Class::Stack, 8);
         let mut memory = None;
+
+        // ENTER with a nesting level and LEAVE dereference RBP, so RBP starts as a frame
+        // pointer above RSP unless the memory operand uses it. RBP stays valid until a
+        // POP or LEAVE loads it from the stack.
+        let frame_register_free = plan.base != Register::RBP && plan.index != Register::RBP;
+        let mut frame_valid = frame_register_free;
+        if frame_register_free {
+            state.gprs[RBP] = state.gprs[RSP] + 8 * self.rng.below(32);
+        }
+
         for step in 0..steps {
             // POP RSP only as the first step, where it loads the flags value stored
             // above: a later one would load pushed data, and pushes through such a wild
@@ -1106,7 +1116,8 @@ impl Generator {
             };
             let rex_b = if register >= 8 { Some(0x41u8) } else { None };
             let mut pushed_flags = 0;
-            match self.rng.below(9) {
+            let pops_frame_register = register == RBP as u8;
+            match self.rng.below(11) {
                 0 => {
                     code.extend(rex_b);
                     code.push(0x50 | (register & 7));
@@ -1114,6 +1125,7 @@ impl Generator {
                 1 => {
                     code.extend(rex_b);
                     code.push(0x58 | (register & 7));
+                    frame_valid &= !pops_frame_register;
                 }
                 2 => {
                     code.push(0x66);
@@ -1124,6 +1136,7 @@ impl Generator {
                     code.push(0x66);
                     code.extend(rex_b);
                     code.push(0x58 | (register & 7));
+                    frame_valid &= !pops_frame_register;
                 }
                 4 => match self.rng.below(3) {
                     0 => code.extend_from_slice(&[0x6A, self.random_gpr_value() as u8]),
@@ -1162,6 +1175,25 @@ impl Generator {
                     set_memory(&mut instruction, 0, &plan);
                     code.extend(encode(&instruction)?);
                     memory = Some(plan);
+                }
+                9 if frame_valid => {
+                    // leave: RSP = RBP, then RBP = a qword of data.
+                    code.push(0xC9);
+                    frame_valid = false;
+                }
+                10 if frame_valid || frame_register_free => {
+                    // enter size, level: nesting levels above 0 copy frame pointers
+                    // from [RBP - 8], [RBP - 16], ..., so they need a valid RBP.
+                    let size = self.rng.below(64) as u16;
+                    let level = if frame_valid {
+                        self.rng.below(4) as u8
+                    } else {
+                        0
+                    };
+                    code.push(0xC8);
+                    code.extend_from_slice(&size.to_le_bytes());
+                    code.push(level);
+                    frame_valid = true;
                 }
                 _ => {
                     code.push(0x9C);
@@ -1605,6 +1637,71 @@ mod tests {
                     case.disassembly()
                 );
             }
+        }
+    }
+
+    /// Returns the mnemonics that `count` cases of `class` contain, with how often.
+    fn mnemonic_counts(class: Class, count: usize) -> HashMap<Mnemonic, usize> {
+        let mut generator = Generator::new(3);
+        let mut counts = HashMap::new();
+        for _ in 0..count {
+            for instruction in generator.generate(class).instructions() {
+                *counts.entry(instruction.mnemonic()).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn stack_class_reaches_enter_and_leave() {
+        let counts = mnemonic_counts(Class::Stack, 500);
+        for mnemonic in [
+            Mnemonic::Enter,
+            Mnemonic::Leave,
+            Mnemonic::Popfq,
+            Mnemonic::Pushfq,
+            Mnemonic::Push,
+            Mnemonic::Pop,
+        ] {
+            assert!(
+                counts.contains_key(&mnemonic),
+                "{mnemonic:?} never generated: {counts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn jcc_class_reaches_loops_and_jrcxz() {
+        let counts = mnemonic_counts(Class::Jcc, 500);
+        for mnemonic in [
+            Mnemonic::Loop,
+            Mnemonic::Loope,
+            Mnemonic::Loopne,
+            Mnemonic::Jrcxz,
+            Mnemonic::Jecxz,
+            Mnemonic::Cmp,
+        ] {
+            assert!(
+                counts.contains_key(&mnemonic),
+                "{mnemonic:?} never generated: {counts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn string_class_reaches_every_operation() {
+        let counts = mnemonic_counts(Class::String, 500);
+        for mnemonic in [
+            Mnemonic::Movsq,
+            Mnemonic::Stosb,
+            Mnemonic::Lodsw,
+            Mnemonic::Cmpsd,
+            Mnemonic::Scasb,
+        ] {
+            assert!(
+                counts.contains_key(&mnemonic),
+                "{mnemonic:?} never generated: {counts:?}"
+            );
         }
     }
 }

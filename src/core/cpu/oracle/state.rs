@@ -53,6 +53,8 @@ pub const GPR_NAMES: [&str; 16] = [
 pub const RCX: usize = 1;
 /// Index of RSP in [`UserState::gprs`].
 pub const RSP: usize = 4;
+/// Index of RBP in [`UserState::gprs`].
+pub const RBP: usize = 5;
 /// Index of RSI in [`UserState::gprs`].
 pub const RSI: usize = 6;
 /// Index of RDI in [`UserState::gprs`].
