@@ -91,6 +91,9 @@ pub enum Class {
     SetCc,
     /// CMOVcc.
     CmovCc,
+    /// Register-only sequences of flag producers (ALU, INC/DEC, NEG/NOT) and consumers
+    /// (ADC, SBB, SETcc, CMOVcc).
+    FlagChain,
     /// Jcc (short and near), JRCXZ, LOOP, LOOPE, LOOPNE along flag-dependent paths.
     Jcc,
     /// CMPXCHG, CMPXCHG8B, CMPXCHG16B, XADD, XCHG, with and without LOCK.
@@ -117,7 +120,7 @@ pub enum Class {
 
 impl Class {
     /// Every class, in the order the harness runs them.
-    pub const ALL: [Class; 23] = [
+    pub const ALL: [Class; 24] = [
         Class::Alu,
         Class::IncDec,
         Class::NegNot,
@@ -130,6 +133,7 @@ impl Class {
         Class::BitCount,
         Class::SetCc,
         Class::CmovCc,
+        Class::FlagChain,
         Class::Jcc,
         Class::Atomic,
         Class::Bswap,
@@ -158,6 +162,7 @@ impl Class {
             Class::BitCount => "bit-count",
             Class::SetCc => "setcc",
             Class::CmovCc => "cmovcc",
+            Class::FlagChain => "flag-chain",
             Class::Jcc => "jcc-loop",
             Class::Atomic => "cmpxchg-xadd-xchg",
             Class::Bswap => "bswap",
@@ -200,6 +205,15 @@ impl Class {
             Class::CmovCc => &[
                 Cmovo, Cmovno, Cmovb, Cmovae, Cmove, Cmovne, Cmovbe, Cmova, Cmovs, Cmovns, Cmovp,
                 Cmovnp, Cmovl, Cmovge, Cmovle, Cmovg,
+            ],
+            // Every producer here defines all flags that a consumer reads: AND, OR, XOR
+            // and TEST leave only AF undefined, which no consumer reads. Shifts, BT and
+            // MUL, whose CF or OF may be undefined, stay out.
+            Class::FlagChain => &[
+                Add, Or, Adc, Sbb, And, Sub, Xor, Cmp, Test, Inc, Dec, Neg, Not, Seto, Setno, Setb,
+                Setae, Sete, Setne, Setbe, Seta, Sets, Setns, Setp, Setnp, Setl, Setge, Setle,
+                Setg, Cmovo, Cmovno, Cmovb, Cmovae, Cmove, Cmovne, Cmovbe, Cmova, Cmovs, Cmovns,
+                Cmovp, Cmovnp, Cmovl, Cmovge, Cmovle, Cmovg,
             ],
             Class::Atomic => &[Cmpxchg, Cmpxchg8b, Cmpxchg16b, Xadd, Xchg],
             Class::Bswap => &[Bswap],
@@ -471,6 +485,7 @@ impl Generator {
                 Class::Jcc => Some(self.branch_snippet(&mut input)),
                 Class::String => Some(self.string_snippet(&mut input)),
                 Class::Stack => self.stack_snippet(&mut input),
+                Class::FlagChain => self.flag_chain_snippet(&mut input),
                 _ => self.single_instruction(class, &mut input),
             };
             if let Some(code) = code {
@@ -603,6 +618,20 @@ impl Generator {
         encode(&draft.instruction)
     }
 
+    /// Builds two to five register-only instructions that produce and consume flags,
+    /// so that flags pass from one instruction to the next inside the emulator (which
+    /// evaluates them lazily) rather than only at the end of the snippet.
+    fn flag_chain_snippet(&mut self, state: &mut UserState) -> Option<Vec<u8>> {
+        let codes = self.codes.get(&Class::FlagChain)?.clone();
+        let mut code = Vec::new();
+        for _ in 0..2 + self.rng.below(4) {
+            let chosen = self.rng.pick(&codes);
+            let draft = self.draft(Class::FlagChain, chosen, state)?;
+            code.extend(encode(&draft.instruction)?);
+        }
+        Some(code)
+    }
+
     /// Chooses operands for `code` from its operand kinds; returns `None` for a kind
     /// that the generator does not handle.
     fn draft(&mut self, class: Class, code: Code, state: &mut UserState) -> Option<Draft> {
@@ -648,7 +677,7 @@ impl Generator {
                 | OpCodeOperandKind::r32_or_mem
                 | OpCodeOperandKind::r64_or_mem
                 | OpCodeOperandKind::xmm_or_mem => {
-                    if self.rng.chance(1, 2) {
+                    if class != Class::FlagChain && self.rng.chance(1, 2) {
                         let plan = self.plan_memory(class, op_code.memory_size().size());
                         set_memory(&mut instruction, operand, &plan);
                         memory = Some(plan);
@@ -663,7 +692,7 @@ impl Generator {
                         set_register(&mut instruction, operand, register);
                     }
                 }
-                OpCodeOperandKind::mem => {
+                OpCodeOperandKind::mem if class != Class::FlagChain => {
                     let plan = self.plan_memory(class, op_code.memory_size().size().max(1));
                     set_memory(&mut instruction, operand, &plan);
                     memory = Some(plan);
