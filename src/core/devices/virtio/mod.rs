@@ -4,6 +4,7 @@
 //! what it does with its queues. [`pci::VirtioPciDevice`] wraps a model into a PCI
 //! function with the modern virtio-pci capabilities and an MSI-X table.
 
+pub mod block;
 pub mod pci;
 #[cfg(test)]
 pub mod testing;
