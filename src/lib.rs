@@ -10,4 +10,5 @@ pub mod cli;
 pub mod core;
 pub mod guest;
 pub mod hypervisor;
+pub mod storage;
 pub mod utils;

@@ -2,7 +2,7 @@
 //! the routes, the TCP listener's bearer token, the WebSocket console with several
 //! viewers, reset, and descriptors released after clients leave.
 
-mod common;
+mod lifecycle_common;
 
 use axum::http::{Method, StatusCode};
 use futures_util::{SinkExt, StreamExt};
@@ -10,7 +10,7 @@ use monstervm::api::openapi::{self, OPERATIONS};
 use monstervm::api::{ApiClient, VmState};
 use tokio_tungstenite::tungstenite::Message;
 
-use common::{fd_count, reap, wait_until, StateDir};
+use lifecycle_common::{fd_count, reap, wait_until, StateDir};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -299,7 +299,7 @@ fn short_token_is_rejected() {
 async fn receive_until(console: &mut monstervm::api::client::ConsoleStream, needle: &str) {
     let mut seen = Vec::new();
     while !String::from_utf8_lossy(&seen).contains(needle) {
-        let message = tokio::time::timeout(common::PATIENCE, console.next())
+        let message = tokio::time::timeout(lifecycle_common::PATIENCE, console.next())
             .await
             .unwrap_or_else(|_| panic!("no {needle:?} on the console; got {seen:?}"))
             .expect("console open")
@@ -364,7 +364,7 @@ fn console_closes_when_vm_stops() {
         receive_until(&mut console, "booted").await;
         client.action(monstervm::api::VmAction::Stop).await.unwrap();
         loop {
-            match tokio::time::timeout(common::PATIENCE, console.next()).await {
+            match tokio::time::timeout(lifecycle_common::PATIENCE, console.next()).await {
                 Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => break,
                 Ok(Some(Ok(_))) => continue,
                 Err(_) => panic!("console stayed open after the VM stopped"),

@@ -1,13 +1,13 @@
 //! VM lifecycle through the real `monstervm` binary: create, start, list, pause, resume,
 //! stop, delete, crash detection and the console, in a temporary state directory.
 
-mod common;
+mod lifecycle_common;
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::Stdio;
 
-use common::{process_exists, reap, wait_until, StateDir};
+use lifecycle_common::{process_exists, reap, wait_until, StateDir};
 
 #[test]
 fn lifecycle_round_trip() {
@@ -325,7 +325,7 @@ impl Transcript {
                 self.cursor += position + needle.len();
                 return;
             }
-            match self.chunks.recv_timeout(common::PATIENCE) {
+            match self.chunks.recv_timeout(lifecycle_common::PATIENCE) {
                 Ok(chunk) => self.seen.extend_from_slice(&chunk),
                 Err(error) => panic!("no {needle:?} on the terminal ({error}); got {text:?}"),
             }

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod disk;
+
 use clap::{Args, Parser, Subcommand};
 
 use crate::api::VmAction;
@@ -95,6 +97,11 @@ enum Command {
     /// The VMM process of one VM, as `start` spawns it.
     #[command(hide = true)]
     Vmm(VmmArgs),
+    /// Build or fetch test guests.
+    #[command(subcommand)]
+    Guest(GuestCommand),
+    /// Create, inspect, check, convert, resize and snapshot disk images.
+    Disk(disk::DiskArgs),
 }
 
 #[derive(Args, Debug)]
@@ -192,6 +199,24 @@ pub struct VmmArgs {
     pub tcp: TcpApiArgs,
 }
 
+#[derive(Subcommand, Debug)]
+enum GuestCommand {
+    /// Download Debian's cloud kernel and BusyBox and write DIR/vmlinuz and
+    /// DIR/initramfs.img.
+    Fetch(GuestFetchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GuestFetchArgs {
+    /// Folder for vmlinuz and initramfs.img, created if missing.
+    #[arg(long, value_name = "DIR", default_value = "guest")]
+    pub dir: PathBuf,
+    /// Use the linux-image-<version>-cloud-amd64 and busybox-static .deb files in FOLDER
+    /// instead of downloading them with apt-get.
+    #[arg(long, value_name = "FOLDER")]
+    pub debs: Option<PathBuf>,
+}
+
 /// Options shared by `run` and `create`.
 #[derive(Args, Debug, Clone)]
 pub struct VmArgs {
@@ -277,12 +302,15 @@ pub fn main() -> i32 {
 
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let format = cli.output;
-    if let Command::Run(args) = cli.command {
-        return run(args);
-    }
+    let command = match cli.command {
+        Command::Run(args) => return run(args),
+        Command::Guest(GuestCommand::Fetch(args)) => return guest_fetch(args, format),
+        Command::Disk(args) => return disk::run(args, format),
+        command => command,
+    };
     let state = StateDir::resolve(cli.state_dir.as_deref())?;
-    match cli.command {
-        Command::Run(_) => unreachable!("handled above"),
+    match command {
+        Command::Run(_) | Command::Guest(_) | Command::Disk(_) => unreachable!("handled above"),
         Command::Create(args) => {
             let mut config = args.vm.to_config()?;
             config.name = args.name;
@@ -334,4 +362,25 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         "running VM {} is not implemented yet; the boot path is being built",
         config.name
     )
+}
+
+fn guest_fetch(args: GuestFetchArgs, format: OutputFormat) -> anyhow::Result<i32> {
+    let options = crate::guest::FetchOptions {
+        dir: args.dir,
+        debs: args.debs,
+    };
+    let guest = crate::guest::fetch_guest(&options, &mut |line| eprintln!("{line}"))?;
+    match format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&guest)?),
+        OutputFormat::Table => {
+            println!("kernel:    {}", guest.kernel.display());
+            println!("initramfs: {}", guest.initramfs.display());
+            println!(
+                "boot it with: monstervm run --kernel {} --initrd {}",
+                guest.kernel.display(),
+                guest.initramfs.display()
+            );
+        }
+    }
+    Ok(EXIT_OK)
 }

@@ -10,8 +10,10 @@ use serde::Serialize;
 /// How a command prints its result.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
-    /// Aligned columns for people.
+    /// Aligned columns for people (`human` and `text` are accepted too, as qemu-img
+    /// spells it).
     #[default]
+    #[value(alias = "human", alias = "text")]
     Table,
     /// One JSON document on stdout, for scripts.
     Json,

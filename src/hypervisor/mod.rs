@@ -1,6 +1,8 @@
 //! Hypervisor backends behind one set of traits: KVM, the built-in emulator, and
 //! Hypervisor.framework on macOS.
 
+#[cfg(target_os = "linux")]
+pub mod kvm;
 pub mod traits;
 
 use std::fmt;
@@ -10,7 +12,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use traits::{
-    CpuState, DescriptorTable, IoHandler, IrqChip, Segment, Vcpu, VcpuExit, VcpuKicker, VcpuStats,
+    CpuState, DescriptorTable, FpuState, IoHandler, IrqChip, Segment, Vcpu, VcpuExit, VcpuKicker,
+    VcpuStats,
 };
 
 use crate::core::devices::BusDevice;
@@ -30,6 +33,8 @@ pub enum HypervisorError {
     Unsupported { what: String },
     #[error("interrupt line {gsi} is out of range (0 to {max})")]
     InvalidIrq { gsi: u32, max: u32 },
+    #[error("KVM speed probe failed (--backend emulator or --backend kvm skips it): {reason}")]
+    ProbeFailed { reason: String },
     #[error("vCPU {id} failed: {reason}\n{state}")]
     VcpuFailed {
         id: u32,

@@ -1,0 +1,223 @@
+//! Raw images: the file is the virtual disk, byte for byte.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{check_range, BlockBackend, StorageError};
+
+/// A raw image file served with pread and pwrite.
+#[derive(Debug)]
+pub struct RawFile {
+    file: File,
+    path: PathBuf,
+    size: AtomicU64,
+    read_only: bool,
+}
+
+impl RawFile {
+    /// Opens an existing raw image; its size is the file's length.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, StorageError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| StorageError::io(path, "open", e))?;
+        let size = file
+            .metadata()
+            .map_err(|e| StorageError::io(path, "stat", e))?
+            .len();
+        Ok(RawFile {
+            file,
+            path: path.to_path_buf(),
+            size: AtomicU64::new(size),
+            read_only,
+        })
+    }
+
+    /// Creates (or truncates) a sparse raw image of `size` bytes.
+    pub fn create(path: &Path, size: u64) -> Result<Self, StorageError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| StorageError::io(path, "create", e))?;
+        file.set_len(size)
+            .map_err(|e| StorageError::io(path, "set length", e))?;
+        Ok(RawFile {
+            file,
+            path: path.to_path_buf(),
+            size: AtomicU64::new(size),
+            read_only: false,
+        })
+    }
+
+    /// Grows or shrinks the image to `size` bytes.
+    pub fn resize(&self, size: u64) -> Result<(), StorageError> {
+        self.check_writable()?;
+        self.file
+            .set_len(size)
+            .map_err(|e| StorageError::io(&self.path, "set length", e))?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<(), StorageError> {
+        if self.read_only {
+            return Err(StorageError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Calls fallocate(2) with `mode`; returns false where the file system lacks the mode.
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> Result<bool, StorageError> {
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return Ok(false);
+        };
+        // SAFETY: fallocate only reads its scalar arguments; the descriptor belongs to
+        // `self.file`, which stays open for the duration of the call.
+        let ret = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) };
+        if ret == 0 {
+            return Ok(true);
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(false),
+            _ => Err(StorageError::io(&self.path, "fallocate", err)),
+        }
+    }
+
+    fn write_zero_bytes(&self, mut offset: u64, len: u64) -> Result<(), StorageError> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let end = offset + len;
+        while offset < end {
+            let n = CHUNK.min(end - offset) as usize;
+            self.file
+                .write_all_at(&zeros[..n], offset)
+                .map_err(|e| StorageError::io(&self.path, "write", e))?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl BlockBackend for RawFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
+        check_range(&self.path, offset, buf.len() as u64, self.size())?;
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                // The file shrank under us: what is missing reads as zeros.
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(StorageError::io(&self.path, "read", e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), StorageError> {
+        self.check_writable()?;
+        check_range(&self.path, offset, buf.len() as u64, self.size())?;
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| StorageError::io(&self.path, "write", e))
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| StorageError::io(&self.path, "fdatasync", e))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), StorageError> {
+        self.check_writable()?;
+        check_range(&self.path, offset, len, self.size())?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        if !self.fallocate(mode, offset, len)? {
+            self.write_zero_bytes(offset, len)?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), StorageError> {
+        self.check_writable()?;
+        check_range(&self.path, offset, len, self.size())?;
+        if len == 0 {
+            return Ok(());
+        }
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        if self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)?
+            || self.fallocate(punch, offset, len)?
+        {
+            return Ok(());
+        }
+        self.write_zero_bytes(offset, len)
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_write_read_discard() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        let raw = RawFile::create(&path, 1 << 20).unwrap();
+        raw.write_at(&[0xab; 8192], 4096).unwrap();
+        let mut buf = vec![0u8; 8192];
+        raw.read_at(&mut buf, 4096).unwrap();
+        assert!(buf.iter().all(|&b| b == 0xab));
+
+        raw.discard(4096, 4096).unwrap();
+        raw.write_zeroes(8192, 4096).unwrap();
+        raw.read_at(&mut buf, 4096).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn raw_rejects_out_of_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        let raw = RawFile::create(&path, 4096).unwrap();
+        let err = raw.write_at(&[1; 512], 4095).unwrap_err();
+        assert!(matches!(err, StorageError::OutOfRange { .. }), "{err}");
+    }
+
+    #[test]
+    fn raw_read_only_rejects_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        RawFile::create(&path, 4096).unwrap();
+        let raw = RawFile::open(&path, true).unwrap();
+        let err = raw.write_at(&[1; 512], 0).unwrap_err();
+        assert!(matches!(err, StorageError::ReadOnly { .. }), "{err}");
+    }
+}
