@@ -373,7 +373,8 @@ fn console_closes_when_vm_stops() {
     });
 
     let status = reap(pid).expect("the VMM exits");
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    assert!(libc::WIFEXITED(status), "wait status {status:#x}");
+    assert_eq!(libc::WEXITSTATUS(status), 0);
 }
 
 #[test]

@@ -45,7 +45,7 @@ pub enum ClientError {
     },
 }
 
-/// Where the API listens.
+/// Address of the API.
 #[derive(Debug, Clone)]
 enum Endpoint {
     Unix(PathBuf),

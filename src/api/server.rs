@@ -1,6 +1,6 @@
 //! The per-VM HTTP API: axum routes over a [`VmHandle`].
 //!
-//! | method | path | body | answer |
+//! | method | path | body | response |
 //! | --- | --- | --- | --- |
 //! | GET | `/vm` | | [`VmInfo`](crate::api::VmInfo) |
 //! | PUT | `/vm/actions` | `{"action": "pause"\|"resume"\|"stop"\|"reset"}` | 204 |

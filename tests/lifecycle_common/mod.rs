@@ -144,7 +144,7 @@ pub fn process_exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Polls `condition` until it holds; fails the test after [`PATIENCE`].
+/// Polls `condition` until it is true; fails the test after [`PATIENCE`].
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
     while !condition() {

@@ -30,7 +30,7 @@ use builder::{BuildError, BuiltVm};
 /// How long the API keeps serving open connections after the VM ends.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where the API listens besides its Unix socket.
+/// TCP listener of the API, in addition to its Unix socket.
 #[derive(Debug, Clone)]
 pub struct TcpApi {
     pub addr: SocketAddr,

@@ -6,8 +6,8 @@
 //! `VmControl` pause and stop handling, the serial fan-out, the API and the process model.
 //!
 //! Each vCPU blocks in `run` until it is kicked, like a guest idling in HLT with interrupts
-//! enabled. The serial port prints a banner at boot and echoes its input, like a guest
-//! shell with terminal echo on; each echoed byte counts as one port-I/O exit.
+//! enabled. The serial port prints a banner at boot and echoes its input, as a guest shell
+//! with terminal echo does. Each echoed byte counts as one port-I/O exit.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +26,7 @@ use crate::utils::config::VmConfig;
 /// Set to `1` to make `monstervm vmm` build the test double instead of a real VM.
 pub const TEST_DOUBLE_ENV: &str = "MONSTERVM_TEST_DOUBLE_VM";
 
-/// Returns true when [`TEST_DOUBLE_ENV`] asks for the test double.
+/// Returns true when [`TEST_DOUBLE_ENV`] is set to `1`.
 pub fn requested() -> bool {
     std::env::var_os(TEST_DOUBLE_ENV).is_some_and(|value| value == "1")
 }
