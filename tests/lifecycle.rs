@@ -23,6 +23,14 @@ fn lifecycle_round_trip() {
     assert_eq!(running["vcpus"], 2);
     let pid = running["pid"].as_i64().unwrap() as i32;
     assert!(process_exists(pid));
+    // A pipe inherited from the test would keep `output()` of later commands waiting.
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let target = std::fs::read_link(fd.unwrap().path()).unwrap();
+        assert!(
+            !target.to_string_lossy().starts_with("pipe:"),
+            "VMM holds {target:?}"
+        );
+    }
 
     assert_eq!(state.json(&["pause", "web"])["state"], "paused");
     assert_eq!(state.status("web")["state"], "paused");
@@ -367,4 +375,24 @@ fn console_echoes_and_detaches_on_escape_key() {
     });
     state.ok(&["stop", "tty"]);
     reap(pid);
+}
+
+#[test]
+fn stopped_vmm_is_unresponsive_then_killed() {
+    let state = StateDir::new();
+    let pid = state.start_vm("frozen", &[]);
+    // SAFETY: kill has no memory-safety preconditions; `pid` is our VMM, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+
+    let status = state.status("frozen");
+    assert_eq!(status["state"], "unresponsive");
+    let error = status["last_error"].as_str().unwrap();
+    assert!(error.contains("did not respond"), "{error}");
+
+    let stopped = state.json(&["stop", "frozen", "--timeout", "1"]);
+    assert_eq!(stopped["killed"], true);
+    let wait_status = reap(pid).unwrap();
+    assert!(libc::WIFSIGNALED(wait_status));
+    assert_eq!(libc::WTERMSIG(wait_status), libc::SIGKILL);
+    assert_eq!(state.status("frozen")["state"], "stopped");
 }
