@@ -45,6 +45,11 @@ fn lifecycle_round_trip() {
         "VMM ended with wait status {status:#x}"
     );
     assert_eq!(libc::WEXITSTATUS(status), 0);
+    let serial = state.ok(&["logs", "web"]);
+    assert!(
+        serial.contains("power button pressed; powering off"),
+        "stop did not go through the guest: {serial}"
+    );
     assert_eq!(state.status("web")["state"], "stopped");
     let vm_dir = state.vm_dir("web");
     assert!(!vm_dir.join("api.sock").exists(), "socket left behind");
@@ -395,4 +400,30 @@ fn stopped_vmm_is_unresponsive_then_killed() {
     assert!(libc::WIFSIGNALED(wait_status));
     assert_eq!(libc::WTERMSIG(wait_status), libc::SIGKILL);
     assert_eq!(state.status("frozen")["state"], "stopped");
+}
+
+#[test]
+fn stop_kills_guest_ignoring_power_button() {
+    let state = StateDir::new();
+    state.ok(&[
+        "create",
+        "stubborn",
+        "--memory",
+        "16",
+        "--cmdline",
+        "console=ttyS0 ignore-power-button",
+    ]);
+    let pid = state.json(&["start", "stubborn"])["pid"].as_i64().unwrap() as i32;
+
+    let stopped = state.json(&["stop", "stubborn", "--timeout", "1"]);
+
+    assert_eq!(stopped["killed"], true);
+    let wait_status = reap(pid).unwrap();
+    assert!(libc::WIFSIGNALED(wait_status));
+    let serial = state.ok(&["logs", "stubborn"]);
+    assert!(
+        serial.contains("power button pressed; ignoring it"),
+        "{serial}"
+    );
+    assert_eq!(state.status("stubborn")["state"], "stopped");
 }

@@ -15,6 +15,8 @@ use crate::hypervisor::VcpuStats;
 pub type SerialInput = Arc<dyn Fn(&[u8]) + Send + Sync>;
 /// Reads every vCPU's counters while the vCPUs run.
 pub type StatsReader = Arc<dyn Fn() -> Vec<VcpuStats> + Send + Sync>;
+/// Presses the guest's power button, which requests the guest to shut down and power off.
+pub type PowerButton = Arc<dyn Fn() + Send + Sync>;
 
 /// The parts of one boot of the VM that the handle drives. A reset replaces them.
 #[derive(Clone)]
@@ -24,6 +26,8 @@ pub struct Boot {
     pub serial_input: SerialInput,
     /// `None` when the backend keeps its counters inside the vCPU threads.
     pub stats: Option<StatsReader>,
+    /// `None` when the machine has no power button, so that a stop ends the vCPUs at once.
+    pub power_button: Option<PowerButton>,
     /// Backend name reported by `GET /vm`.
     pub backend: String,
 }
@@ -132,12 +136,22 @@ impl VmHandle for ControlHandle {
         match (action, state, current.as_ref()) {
             (VmAction::Stop, VmState::Stopping, _) => Ok(()),
             (VmAction::Stop, _, boot) => {
-                tracing::info!(vm = %name, "stop requested through the API");
                 self.stop_requested.store(true, Ordering::SeqCst);
-                if let Some(boot) = boot {
-                    // NOTE: this ends the vCPUs at once. A guest-visible power-button
-                    // event (ACPI) would let the guest shut down cleanly first.
-                    boot.control.request_stop(StopReason::UserStop);
+                match boot {
+                    // A paused guest cannot act on the button, so it is stopped at once.
+                    Some(boot) if !boot.control.is_paused() && boot.power_button.is_some() => {
+                        tracing::info!(vm = %name, "stop requested through the API; pressing the power button");
+                        if let Some(press) = &boot.power_button {
+                            press();
+                        }
+                    }
+                    Some(boot) => {
+                        tracing::info!(vm = %name, "stop requested through the API; ending the vCPUs");
+                        boot.control.request_stop(StopReason::UserStop);
+                    }
+                    None => {
+                        tracing::info!(vm = %name, "stop requested through the API before boot")
+                    }
                 }
                 Ok(())
             }
@@ -221,6 +235,7 @@ mod tests {
                 received.fetch_add(bytes.len(), Ordering::SeqCst);
             }),
             stats: None,
+            power_button: None,
             backend: "emulator".into(),
         }
     }
@@ -257,6 +272,45 @@ mod tests {
         assert_eq!(handle.info().state, VmState::Stopping);
         assert!(handle.action(VmAction::Pause).is_err());
         assert!(!handle.detach());
+    }
+
+    #[test]
+    fn stop_presses_power_button_once() {
+        let handle = handle();
+        let presses = Arc::new(AtomicUsize::new(0));
+        let mut boot = boot(Arc::default());
+        let counter = presses.clone();
+        boot.power_button = Some(Arc::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+        let control = boot.control.clone();
+        handle.attach(boot);
+
+        handle.action(VmAction::Stop).unwrap();
+        handle.action(VmAction::Stop).unwrap();
+
+        assert_eq!(presses.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            control.stop_reason(),
+            None,
+            "the guest decides when to stop"
+        );
+        assert_eq!(handle.info().state, VmState::Stopping);
+        assert!(!handle.detach(), "no boot after a stop");
+    }
+
+    #[test]
+    fn stop_ends_paused_vm_at_once() {
+        let handle = handle();
+        let mut boot = boot(Arc::default());
+        boot.power_button = Some(Arc::new(|| panic!("a paused guest cannot see the button")));
+        let control = boot.control.clone();
+        handle.attach(boot);
+        handle.action(VmAction::Pause).unwrap();
+
+        handle.action(VmAction::Stop).unwrap();
+
+        assert_eq!(control.stop_reason(), Some(StopReason::UserStop));
     }
 
     #[test]

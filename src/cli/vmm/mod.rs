@@ -92,7 +92,7 @@ pub fn run(state: &StateDir, name: &str, tcp: Option<TcpApi>) -> anyhow::Result<
 ///
 /// The VMM outlives the command that started it, so a descriptor that leaked into it
 /// without close-on-exec (a caller's pipe, a build tool's jobserver) would stay open for
-/// the VM's whole life and keep whoever reads the other end waiting.
+/// the VM's whole life, and the reader at the other end would never see end of file.
 fn close_inherited_descriptors(keep: Option<RawFd>) {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
         tracing::warn!("failed to list /proc/self/fd; inherited descriptors stay open");
@@ -238,12 +238,14 @@ fn run_boots(config: &VmConfig, handle: &ControlHandle) -> anyhow::Result<VmExit
             backend,
             serial_input,
             stats,
+            power_button,
         } = build(config, handle)?;
         handle.attach(Boot {
             control: vm.control().clone(),
             io: vm.io().clone(),
             serial_input,
             stats,
+            power_button,
             backend,
         });
 

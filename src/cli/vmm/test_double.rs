@@ -7,7 +7,9 @@
 //!
 //! Each vCPU blocks in `run` until it is kicked, like a guest idling in HLT with interrupts
 //! enabled. The serial port prints a banner at boot and echoes its input, as a guest shell
-//! with terminal echo does. Each echoed byte counts as one port-I/O exit.
+//! with terminal echo does. Each echoed byte counts as one port-I/O exit. Its power button
+//! makes it print a line and power off, unless the kernel command line contains
+//! [`IGNORE_POWER_BUTTON`], which lets tests check that `stop` kills such a guest.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use super::builder::{BuildError, BuiltVm};
 use crate::api::SerialSink;
+use crate::core::devices::{PlatformControl, PlatformRequest};
 use crate::core::memory::create_guest_memory;
 use crate::core::vm::{Vm, VmControl, VmIo};
 use crate::hypervisor::{
@@ -25,6 +28,8 @@ use crate::utils::config::VmConfig;
 
 /// Set to `1` to make `monstervm vmm` build the test double instead of a real VM.
 pub const TEST_DOUBLE_ENV: &str = "MONSTERVM_TEST_DOUBLE_VM";
+/// Kernel command-line word that makes the test double ignore its power button.
+pub const IGNORE_POWER_BUTTON: &str = "ignore-power-button";
 
 /// Returns true when [`TEST_DOUBLE_ENV`] is set to `1`.
 pub fn requested() -> bool {
@@ -117,12 +122,13 @@ pub fn build(config: &VmConfig, serial_out: SerialSink) -> Result<BuiltVm, Build
     let vcpus = (0..u32::from(config.vcpus))
         .map(|id| backend.create_vcpu(id))
         .collect::<Result<Vec<_>, _>>()?;
+    let control = VmControl::new();
     let vm = Vm::from_parts(
         config.name.clone(),
         memory,
         backend,
         Arc::new(VmIo::default()),
-        VmControl::new(),
+        control.clone(),
         vcpus,
     );
 
@@ -132,6 +138,22 @@ pub fn build(config: &VmConfig, serial_out: SerialSink) -> Result<BuiltVm, Build
         "monstervm test double: VM {} booted\r\n",
         config.name
     );
+
+    let ignores_button = config
+        .effective_cmdline()
+        .split_whitespace()
+        .any(|word| word == IGNORE_POWER_BUTTON);
+    let console = serial_out.clone();
+    let power_button = Arc::new(move || {
+        // SerialSink clones share one hub, so a fresh clone writes to the same console.
+        let mut console = console.clone();
+        if ignores_button {
+            let _ = console.write_all(b"power button pressed; ignoring it\r\n");
+            return;
+        }
+        let _ = console.write_all(b"power button pressed; powering off\r\n");
+        control.request(PlatformRequest::PowerOff);
+    });
 
     let pio_exits = Arc::new(AtomicU64::new(0));
     let echo_count = pio_exits.clone();
@@ -155,5 +177,6 @@ pub fn build(config: &VmConfig, serial_out: SerialSink) -> Result<BuiltVm, Build
         backend: "test-double".to_string(),
         serial_input,
         stats: Some(stats),
+        power_button: Some(power_button),
     })
 }
