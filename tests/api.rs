@@ -399,3 +399,44 @@ fn reset_boots_the_vm_again() {
     let status = reap(pid).unwrap();
     assert!(libc::WIFEXITED(status));
 }
+
+#[test]
+fn embedded_guest_boots_in_vmm() {
+    // The real builder and the embedded guest: KVM where it runs at hardware speed, the
+    // emulator elsewhere (backend auto).
+    let state = StateDir::with_real_vms();
+    let pid = state.start_vm("guest", &[]);
+    let client = ApiClient::unix(&state.socket("guest"));
+
+    runtime().block_on(async {
+        let mut console = client.console().await.unwrap();
+        receive_until(&mut console, "Type to echo, 'q' to power off.").await;
+
+        client
+            .action(monstervm::api::VmAction::Pause)
+            .await
+            .unwrap();
+        assert_eq!(client.info().await.unwrap().state, VmState::Paused);
+        client
+            .action(monstervm::api::VmAction::Resume)
+            .await
+            .unwrap();
+
+        console.send(Message::binary(b"hi".to_vec())).await.unwrap();
+        receive_until(&mut console, "hi").await;
+        console.send(Message::binary(b"q".to_vec())).await.unwrap();
+        receive_until(&mut console, "Powering off.").await;
+    });
+
+    let status = reap(pid).expect("the VMM exits when the guest powers off");
+    assert!(libc::WIFEXITED(status), "wait status {status:#x}");
+    assert_eq!(libc::WEXITSTATUS(status), 0);
+    let stopped = state.status("guest");
+    assert_eq!(stopped["state"], "stopped");
+    assert_eq!(stopped["last_error"], serde_json::Value::Null);
+    let serial = state.ok(&["logs", "guest"]);
+    assert!(
+        serial.contains("Welcome to the MonsterVM embedded guest."),
+        "{serial}"
+    );
+}

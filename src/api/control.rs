@@ -1,7 +1,7 @@
 //! [`VmHandle`] over the VM's [`VmControl`] and its serial hub: what the VMM process serves.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use crate::api::handle::{
@@ -11,7 +11,8 @@ use crate::api::serial::{SerialHub, SerialSubscription};
 use crate::core::vm::{StopReason, VmControl, VmIo};
 use crate::hypervisor::VcpuStats;
 
-/// Writes host bytes into the guest's serial input (the 16550 receive buffer).
+/// Writes host bytes into the guest's serial input (the 16550 receive buffer). It may
+/// block while the guest's FIFO is full, because it runs on the handle's input thread.
 pub type SerialInput = Arc<dyn Fn(&[u8]) + Send + Sync>;
 /// Reads every vCPU's counters while the vCPUs run.
 pub type StatsReader = Arc<dyn Fn() -> Vec<VcpuStats> + Send + Sync>;
@@ -39,12 +40,21 @@ pub struct VmIdentity {
     pub memory_mib: u64,
 }
 
+/// Console input chunks queued for the guest before new input is dropped.
+pub const INPUT_QUEUE_CHUNKS: usize = 256;
+
 /// The VMM's [`VmHandle`]: actions go to the current boot's [`VmControl`].
+///
+/// Console input goes through a thread of its own, because delivering it waits for the
+/// guest to drain its serial FIFO (forever while the VM is paused), and the API server
+/// must keep serving meanwhile.
 pub struct ControlHandle {
     identity: VmIdentity,
     started: Instant,
     serial: SerialHub,
-    boot: Mutex<Option<Boot>>,
+    boot: Arc<Mutex<Option<Boot>>>,
+    input: mpsc::SyncSender<Vec<u8>>,
+    dropped_input: AtomicU64,
     boots: AtomicU32,
     /// Set by a stop that arrives while no boot is attached, so the VMM does not boot again.
     stop_requested: AtomicBool,
@@ -52,16 +62,32 @@ pub struct ControlHandle {
 }
 
 impl ControlHandle {
-    pub fn new(identity: VmIdentity, serial: SerialHub) -> ControlHandle {
-        ControlHandle {
+    /// Creates the handle and its input thread, which ends when the handle is dropped.
+    pub fn new(identity: VmIdentity, serial: SerialHub) -> std::io::Result<ControlHandle> {
+        let boot: Arc<Mutex<Option<Boot>>> = Arc::default();
+        let (input, queued) = mpsc::sync_channel::<Vec<u8>>(INPUT_QUEUE_CHUNKS);
+        let target = boot.clone();
+        std::thread::Builder::new()
+            .name("serial-input".into())
+            .spawn(move || {
+                for bytes in queued {
+                    let current = target.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Some(boot) = current {
+                        (boot.serial_input)(&bytes);
+                    }
+                }
+            })?;
+        Ok(ControlHandle {
             identity,
             started: Instant::now(),
             serial,
-            boot: Mutex::new(None),
+            boot,
+            input,
+            dropped_input: AtomicU64::new(0),
             boots: AtomicU32::new(0),
             stop_requested: AtomicBool::new(false),
             reset_requested: AtomicBool::new(false),
-        }
+        })
     }
 
     /// Makes `boot` the target of actions. Returns false, and applies a pending stop to
@@ -207,8 +233,12 @@ impl VmHandle for ControlHandle {
 
     fn send_serial(&self, bytes: &[u8]) {
         self.serial.record_input(bytes.len());
-        if let Some(boot) = self.current() {
-            (boot.serial_input)(bytes);
+        if self.input.try_send(bytes.to_vec()).is_err() {
+            // Only a guest that stopped reading (or a paused VM) fills the queue, so
+            // the first loss is logged and later ones are only counted.
+            if self.dropped_input.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(vm = %self.identity.name, "serial input queue is full; dropping console input");
+            }
         }
     }
 }
@@ -224,7 +254,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 16,
         };
-        ControlHandle::new(identity, SerialHub::new(None).unwrap())
+        ControlHandle::new(identity, SerialHub::new(None).unwrap()).unwrap()
     }
 
     fn boot(received: Arc<AtomicUsize>) -> Boot {
@@ -256,6 +286,29 @@ mod tests {
         handle.action(VmAction::Resume).unwrap();
         assert_eq!(handle.info().state, VmState::Running);
         assert!(handle.action(VmAction::Resume).is_err());
+    }
+
+    #[test]
+    fn blocked_input_keeps_actions_working() {
+        let handle = handle();
+        let release = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let mut boot = boot(Arc::default());
+        let gate = release.clone();
+        boot.serial_input = Arc::new(move |_: &[u8]| {
+            let (open, wake) = &*gate;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                open = wake.wait(open).unwrap();
+            }
+        });
+        handle.attach(boot);
+
+        handle.send_serial(b"stuck");
+        handle.action(VmAction::Pause).unwrap();
+        handle.action(VmAction::Resume).unwrap();
+
+        *release.0.lock().unwrap() = true;
+        release.1.notify_all();
     }
 
     #[test]
@@ -347,6 +400,10 @@ mod tests {
 
         handle.send_serial(b"ls\n");
 
+        // Delivery happens on the input thread; a broken path fails by never arriving.
+        while received.load(Ordering::SeqCst) < 3 {
+            std::thread::yield_now();
+        }
         assert_eq!(received.load(Ordering::SeqCst), 3);
         assert_eq!(handle.metrics().serial.bytes_in, 3);
     }

@@ -6,9 +6,13 @@ use std::time::Duration;
 
 pub mod disk;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::api::VmAction;
+use crate::core::vm::builder::{build_vm, BuiltVm, GuestKind};
+use crate::core::vm::console::ConsoleInput;
+use crate::core::vm::{StopReason, VmExit};
 use crate::hypervisor::BackendChoice;
 use crate::utils::config::VmConfig;
 use crate::utils::logger;
@@ -358,15 +362,60 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 
 fn run(args: RunArgs) -> anyhow::Result<i32> {
     let config = args.vm.to_config()?;
-    anyhow::bail!(
-        "running VM {} is not implemented yet; the boot path is being built",
-        config.name
-    )
+    let BuiltVm {
+        mut vm,
+        serial,
+        backend,
+        guest,
+    } = build_vm(&config, Box::new(terminal::ConsoleOutput))?;
+
+    let raw_mode = terminal::RawModeGuard::enable(terminal::stdin_fd());
+    let guest_name = match &guest {
+        GuestKind::Embedded => "the embedded guest".to_string(),
+        GuestKind::Linux { version } => format!(
+            "Linux {}",
+            version.as_deref().unwrap_or("(unknown version)")
+        ),
+    };
+    tracing::info!(vm = %config.name, guest = %guest_name, backend = %backend.kind, "booting");
+    if raw_mode.is_some() {
+        eprint!(
+            "monstervm: booting {guest_name} on the {} backend; press Ctrl-] to quit\r\n",
+            backend.kind
+        );
+    }
+
+    let input = ConsoleInput::new(serial);
+    let input_control = vm.control().clone();
+    let quit_control = vm.control().clone();
+    terminal::spawn_stdin_reader(
+        raw_mode.is_some(),
+        move |bytes| {
+            input.send(bytes, &|| input_control.stop_reason().is_some());
+        },
+        move || quit_control.request_stop(StopReason::UserStop),
+    )?;
+
+    let result = vm.run();
+    drop(raw_mode);
+    let exit = result?;
+    let message = match exit {
+        VmExit::PowerOff => "the guest powered off",
+        VmExit::Reset => "the guest reset the machine",
+        VmExit::Halted => "the guest halted its CPU with interrupts disabled",
+        VmExit::UserStop => "stopped at the user's request",
+    };
+    eprintln!("monstervm: {message}");
+    Ok(EXIT_OK)
 }
 
 fn guest_fetch(args: GuestFetchArgs, format: OutputFormat) -> anyhow::Result<i32> {
+    // The fetch runs tools in other working directories, so relative paths must be
+    // resolved against this one first.
+    let dir = std::path::absolute(&args.dir)
+        .with_context(|| format!("invalid --dir {}", args.dir.display()))?;
     let options = crate::guest::FetchOptions {
-        dir: args.dir,
+        dir,
         debs: args.debs,
     };
     let guest = crate::guest::fetch_guest(&options, &mut |line| eprintln!("{line}"))?;

@@ -107,6 +107,23 @@ where
         .map(|_| ())
 }
 
+/// The guest's serial output on stdout, flushed at every write so that each character
+/// appears as the guest sends it.
+pub struct ConsoleOutput;
+
+impl std::io::Write for ConsoleOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(buf)?;
+        stdout.flush()?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().lock().flush()
+    }
+}
+
 /// Returns stdin's descriptor.
 pub fn stdin_fd() -> RawFd {
     std::io::stdin().as_raw_fd()

@@ -28,8 +28,8 @@ pub use probe::{probe_hardware_speed, KvmProbe, PROBE_INSTRUCTIONS, SOFTWARE_SPE
 pub use regs::STATE_MSRS;
 
 use super::{
-    BackendKind, CpuState, HypervisorError, HypervisorVm, IoHandler, IrqChip, PlatformDevice, Vcpu,
-    VcpuExit, VcpuKicker, VcpuStats,
+    BackendKind, CpuState, HypervisorError, HypervisorVm, IoHandler, IrqChip, PlatformDevices,
+    Vcpu, VcpuExit, VcpuKicker, VcpuStats,
 };
 use kick::{KickState, RunScope};
 
@@ -236,8 +236,8 @@ impl HypervisorVm for KvmVm {
         })
     }
 
-    fn platform_devices(&self) -> Vec<PlatformDevice> {
-        Vec::new()
+    fn platform_devices(&self) -> PlatformDevices {
+        PlatformDevices::default()
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>, HypervisorError> {

@@ -1,8 +1,9 @@
 //! Helpers shared by the integration tests that drive the real `monstervm` binary.
 //!
-//! The VMM processes these tests start build the lifecycle TEST DOUBLE VM (see
-//! `src/cli/vmm/test_double.rs`): its vCPUs idle until kicked and its serial port echoes
-//! input. Everything else, from the CLI to the VMM process and its API, is the product.
+//! Unless a test requests real VMs, the VMM processes these tests start build the
+//! lifecycle TEST DOUBLE VM (see `src/cli/vmm/test_double.rs`): its vCPUs idle until
+//! kicked and its serial port echoes input. Everything else, from the CLI to the VMM
+//! process and its API, is the product.
 
 #![allow(dead_code)]
 
@@ -28,9 +29,12 @@ fn become_subreaper() {
 /// A state directory in a temporary folder. Dropping it kills any VMM still running.
 pub struct StateDir {
     pub dir: tempfile::TempDir,
+    /// When false, VMMs build the test-double VM instead of booting the configured guest.
+    real_vms: bool,
 }
 
 impl StateDir {
+    /// Creates a state directory whose VMMs build the test-double VM.
     pub fn new() -> StateDir {
         become_subreaper();
         StateDir {
@@ -38,7 +42,15 @@ impl StateDir {
                 .prefix("mvm")
                 .tempdir()
                 .expect("create temporary state directory"),
+            real_vms: false,
         }
+    }
+
+    /// Creates a state directory whose VMMs boot the configured guest for real.
+    pub fn with_real_vms() -> StateDir {
+        let mut state = StateDir::new();
+        state.real_vms = true;
+        state
     }
 
     pub fn path(&self) -> &Path {
@@ -49,15 +61,20 @@ impl StateDir {
         self.path().join("vms").join(name)
     }
 
-    /// Returns `monstervm` with this state directory and the test-double VM selected.
+    /// Returns `monstervm` with this state directory, and the test-double VM selected unless
+    /// the directory was made by [`StateDir::with_real_vms`].
     pub fn command(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_monstervm"));
         command
             .env("MONSTERVM_STATE_DIR", self.path())
-            .env("MONSTERVM_TEST_DOUBLE_VM", "1")
             .env_remove("MONSTERVM_API_LISTEN")
             .env_remove("MONSTERVM_API_TOKEN")
             .env_remove("RUST_LOG");
+        if self.real_vms {
+            command.env_remove("MONSTERVM_TEST_DOUBLE_VM");
+        } else {
+            command.env("MONSTERVM_TEST_DOUBLE_VM", "1");
+        }
         command
     }
 

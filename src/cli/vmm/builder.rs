@@ -3,10 +3,10 @@
 
 use crate::api::control::{PowerButton, SerialInput, StatsReader};
 use crate::api::SerialSink;
-use crate::core::memory::MemoryError;
+use crate::core::vm::console::ConsoleInput;
 use crate::core::vm::Vm;
-use crate::hypervisor::HypervisorError;
 use crate::utils::config::VmConfig;
+use std::sync::Arc;
 
 /// A VM ready to run, with the hooks that the API needs while it runs.
 pub struct BuiltVm {
@@ -22,27 +22,27 @@ pub struct BuiltVm {
     pub power_button: Option<PowerButton>,
 }
 
-/// Errors raised while building a VM.
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error(
-        "VM {name} cannot boot: this build of monstervm has no boot path yet (backend, devices and guest loader)"
-    )]
-    BootPathMissing { name: String },
-    #[error(transparent)]
-    Memory(#[from] MemoryError),
-    #[error(transparent)]
-    Hypervisor(#[from] HypervisorError),
-}
+pub use crate::core::vm::builder::BuildError;
 
 /// Builds the VM that `config` describes, with `serial_out` as its serial port's output.
 ///
 /// The VMM calls this once per boot: at start and again after each API reset.
 pub fn build_vm(config: &VmConfig, serial_out: SerialSink) -> Result<BuiltVm, BuildError> {
-    // TODO: choose the backend, map guest memory, put the 16550 (writing to `serial_out`)
-    // and the other devices on the buses and load the guest, as `monstervm run` will.
-    let _ = serial_out;
-    Err(BuildError::BootPathMissing {
-        name: config.name.clone(),
+    let built = crate::core::vm::builder::build_vm(config, Box::new(serial_out))?;
+    let input = ConsoleInput::new(built.serial);
+    let control = built.vm.control().clone();
+    let serial_input: SerialInput = Arc::new(move |bytes: &[u8]| {
+        input.send(bytes, &|| control.stop_reason().is_some());
+    });
+    Ok(BuiltVm {
+        backend: built.backend.kind.to_string(),
+        vm: built.vm,
+        serial_input,
+        // NOTE: per-vCPU counters are read by the vCPU's owner only; the API reports
+        // them once the VM loop publishes them.
+        stats: None,
+        // NOTE: the machine has no ACPI power button yet, so an API stop ends the vCPUs
+        // without giving the guest a chance to shut down.
+        power_button: None,
     })
 }

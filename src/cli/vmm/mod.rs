@@ -133,7 +133,9 @@ fn serve(vm_dir: &VmDir, config: &VmConfig, tcp: Option<TcpApi>) -> anyhow::Resu
         vcpus: config.vcpus,
         memory_mib: config.memory_mib,
     };
-    let handle = Arc::new(ControlHandle::new(identity, hub));
+    let handle = Arc::new(
+        ControlHandle::new(identity, hub).context("failed to start the serial input thread")?,
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

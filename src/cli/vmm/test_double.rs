@@ -1,9 +1,10 @@
 //! TEST DOUBLE: a VM whose vCPUs run no guest code, for the lifecycle tests.
 //!
-//! No backend in this tree boots a guest yet, so the integration tests set
-//! [`TEST_DOUBLE_ENV`] and the VMM builds this VM instead of calling
-//! [`build_vm`](super::builder::build_vm). Everything else is real: the `Vm` run loop, its
-//! `VmControl` pause and stop handling, the serial fan-out, the API and the process model.
+//! Most lifecycle tests set [`TEST_DOUBLE_ENV`], and the VMM then builds this VM instead of
+//! calling [`build_vm`](super::builder::build_vm). A real guest would make them depend on
+//! its boot time, and the real machine has no power button yet. Everything else is real:
+//! the `Vm` run loop, its `VmControl` pause and stop handling, the serial fan-out, the API
+//! and the process model. One test in `tests/api.rs` boots the embedded guest instead.
 //!
 //! Each vCPU blocks in `run` until it is kicked, like a guest idling in HLT with interrupts
 //! enabled. The serial port prints a banner at boot and echoes its input, as a guest shell
@@ -21,8 +22,8 @@ use crate::core::devices::{PlatformControl, PlatformRequest};
 use crate::core::memory::create_guest_memory;
 use crate::core::vm::{Vm, VmControl, VmIo};
 use crate::hypervisor::{
-    BackendKind, CpuState, HypervisorError, HypervisorVm, IoHandler, IrqChip, PlatformDevice, Vcpu,
-    VcpuExit, VcpuKicker, VcpuStats,
+    BackendKind, CpuState, HypervisorError, HypervisorVm, IoHandler, IrqChip, PlatformDevices,
+    Vcpu, VcpuExit, VcpuKicker, VcpuStats,
 };
 use crate::utils::config::VmConfig;
 
@@ -56,8 +57,8 @@ impl HypervisorVm for IdleBackend {
         Arc::new(NoIrqChip)
     }
 
-    fn platform_devices(&self) -> Vec<PlatformDevice> {
-        Vec::new()
+    fn platform_devices(&self) -> PlatformDevices {
+        PlatformDevices::default()
     }
 
     fn create_vcpu(&self, _id: u32) -> Result<Box<dyn Vcpu>, HypervisorError> {

@@ -1,5 +1,7 @@
 //! One VM: guest memory, buses and devices, vCPUs, and the loop that runs them.
 
+pub mod builder;
+pub mod console;
 pub mod control;
 pub mod io;
 
@@ -166,6 +168,11 @@ fn run_vcpu(
         match vcpu.run(io)? {
             VcpuExit::Kicked => continue,
             VcpuExit::Halted => {
+                // A guest that powered off through a device usually halts right after;
+                // the request it made is the reason the VM ends.
+                if let Some(reason) = control.stop_reason() {
+                    return Ok(exit_for(reason));
+                }
                 tracing::info!(vcpu = id, "vCPU halted with interrupts disabled");
                 control.request_stop(StopReason::UserStop);
                 return Ok(VmExit::Halted);
