@@ -322,7 +322,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             lifecycle::create(&state, &config, format)
         }
         Command::Start(args) => {
-            // The VMM logs starts, stops and errors at info level unless told otherwise.
+            // The VMM logs starts, stops and errors at info level unless --log-level sets another.
             let log_level = if cli.log_level == "warn" {
                 "info".to_string()
             } else {
