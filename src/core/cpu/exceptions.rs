@@ -311,7 +311,7 @@ impl Cpu {
         let (low, high) = self.read_gate(bus, vector, source)?;
         let offset = (low & 0xffff) | ((low >> 32) & 0xffff_0000) | (high << 32);
         let selector = (low >> 16) as u16;
-        let ist = ((low >> 32) & 7) as u64;
+        let ist = (low >> 32) & 7;
         let (descriptor, new_cpl) = self.gate_code_segment(bus, selector, source)?;
         let old_cpl = self.cpl();
 
