@@ -80,6 +80,8 @@ impl Cpu {
         self.translate_slow(bus, linear, access, user)
     }
 
+    #[cold]
+    #[inline(never)]
     fn translate_slow(
         &mut self,
         bus: &mut dyn CpuBus,

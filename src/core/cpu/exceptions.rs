@@ -118,6 +118,7 @@ fn contributory(vector: u8) -> bool {
 impl Cpu {
     /// Delivers exception `exception` raised by the instruction at RIP, escalating to #DF
     /// and to a triple fault (returned as `Exit::Shutdown`) as the SDM's table 6-5 says.
+    #[cold]
     pub(crate) fn raise(&mut self, bus: &mut dyn CpuBus, exception: Exception) -> Result<(), Exit> {
         let mut current = exception;
         loop {
@@ -179,7 +180,7 @@ impl Cpu {
         self.halted = false;
         match self.mode() {
             Mode::Real => self.deliver_real(bus, vector, return_rip),
-            _ if self.flags & VM != 0 => Err(Exit::Error(CpuError::Unsupported {
+            _ if self.flags & VM != 0 => Err(Exit::unsupported(CpuError::Unsupported {
                 feature: "virtual-8086 mode",
                 rip: self.rip,
             })),
@@ -258,7 +259,7 @@ impl Cpu {
             return Err(Exception::np(idt_error).into());
         }
         if gate_type == 0x5 {
-            return Err(Exit::Error(CpuError::Unsupported {
+            return Err(Exit::unsupported(CpuError::Unsupported {
                 feature: "task gates",
                 rip: self.rip,
             }));
@@ -459,7 +460,7 @@ impl Cpu {
             return Ok(());
         }
         if self.flags & VM != 0 || (!self.long_mode() && self.flags & NT != 0) {
-            return Err(Exit::Error(CpuError::Unsupported {
+            return Err(Exit::unsupported(CpuError::Unsupported {
                 feature: "IRET to another task or from virtual-8086 mode",
                 rip: self.rip,
             }));
@@ -474,7 +475,7 @@ impl Cpu {
             popped
         };
         if !self.long_mode() && popped & VM != 0 && self.cpl() == 0 {
-            return Err(Exit::Error(CpuError::Unsupported {
+            return Err(Exit::unsupported(CpuError::Unsupported {
                 feature: "IRET to virtual-8086 mode",
                 rip: self.rip,
             }));

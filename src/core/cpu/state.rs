@@ -340,6 +340,16 @@ impl Cpu {
         self.rflags() & flag != 0
     }
 
+    /// Returns CF without evaluating the other lazy flags.
+    #[inline]
+    pub(crate) fn carry(&self) -> bool {
+        if self.lazy.op == FlagOp::Eager {
+            self.flags & flags::CF != 0
+        } else {
+            self.lazy.carry()
+        }
+    }
+
     /// Sets or clears arithmetic flag `flag`, evaluating the lazy flags first.
     #[inline]
     pub(crate) fn set_flag(&mut self, flag: u64, on: bool) {
