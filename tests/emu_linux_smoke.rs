@@ -86,39 +86,69 @@ fn load(memory: &GuestMemoryMmap, image: &[u8]) -> CpuState {
         n => u64::from(n),
     };
     let kernel_offset = ((setup_sectors + 1) * 512) as usize;
-    memory.write_slice(&image[kernel_offset..], GuestAddress(KERNEL)).unwrap();
+    memory
+        .write_slice(&image[kernel_offset..], GuestAddress(KERNEL))
+        .unwrap();
 
     let header_end = 0x202 + image[0x201] as usize;
-    memory.write_slice(&[0u8; 4096], GuestAddress(ZERO_PAGE)).unwrap();
-    memory.write_slice(&image[0x1f1..header_end], GuestAddress(ZERO_PAGE + 0x1f1)).unwrap();
-    memory.write_obj(0xffu8, GuestAddress(ZERO_PAGE + 0x210)).unwrap(); // type_of_loader
+    memory
+        .write_slice(&[0u8; 4096], GuestAddress(ZERO_PAGE))
+        .unwrap();
+    memory
+        .write_slice(&image[0x1f1..header_end], GuestAddress(ZERO_PAGE + 0x1f1))
+        .unwrap();
+    memory
+        .write_obj(0xffu8, GuestAddress(ZERO_PAGE + 0x210))
+        .unwrap(); // type_of_loader
     let loadflags: u8 = memory.read_obj(GuestAddress(ZERO_PAGE + 0x211)).unwrap();
-    memory.write_obj(loadflags | 1, GuestAddress(ZERO_PAGE + 0x211)).unwrap();
-    memory.write_obj(COMMAND_LINE as u32, GuestAddress(ZERO_PAGE + 0x228)).unwrap();
+    memory
+        .write_obj(loadflags | 1, GuestAddress(ZERO_PAGE + 0x211))
+        .unwrap();
+    memory
+        .write_obj(COMMAND_LINE as u32, GuestAddress(ZERO_PAGE + 0x228))
+        .unwrap();
     let mut command = COMMAND.as_bytes().to_vec();
     command.push(0);
-    memory.write_slice(&command, GuestAddress(COMMAND_LINE)).unwrap();
+    memory
+        .write_slice(&command, GuestAddress(COMMAND_LINE))
+        .unwrap();
     // e820: low RAM below the EBDA, and RAM from 1 MiB.
-    for (i, (addr, size)) in [(0u64, 0x9fc00u64), (0x100000, RAM - 0x100000)].into_iter().enumerate() {
+    for (i, (addr, size)) in [(0u64, 0x9fc00u64), (0x100000, RAM - 0x100000)]
+        .into_iter()
+        .enumerate()
+    {
         let entry = ZERO_PAGE + 0x2d0 + i as u64 * 20;
         memory.write_obj(addr, GuestAddress(entry)).unwrap();
         memory.write_obj(size, GuestAddress(entry + 8)).unwrap();
         memory.write_obj(1u32, GuestAddress(entry + 16)).unwrap();
     }
-    memory.write_obj(2u8, GuestAddress(ZERO_PAGE + 0x1e8)).unwrap();
+    memory
+        .write_obj(2u8, GuestAddress(ZERO_PAGE + 0x1e8))
+        .unwrap();
 
     // Identity map of 4 GiB with 2 MiB pages: PML4, one PDPT, four PDs.
-    memory.write_obj(PML4 + 0x1000 + 3, GuestAddress(PML4)).unwrap();
+    memory
+        .write_obj(PML4 + 0x1000 + 3, GuestAddress(PML4))
+        .unwrap();
     for pd in 0..4u64 {
         let table = PML4 + 0x2000 + pd * 0x1000;
-        memory.write_obj(table | 3, GuestAddress(PML4 + 0x1000 + pd * 8)).unwrap();
+        memory
+            .write_obj(table | 3, GuestAddress(PML4 + 0x1000 + pd * 8))
+            .unwrap();
         for i in 0..512u64 {
             let phys = (pd << 30) | (i << 21);
-            memory.write_obj(phys | 0x83, GuestAddress(table + i * 8)).unwrap();
+            memory
+                .write_obj(phys | 0x83, GuestAddress(table + i * 8))
+                .unwrap();
         }
     }
-    for (i, entry) in [0u64, 0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff].iter().enumerate() {
-        memory.write_obj(*entry, GuestAddress(GDT + i as u64 * 8)).unwrap();
+    for (i, entry) in [0u64, 0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff]
+        .iter()
+        .enumerate()
+    {
+        memory
+            .write_obj(*entry, GuestAddress(GDT + i as u64 * 8))
+            .unwrap();
     }
 
     let mut state = CpuState::default();
@@ -127,12 +157,29 @@ fn load(memory: &GuestMemoryMmap, image: &[u8]) -> CpuState {
     state.gprs[4] = 0x8ff0;
     state.rflags = 2;
     state.cs = flat(0x10, true);
-    for seg in [&mut state.ds, &mut state.es, &mut state.ss, &mut state.fs, &mut state.gs] {
+    for seg in [
+        &mut state.ds,
+        &mut state.es,
+        &mut state.ss,
+        &mut state.fs,
+        &mut state.gs,
+    ] {
         *seg = flat(0x18, false);
     }
-    state.tr = Segment { type_: 11, present: true, limit: 0x67, ..Segment::default() };
-    state.ldt = Segment { unusable: true, ..Segment::default() };
-    state.gdt = DescriptorTable { base: GDT, limit: 31 };
+    state.tr = Segment {
+        type_: 11,
+        present: true,
+        limit: 0x67,
+        ..Segment::default()
+    };
+    state.ldt = Segment {
+        unusable: true,
+        ..Segment::default()
+    };
+    state.gdt = DescriptorTable {
+        base: GDT,
+        limit: 31,
+    };
     state.idt = DescriptorTable { base: 0, limit: 0 };
     state.cr0 = 0x8000_0031;
     state.cr3 = PML4;
@@ -158,9 +205,19 @@ fn boot_linux_to_first_timer_wait() {
     let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
     let state = load(&memory, &image);
     let watch = Arc::new(CodeWatch::new(&memory));
-    let mut cpu = Cpu::new(CpuConfig { apic: false, ..CpuConfig::default() }, watch);
+    let mut cpu = Cpu::new(
+        CpuConfig {
+            apic: false,
+            ..CpuConfig::default()
+        },
+        watch,
+    );
     cpu.set_state(&state);
-    let mut bus = SerialBus { memory, started: Instant::now(), output: Vec::new() };
+    let mut bus = SerialBus {
+        memory,
+        started: Instant::now(),
+        output: Vec::new(),
+    };
 
     let started = Instant::now();
     let outcome = loop {
@@ -171,11 +228,18 @@ fn boot_linux_to_first_timer_wait() {
     };
     let seconds = started.elapsed().as_secs_f64();
     println!(
-        "\n--- {outcome:?} after {} instructions in {seconds:.1} s ({:.1} MIPS)\n{}",
+        "\n--- {outcome:?} after {} instructions in {seconds:.1} s ({:.1} MIPS, {} decodes)\n{}",
         cpu.instructions(),
         cpu.instructions() as f64 / seconds / 1e6,
+        cpu.decode_cache_misses(),
         cpu.state()
     );
-    assert!(outcome.is_ok(), "the emulator stopped on an unsupported feature");
-    assert!(!bus.output.is_empty(), "the kernel printed nothing on the serial port");
+    assert!(
+        outcome.is_ok(),
+        "the emulator stopped on an unsupported feature"
+    );
+    assert!(
+        !bus.output.is_empty(),
+        "the kernel printed nothing on the serial port"
+    );
 }

@@ -75,7 +75,7 @@ impl CodeWatch {
 }
 
 /// Number of cache entries; a power of two.
-const CACHE_SIZE: usize = 8192;
+const CACHE_SIZE: usize = 32768;
 
 #[derive(Clone, Copy)]
 struct Entry {

@@ -265,6 +265,11 @@ impl Cpu {
         self.instructions
     }
 
+    /// Returns how many instruction fetches missed the decode cache and ran the decoder.
+    pub fn decode_cache_misses(&self) -> u64 {
+        self.decode_cache.misses
+    }
+
     /// Returns the handle through which DMA and other CPUs invalidate decoded code.
     pub fn code_watch(&self) -> &Arc<CodeWatch> {
         &self.code_watch

@@ -312,6 +312,7 @@ pub(crate) fn handler(insn: &Instruction) -> Handler {
         }
         M::Bswap => |cpu, _bus, insn| cpu.exec_bswap(insn),
 
+        M::Mov if !moves_special_register(insn) => |cpu, bus, insn| cpu.exec_plain_move(bus, insn),
         M::Mov | M::Movzx | M::Movsx | M::Movsxd | M::Lea | M::Xchg | M::Movnti | M::Xlatb => {
             |cpu, bus, insn| cpu.exec_move(bus, insn)
         }
@@ -482,6 +483,15 @@ pub(crate) fn handler(insn: &Instruction) -> Handler {
             Err(Exception::ud().into())
         },
     }
+}
+
+/// Returns whether a MOV reads or writes a segment, control or debug register.
+fn moves_special_register(insn: &Instruction) -> bool {
+    (0..2).any(|n| {
+        let register = insn.op_register(n);
+        insn.op_kind(n) == OpKind::Register
+            && (register.is_segment_register() || register.is_cr() || register.is_dr())
+    })
 }
 
 /// Returns whether a string mnemonic is the string instruction, not an SSE homonym
