@@ -151,41 +151,43 @@ fn load(memory: &GuestMemoryMmap, image: &[u8]) -> CpuState {
             .unwrap();
     }
 
-    let mut state = CpuState::default();
-    state.rip = KERNEL + 0x200;
-    state.gprs[6] = ZERO_PAGE;
-    state.gprs[4] = 0x8ff0;
-    state.rflags = 2;
-    state.cs = flat(0x10, true);
-    for seg in [
-        &mut state.ds,
-        &mut state.es,
-        &mut state.ss,
-        &mut state.fs,
-        &mut state.gs,
-    ] {
-        *seg = flat(0x18, false);
-    }
-    state.tr = Segment {
-        type_: 11,
-        present: true,
-        limit: 0x67,
-        ..Segment::default()
+    let mut gprs = [0u64; 16];
+    gprs[6] = ZERO_PAGE; // RSI: the zero page
+    gprs[4] = 0x8ff0; // RSP
+    let data = flat(0x18, false);
+    let mut state = CpuState {
+        gprs,
+        rip: KERNEL + 0x200,
+        rflags: 2,
+        cs: flat(0x10, true),
+        ds: data,
+        es: data,
+        ss: data,
+        fs: data,
+        gs: data,
+        tr: Segment {
+            type_: 11,
+            present: true,
+            limit: 0x67,
+            ..Segment::default()
+        },
+        ldt: Segment {
+            unusable: true,
+            ..Segment::default()
+        },
+        gdt: DescriptorTable {
+            base: GDT,
+            limit: 31,
+        },
+        idt: DescriptorTable { base: 0, limit: 0 },
+        // PG, NE, ET, PE; PAE; LMA and LME.
+        cr0: 0x8000_0031,
+        cr3: PML4,
+        cr4: 0x20,
+        efer: 0x500,
+        mxcsr: 0x1f80,
+        ..CpuState::default()
     };
-    state.ldt = Segment {
-        unusable: true,
-        ..Segment::default()
-    };
-    state.gdt = DescriptorTable {
-        base: GDT,
-        limit: 31,
-    };
-    state.idt = DescriptorTable { base: 0, limit: 0 };
-    state.cr0 = 0x8000_0031;
-    state.cr3 = PML4;
-    state.cr4 = 0x20;
-    state.efer = 0x500;
-    state.mxcsr = 0x1f80;
     state.fpu.fcw = 0x37f;
     state
 }
