@@ -1,11 +1,11 @@
-//! Boots a Linux bzImage on the emulator CPU alone, with only a serial port, and prints
-//! what the kernel writes to it. A manual smoke test for the CPU core: it finds missing
-//! instructions and mode bugs before the full emulator backend exists.
+//! Boots a Linux bzImage on the emulator CPU with a minimal UART, PIC and timer, and
+//! prints what the kernel writes to the serial port. This manual smoke test for the CPU
+//! core finds missing instructions and mode bugs before the emulator backend exists.
 //!
 //! Run with `MONSTERVM_SMOKE_KERNEL=/path/to/vmlinuz cargo test --release --test
 //! emu_linux_smoke -- --ignored --nocapture`. `MONSTERVM_SMOKE_INSTRUCTIONS` caps the
-//! instructions run (default 2e9). Without a timer or interrupt controller the kernel
-//! stops making progress once it waits for timer interrupts.
+//! instructions run (default 2e9). `MONSTERVM_SMOKE_INITRD` names an initramfs (for
+//! example a static BusyBox with an `/init` script) to load at the top of RAM.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -24,28 +24,133 @@ const KERNEL: u64 = 0x100000;
 const COMMAND: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr noapic nolapic \
                        tsc=reliable lpj=1000000 cryptomgr.notests panic=-1 reboot=k";
 
-/// A machine with RAM and a write-only 16550 transmitter at 0x3f8.
-struct SerialBus {
+/// Vector base that the kernel programs into the master 8259 when none is set yet.
+const DEFAULT_VECTOR_BASE: u8 = 0x30;
+/// Wall-clock nanoseconds between two timer interrupts (IRQ 0).
+const TIMER_PERIOD_NS: u64 = 1_000_000;
+
+/// A machine with RAM, a 16550 UART at 0x3f8 on IRQ 4, a master 8259 PIC and a timer
+/// that raises IRQ 0 every millisecond. Just enough of each for Linux's drivers.
+struct SmokeBus {
     memory: GuestMemoryMmap,
     started: Instant,
     output: Vec<u8>,
+    /// PIC: interrupt mask register, vector base (ICW2) and initialization step.
+    pic_mask: u8,
+    pic_base: u8,
+    pic_init_step: u8,
+    /// Pending edge-triggered timer interrupt and when the next one is due.
+    timer_pending: bool,
+    next_tick_ns: u64,
+    /// Interrupt checks since the last clock read; the clock is read every 4096.
+    checks: std::cell::Cell<u32>,
+    /// UART registers: interrupt enable, line control, modem control, scratch.
+    ier: u8,
+    lcr: u8,
+    mcr: u8,
+    scratch: u8,
+    /// The UART's "transmitter empty" interrupt is raised until IIR reports it.
+    thre_pending: bool,
 }
 
-impl CpuBus for SerialBus {
+impl SmokeBus {
+    fn new(memory: GuestMemoryMmap) -> Self {
+        SmokeBus {
+            memory,
+            started: Instant::now(),
+            output: Vec::new(),
+            pic_mask: 0xff,
+            pic_base: DEFAULT_VECTOR_BASE,
+            pic_init_step: 0,
+            timer_pending: false,
+            next_tick_ns: TIMER_PERIOD_NS,
+            checks: std::cell::Cell::new(0),
+            ier: 0,
+            lcr: 0,
+            mcr: 0,
+            scratch: 0,
+            thre_pending: false,
+        }
+    }
+
+    /// Returns the pending, unmasked IRQ of highest priority.
+    fn pending_irq(&self) -> Option<u8> {
+        let serial = self.ier & 0x02 != 0 && self.thre_pending;
+        [(0, self.timer_pending), (4, serial)]
+            .into_iter()
+            .find(|&(irq, pending)| pending && self.pic_mask & (1 << irq) == 0)
+            .map(|(irq, _)| irq)
+    }
+
+    fn modem_status(&self) -> u8 {
+        if self.mcr & 0x10 == 0 {
+            return 0xb0; // CTS, DSR and DCD
+        }
+        // Loopback: RTS to CTS, DTR to DSR, OUT1 to RI, OUT2 to DCD.
+        ((self.mcr & 0x02) << 3) | ((self.mcr & 0x01) << 5) | ((self.mcr & 0x0c) << 4)
+    }
+}
+
+impl CpuBus for SmokeBus {
     fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
     }
     fn pio_read(&mut self, port: u16, data: &mut [u8]) {
-        // Line status: transmitter empty; everything else reads as all ones.
-        let value = if port == 0x3fd { 0x60 } else { 0xff };
-        data.fill(value);
+        let dlab = self.lcr & 0x80 != 0;
+        let value = match port {
+            0x21 => self.pic_mask,
+            0x20 => 0,
+            0x3f8 if !dlab => 0,
+            0x3f9 if !dlab => self.ier,
+            0x3fa => {
+                if self.ier & 0x02 != 0 && self.thre_pending {
+                    self.thre_pending = false;
+                    0x02
+                } else {
+                    0x01
+                }
+            }
+            0x3fb => self.lcr,
+            0x3fc => self.mcr,
+            0x3fd => 0x60,
+            0x3fe => self.modem_status(),
+            0x3ff => self.scratch,
+            _ => 0xff,
+        };
+        data.fill(0);
+        data[0] = value;
     }
     fn pio_write(&mut self, port: u16, data: &[u8]) {
-        if port == 0x3f8 {
-            self.output.push(data[0]);
-            let mut stdout = std::io::stdout();
-            let _ = stdout.write_all(&data[..1]);
-            let _ = stdout.flush();
+        let value = data[0];
+        let dlab = self.lcr & 0x80 != 0;
+        match port {
+            0x20 if value & 0x10 != 0 => self.pic_init_step = 1,
+            0x21 => match self.pic_init_step {
+                1 => {
+                    self.pic_base = value & 0xf8;
+                    self.pic_init_step = 2;
+                }
+                2 => self.pic_init_step = 3,
+                3 => self.pic_init_step = 0,
+                _ => self.pic_mask = value,
+            },
+            0x3f8 if !dlab => {
+                if self.mcr & 0x10 == 0 {
+                    self.output.push(value);
+                    let mut stdout = std::io::stdout();
+                    let _ = stdout.write_all(&[value]);
+                    let _ = stdout.flush();
+                }
+                self.thre_pending = true;
+            }
+            0x3f9 if !dlab => {
+                self.ier = value & 0x0f;
+                self.thre_pending = true;
+            }
+            0x3fb => self.lcr = value,
+            0x3fc => self.mcr = value & 0x1f,
+            0x3ff => self.scratch = value,
+            _ => {}
         }
     }
     fn mmio_read(&mut self, _addr: u64, data: &mut [u8]) {
@@ -56,10 +161,24 @@ impl CpuBus for SerialBus {
         self.started.elapsed().as_nanos() as u64
     }
     fn interrupt_pending(&self) -> bool {
-        false
+        let checks = self.checks.get().wrapping_add(1);
+        self.checks.set(checks);
+        if checks % 4096 == 0 && self.started.elapsed().as_nanos() as u64 >= self.next_tick_ns {
+            return true;
+        }
+        self.pending_irq().is_some()
     }
     fn acknowledge_interrupt(&mut self) -> Option<u8> {
-        None
+        let now = self.started.elapsed().as_nanos() as u64;
+        if now >= self.next_tick_ns {
+            self.timer_pending = true;
+            self.next_tick_ns = now + TIMER_PERIOD_NS;
+        }
+        let irq = self.pending_irq()?;
+        if irq == 0 {
+            self.timer_pending = false;
+        }
+        Some(self.pic_base + irq)
     }
 }
 
@@ -80,7 +199,7 @@ fn flat(selector: u16, code: bool) -> Segment {
 }
 
 /// Loads a bzImage for the 64-bit boot protocol and returns the entry state.
-fn load(memory: &GuestMemoryMmap, image: &[u8]) -> CpuState {
+fn load(memory: &GuestMemoryMmap, image: &[u8], initrd: Option<&[u8]>) -> CpuState {
     let setup_sectors = match image[0x1f1] {
         0 => 4,
         n => u64::from(n),
@@ -125,6 +244,17 @@ fn load(memory: &GuestMemoryMmap, image: &[u8]) -> CpuState {
     memory
         .write_obj(2u8, GuestAddress(ZERO_PAGE + 0x1e8))
         .unwrap();
+    if let Some(initrd) = initrd {
+        // At the top of RAM, clear of the area where the decompressor relocates itself.
+        let address = (RAM - initrd.len() as u64) & !0xf_ffff;
+        memory.write_slice(initrd, GuestAddress(address)).unwrap();
+        memory
+            .write_obj(address as u32, GuestAddress(ZERO_PAGE + 0x218))
+            .unwrap();
+        memory
+            .write_obj(initrd.len() as u32, GuestAddress(ZERO_PAGE + 0x21c))
+            .unwrap();
+    }
 
     // Identity map of 4 GiB with 2 MiB pages: PML4, one PDPT, four PDs.
     memory
@@ -205,7 +335,10 @@ fn boot_linux_to_first_timer_wait() {
         .map_or(2_000_000_000, |v| v as u64);
     let image = std::fs::read(&path).expect("read the kernel image");
     let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
-    let state = load(&memory, &image);
+    let initrd = std::env::var("MONSTERVM_SMOKE_INITRD")
+        .ok()
+        .map(|path| std::fs::read(path).expect("read the initramfs"));
+    let state = load(&memory, &image, initrd.as_deref());
     let watch = Arc::new(CodeWatch::new(&memory));
     let mut cpu = Cpu::new(
         CpuConfig {
@@ -215,16 +348,18 @@ fn boot_linux_to_first_timer_wait() {
         watch,
     );
     cpu.set_state(&state);
-    let mut bus = SerialBus {
-        memory,
-        started: Instant::now(),
-        output: Vec::new(),
-    };
+    let mut bus = SmokeBus::new(memory);
 
     let started = Instant::now();
     let outcome = loop {
         match cpu.run(&mut bus, 10_000_000) {
             Ok(CpuEvent::BudgetExhausted) if cpu.instructions() < limit => continue,
+            // HLT with interrupts enabled: idle until the next timer tick is due.
+            Ok(CpuEvent::Halted) if cpu.rflags() & 0x200 != 0 && cpu.instructions() < limit => {
+                std::thread::sleep(std::time::Duration::from_micros(100));
+                bus.checks.set(4095);
+                continue;
+            }
             other => break other,
         }
     };
