@@ -4,8 +4,10 @@
 //!
 //! Run with `MONSTERVM_SMOKE_KERNEL=/path/to/vmlinuz cargo test --release --test
 //! emu_linux_smoke -- --ignored --nocapture`. `MONSTERVM_SMOKE_INSTRUCTIONS` caps the
-//! instructions run (default 2e9). `MONSTERVM_SMOKE_INITRD` names an initramfs (for
-//! example a static BusyBox with an `/init` script) to load at the top of RAM.
+//! instructions run (default 2e9). `MONSTERVM_SMOKE_SECONDS` ends the run once the guest
+//! idles in HLT after that many seconds of wall time (default 300).
+//! `MONSTERVM_SMOKE_INITRD` names an initramfs (for example a static BusyBox with an
+//! `/init` script) to load at the top of RAM.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -333,6 +335,10 @@ fn boot_linux_to_first_timer_wait() {
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
         .map_or(2_000_000_000, |v| v as u64);
+    let max_seconds: u64 = std::env::var("MONSTERVM_SMOKE_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
     let image = std::fs::read(&path).expect("read the kernel image");
     let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
     let initrd = std::env::var("MONSTERVM_SMOKE_INITRD")
@@ -355,7 +361,11 @@ fn boot_linux_to_first_timer_wait() {
         match cpu.run(&mut bus, 10_000_000) {
             Ok(CpuEvent::BudgetExhausted) if cpu.instructions() < limit => continue,
             // HLT with interrupts enabled: idle until the next timer tick is due.
-            Ok(CpuEvent::Halted) if cpu.rflags() & 0x200 != 0 && cpu.instructions() < limit => {
+            Ok(CpuEvent::Halted)
+                if cpu.rflags() & 0x200 != 0
+                    && cpu.instructions() < limit
+                    && started.elapsed().as_secs() < max_seconds =>
+            {
                 std::thread::sleep(std::time::Duration::from_micros(100));
                 bus.checks.set(4095);
                 continue;

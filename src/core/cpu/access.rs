@@ -12,7 +12,7 @@ use super::msr::is_canonical;
 use super::state::{Cpu, Mode, CR0_PG, EFER_NXE, FS, GS, SS};
 use super::Exit;
 
-/// Who performs an access, for the user/supervisor page check.
+/// Privilege of a memory access, for the user/supervisor page check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Privilege {
     /// The current privilege level decides (CPL 3 is user).

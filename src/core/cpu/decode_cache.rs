@@ -1,9 +1,9 @@
 //! Decoded-instruction cache, keyed by guest-physical address, and the per-page write
 //! generations that invalidate it.
 //!
-//! Every 4 KiB page of guest RAM has a 32-bit stamp in [`CodeWatch`]. Bit 0 says that
-//! some CPU decoded code from the page; the other bits count writes made while bit 0 was
-//! set. A cached instruction remembers the stamp it was decoded under and is used only
+//! Every 4 KiB page of guest RAM has a 32-bit stamp in [`CodeWatch`]. Bit 0 is set once
+//! some CPU decoded code from the page, and the other bits count writes made while bit 0
+//! was set. A cached instruction remembers the stamp it was decoded under and is used only
 //! while the stamp is unchanged, so a write to a code page (by the CPU's own stores, by
 //! another CPU or by device DMA through [`CodeWatch::invalidate`]) retires every cached
 //! instruction of that page at the cost of one atomic load per store.

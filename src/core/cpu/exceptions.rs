@@ -49,7 +49,7 @@ pub struct Exception {
 }
 
 impl Exception {
-    /// An exception without error code.
+    /// Creates an exception without an error code.
     pub const fn new(vector: u8) -> Self {
         Exception {
             vector,
@@ -116,8 +116,11 @@ fn contributory(vector: u8) -> bool {
 }
 
 impl Cpu {
-    /// Delivers exception `exception` raised by the instruction at RIP, escalating to #DF
-    /// and to a triple fault (returned as `Exit::Shutdown`) as the SDM's table 6-5 says.
+    /// Delivers exception `exception` raised by the instruction at RIP.
+    ///
+    /// A contributory fault (#DE, #TS, #NP, #SS, #GP) while delivering another, or a #PF
+    /// or contributory fault while delivering a #PF, becomes #DF. Any fault while
+    /// delivering #DF is a triple fault, returned as `Exit::Shutdown`.
     #[cold]
     pub(crate) fn raise(&mut self, bus: &mut dyn CpuBus, exception: Exception) -> Result<(), Exit> {
         let mut current = exception;

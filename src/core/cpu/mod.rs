@@ -58,7 +58,7 @@ pub enum CpuError {
     Unsupported { feature: &'static str, rip: u64 },
 }
 
-/// How an instruction ended other than normally.
+/// Abnormal end of an instruction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Exit {
     /// The instruction faulted: deliver the exception with RIP at the instruction.
@@ -88,8 +88,8 @@ impl Cpu {
     /// Runs at most `max_instructions` instructions, taking interrupts from `bus` at
     /// instruction boundaries.
     ///
-    /// Guest exceptions are delivered to the guest; the `Err` case is only for features
-    /// the emulator lacks, and leaves RIP at the instruction that needed them.
+    /// Guest exceptions are delivered to the guest. `Err` is returned only for features
+    /// that the emulator lacks, with RIP left at the instruction that needs them.
     pub fn run(
         &mut self,
         bus: &mut dyn CpuBus,

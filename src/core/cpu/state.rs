@@ -118,9 +118,10 @@ pub struct CpuConfig {
     pub apic_id: u8,
     /// Whether the platform has a local APIC at `IA32_APIC_BASE`: sets the CPUID APIC bit.
     pub apic: bool,
-    /// Time stamp counter frequency in Hz, reported in CPUID leaves 0x15, 0x16 and
-    /// 0x40000010. Linux 6.1 also takes it as the local APIC timer frequency when leaf 0x15
-    /// is present, so the LAPIC timer must count at this rate.
+    /// Time stamp counter frequency in Hz (at most 2^32 - 1), reported in CPUID leaves
+    /// 0x15, 0x16 and 0x40000010. Linux also takes the leaf 0x15 crystal frequency as the
+    /// local APIC timer frequency (`native_calibrate_tsc` in arch/x86/kernel/tsc.c), so
+    /// the LAPIC timer must count at this rate.
     pub tsc_hz: u64,
 }
 
@@ -198,8 +199,8 @@ impl Cpu {
     /// Creates a CPU in the state after RESET: real mode at F000:FFF0 with CS base
     /// 0xFFFF0000.
     ///
-    /// `code_watch` covers the guest RAM that this CPU executes from; share one between
-    /// all CPUs and DMA-capable devices of a VM so that every write to code reaches every
+    /// `code_watch` covers the guest RAM that this CPU executes from. Share one between
+    /// all CPUs and DMA-capable devices of a VM, so that every write to code reaches every
     /// decoded-instruction cache.
     pub fn new(config: CpuConfig, code_watch: Arc<CodeWatch>) -> Self {
         let mut cs = real_mode_segment(0xf000, true);

@@ -20,8 +20,8 @@ use super::Exit;
 /// Result of executing one instruction.
 pub(crate) type Exec = Result<(), Exit>;
 
-/// Where a general-purpose register lives: GPR index, bit offset (8 for AH-BH) and
-/// size in bytes; size 0 for registers that are not GPRs.
+/// Location of a general-purpose register: GPR index, bit offset (8 for AH-BH) and
+/// size in bytes. The size is 0 for registers that are not GPRs.
 #[derive(Clone, Copy)]
 struct RegisterInfo {
     index: u8,

@@ -136,7 +136,7 @@ irq:
 }
 
 #[test]
-fn page_fault_with_missing_handler_double_faults_on_ist() {
+fn double_fault_runs_on_ist() {
     let mut m = Machine::long_mode("start:\n mov rax, [abs 0x1f0000]\n hlt\n");
     m.set_pte(0x1f_0000, 0);
     // #PF gate not present: the #NP during #PF delivery escalates to #DF.

@@ -1,9 +1,9 @@
 //! Tests that run NASM-assembled guest code on a `Cpu` over a small guest RAM.
 //!
-//! `Machine::long_mode` prepends [`PRELUDE`] to the test's source: a jump to `start`,
-//! a table of exception handlers at `ORG + 8` that the harness installs in the IDT, and
-//! a common handler that records the vector, error code, CR2 and faulting RIP at
-//! [`RESULTS`] and halts.
+//! `Machine::long_mode` prepends [`PRELUDE`] to the test's source. The prelude jumps to
+//! `start` and holds a table of exception handlers at `ORG + 8`, which the harness
+//! installs in the IDT. Their common handler records the vector, error code, CR2 and
+//! faulting RIP at [`RESULTS`] and halts.
 
 mod alu;
 mod decode;
