@@ -133,6 +133,9 @@ pub fn walk(
     let (mut table, levels, wide) = match mode {
         PagingMode::Disabled => return Ok(t),
         PagingMode::Legacy => (regs.cr3 & 0xffff_f000, 2usize, false),
+        // NOTE: hardware loads the four PAE PDPTEs when CR3 is written; this walk reads
+        // them from memory every time, so a guest that edits them without reloading CR3
+        // sees the change earlier than on hardware.
         PagingMode::Pae => (regs.cr3 & 0xffff_ffe0, 3, true),
         PagingMode::FourLevel => {
             if !super::msr::is_canonical(linear) {
