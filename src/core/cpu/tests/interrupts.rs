@@ -210,3 +210,50 @@ divide_error:
     );
     assert_eq!(m.cpu.gpr[4] & 0xffff, 0x7000 - 6);
 }
+
+#[test]
+fn trap_flag_single_steps_one_instruction() {
+    let body = r#"
+start:
+    SET_GATE 1, debug_handler
+    pushfq
+    or qword [rsp], 0x100
+    popfq
+    mov eax, 1
+    mov eax, 2
+    hlt
+debug_handler:
+    mov [abs 0x91000], rax
+    mov rbx, [rsp]
+    hlt
+"#;
+    let m = run_long(body);
+    // POPF sets TF; the trap comes after the first instruction that runs with TF set.
+    assert_eq!(m.read_u64(0x91000), 1);
+    assert_ne!(m.cpu.dr[6] & (1 << 14), 0, "DR6.BS");
+    assert_eq!(m.cpu.rflags() & 0x100, 0, "the handler runs with TF clear");
+}
+
+#[test]
+fn user_mode_out_without_iopl_faults() {
+    let body = r#"
+start:
+    push 0x2b
+    push 0x50000
+    push 0x2
+    push 0x33
+    lea rax, [rel user]
+    push rax
+    iretq
+user:
+    mov al, 1
+    out 0x80, al
+    hlt
+"#;
+    let mut m = Machine::long_mode(body);
+    // The I/O bitmap offset points past the TSS limit: every port is denied.
+    m.write_u64(super::TSS + 0x60, 0x0068_0000_0000_0000);
+    assert_eq!(m.run(10_000), CpuEvent::Halted);
+    assert_eq!(m.vector(), u64::from(GP));
+    assert!(m.bus.port_writes.is_empty());
+}

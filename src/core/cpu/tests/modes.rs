@@ -131,3 +131,63 @@ idt:
         "#GP at the MOV FS after UD2 and MOV AX"
     );
 }
+
+#[test]
+fn compatibility_mode_round_trip() {
+    // From 64-bit code, RETFQ to the 32-bit code segment 0x08, run 32-bit code there,
+    // then far-jump back to the 64-bit segment 0x10.
+    let body = r#"
+start:
+    push 0x08
+    lea rax, [rel compat]
+    push rax
+    o64 retf
+bits 32
+compat:
+    mov eax, 0x12345678
+    push eax
+    pop ebx
+    mov [0x91000], ebx
+    jmp 0x10:back
+bits 64
+back:
+    hlt
+"#;
+    let mut m = Machine::long_mode(body);
+    assert_eq!(m.run(1000), CpuEvent::Halted);
+    assert_eq!(m.exception_count(), 0);
+    assert_eq!(m.read_u64(0x91000), 0x1234_5678);
+    assert_eq!(m.cpu.mode(), Mode::Long64);
+    assert_eq!(m.cpu.seg[crate::core::cpu::state::CS].selector, 0x10);
+}
+
+#[test]
+fn legacy_paging_with_4m_pages() {
+    let source = format!(
+        "{TO_PROTECTED}{}",
+        r#"
+    ; Page directory at 0x20000: PDE 0 maps 0-4 MiB, PDE 1 maps 4-8 MiB to 0-4 MiB.
+    mov edi, 0x20000
+    xor eax, eax
+    mov ecx, 1024
+    rep stosd
+    mov dword [0x20000], 0x83
+    mov dword [0x20004], 0x83
+    mov dword [0x3000], 0xcafe
+    mov eax, 0x20000
+    mov cr3, eax
+    mov eax, cr4
+    or eax, 0x10               ; PSE
+    mov cr4, eax
+    mov eax, cr0
+    or eax, 0x80000000
+    mov cr0, eax
+    mov ebx, [0x403000]
+    hlt
+"#
+    );
+    let mut m = Machine::real_mode(&source);
+    assert_eq!(m.run(100_000), CpuEvent::Halted);
+    assert_eq!(m.cpu.gpr[3], 0xcafe);
+    assert!(!m.cpu.long_mode());
+}
