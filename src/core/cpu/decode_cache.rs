@@ -3,10 +3,11 @@
 //!
 //! Every 4 KiB page of guest RAM has a 32-bit stamp in [`CodeWatch`]. Bit 0 is set once
 //! some CPU decoded code from the page, and the other bits count writes made while bit 0
-//! was set. A cached instruction remembers the stamp it was decoded under and is used only
-//! while the stamp is unchanged, so a write to a code page (by the CPU's own stores, by
-//! another CPU or by device DMA through [`CodeWatch::invalidate`]) retires every cached
-//! instruction of that page at the cost of one atomic load per store.
+//! was set. A cached instruction stores the stamp it was decoded under and is used only
+//! while the stamp is unchanged. So a write to a code page retires every cached
+//! instruction of that page, whether it comes from the CPU's own stores, from another CPU
+//! or from device DMA through [`CodeWatch::invalidate`]. The cost is one atomic load per
+//! store.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -1,7 +1,7 @@
 //! Tests that run NASM-assembled guest code on a `Cpu` over a small guest RAM.
 //!
 //! `Machine::long_mode` prepends [`PRELUDE`] to the test's source. The prelude jumps to
-//! `start` and holds a table of exception handlers at `ORG + 8`, which the harness
+//! `start` and contains a table of exception handlers at `ORG + 8`, which the harness
 //! installs in the IDT. Their common handler records the vector, error code, CR2 and
 //! faulting RIP at [`RESULTS`] and halts.
 
@@ -27,7 +27,7 @@ use crate::hypervisor::{DescriptorTable, Segment};
 pub const RAM: usize = 8 << 20;
 /// Load address of the code of long-mode tests.
 pub const ORG: u64 = 0x10000;
-/// Where the prelude's exception handler records what it caught.
+/// Address at which the prelude's exception handler records what it caught.
 pub const RESULTS: u64 = 0x90000;
 /// Initial stack pointer of long-mode tests.
 pub const STACK: u64 = 0x80000;
@@ -340,4 +340,14 @@ impl Machine {
         m.cpu.gpr[4] = 0x7000;
         m
     }
+}
+
+/// The emulator backend moves each `Cpu` to its vCPU thread, and devices share the
+/// `CodeWatch` across threads.
+#[test]
+fn cpu_is_send_and_code_watch_is_sync() {
+    fn assert_send<T: Send>() {}
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send::<Cpu>();
+    assert_send_sync::<CodeWatch>();
 }
