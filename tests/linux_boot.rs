@@ -2,7 +2,8 @@
 //! fetch` on the emulator backend, types commands into the serial console and powers the
 //! guest off, exactly as a user does from the README.
 //!
-//! The guest is fetched once into `target/guest` (or taken from `MONSTERVM_GUEST_DIR`).
+//! The guest comes from `MONSTERVM_GUEST_DIR`, `./guest` (where the README and `.ci/run`
+//! fetch it) or `target/guest`, where the test fetches it once if neither exists.
 //! The test skips, saying why, in debug builds (the unoptimised emulator needs many
 //! minutes for a boot; run `cargo test --release`) and where apt-get cannot download the
 //! kernel.
@@ -114,8 +115,15 @@ fn guest_dir() -> Result<PathBuf, String> {
     if let Some(dir) = std::env::var_os("MONSTERVM_GUEST_DIR") {
         return Ok(PathBuf::from(dir));
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest");
-    if dir.join("vmlinuz").is_file() && dir.join("initramfs.img").is_file() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let is_guest =
+        |dir: &Path| dir.join("vmlinuz").is_file() && dir.join("initramfs.img").is_file();
+    // `.ci/run` and the README fetch into ./guest; otherwise fetch into target/guest.
+    if is_guest(&manifest.join("guest")) {
+        return Ok(manifest.join("guest"));
+    }
+    let dir = manifest.join("target/guest");
+    if is_guest(&dir) {
         return Ok(dir);
     }
     if Command::new("apt-get").arg("--version").output().is_err() {
