@@ -35,6 +35,11 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
 }
 
+/// Callback that a device calls with (guest-physical address, length in bytes) after it
+/// wrote that range of guest RAM. The emulator backend uses it to drop decoded
+/// instructions of pages that a disk read refilled.
+pub type DmaWriteHook = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
 /// How a device model tells the driver that it used buffers or changed its config.
 pub trait VirtioInterrupt: Send + Sync {
     /// Signals that queue `queue` has new used buffers.
