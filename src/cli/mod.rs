@@ -396,8 +396,22 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         move || quit_control.request_stop(StopReason::UserStop),
     )?;
 
+    let started = std::time::Instant::now();
     let result = vm.run();
     drop(raw_mode);
+    let elapsed = started.elapsed();
+    for (id, stats) in vm.vcpu_stats().iter().enumerate() {
+        tracing::info!(
+            vm = %config.name,
+            vcpu = id,
+            instructions = stats.instructions,
+            pio_exits = stats.pio_exits,
+            mmio_exits = stats.mmio_exits,
+            halt_exits = stats.halt_exits,
+            seconds = elapsed.as_secs_f64(),
+            "vCPU counters at exit"
+        );
+    }
     let exit = result?;
     let message = match exit {
         VmExit::PowerOff => "the guest powered off",
