@@ -102,6 +102,7 @@ impl Cpu {
         if access == Access::Execute && self.efer & EFER_NXE != 0 {
             code |= PF_ID;
         }
+
         let fault = |cpu: &mut Cpu, code: u32| {
             cpu.cr2 = linear;
             Exception::pf(code)
@@ -114,6 +115,7 @@ impl Cpu {
             }
             Err(WalkError::Reserved { .. }) => return Err(fault(self, code | PF_P | PF_RSVD)),
         };
+
         let wp = self.cr0 & super::state::CR0_WP != 0;
         let allowed = match access {
             Access::Read => !user || t.user,
@@ -129,6 +131,7 @@ impl Cpu {
         if !allowed {
             return Err(fault(self, code | PF_P));
         }
+
         mmu::mark_accessed(bus.memory(), &t, access == Access::Write);
         let mut cached = t;
         cached.dirty |= access == Access::Write;
