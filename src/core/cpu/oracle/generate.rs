@@ -1276,7 +1276,7 @@ fn candidate_codes(class: Class) -> Vec<Code> {
             {
                 return false;
             }
-            let wanted = match class {
+            let in_class = match class {
                 Class::Sse => {
                     code.cpuid_features() == [CpuidFeature::SSE]
                         && sse_mnemonic_usable(code.mnemonic())
@@ -1287,7 +1287,7 @@ fn candidate_codes(class: Class) -> Vec<Code> {
                 }
                 _ => class.mnemonics().contains(&code.mnemonic()),
             };
-            wanted
+            in_class
                 && excluded_reason(*code).is_none()
                 && op_code
                     .op_kinds()
