@@ -11,7 +11,8 @@
 //! Register values favour edge cases (0, -1, sign boundaries of every width). A memory
 //! operand's base and index registers are set so that the access lands in the data area.
 //! Most accesses are aligned and some are misaligned. Now and then one straddles or hits
-//! an unmapped guard page, so that the #PF paths run too.
+//! an unmapped guard page, or uses a non-canonical address, so that the #PF and #GP paths
+//! run too.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -803,7 +804,12 @@ impl Generator {
                 DATA_SIZE + self.rng.below(16) as usize
             };
         }
-        let address = DATA_ADDR + offset as u64;
+        let mut address = DATA_ADDR + offset as u64;
+        // Rarely flip bit 63, which makes the address non-canonical, so that #GP(0) is
+        // exercised too.
+        if class != Class::Lea && self.rng.chance(1, 80) {
+            address |= 1 << 63;
+        }
 
         let base = self.rng.pick(&ADDRESS_REGISTERS);
         let index = if self.rng.chance(1, 3) {
