@@ -417,13 +417,19 @@ fn embedded_guest_boots_in_vmm() {
             .await
             .unwrap();
         assert_eq!(client.info().await.unwrap().state, VmState::Paused);
+        // More input than the 16550's 64-byte FIFO takes waits in the VMM while the guest
+        // is paused, and the API must stay responsive meanwhile.
+        let typed = "0123456789".repeat(10);
+        console
+            .send(Message::binary(typed.clone().into_bytes()))
+            .await
+            .unwrap();
+        assert_eq!(client.info().await.unwrap().state, VmState::Paused);
         client
             .action(monstervm::api::VmAction::Resume)
             .await
             .unwrap();
-
-        console.send(Message::binary(b"hi".to_vec())).await.unwrap();
-        receive_until(&mut console, "hi").await;
+        receive_until(&mut console, &typed).await;
         console.send(Message::binary(b"q".to_vec())).await.unwrap();
         receive_until(&mut console, "Powering off.").await;
     });
