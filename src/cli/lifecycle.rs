@@ -467,9 +467,12 @@ pub fn stop_vm(vm: &VmDir, timeout: Duration, force: bool) -> anyhow::Result<Sto
         }
     }
     if !exited {
-        let pid = vm
-            .read_pid()
-            .context("pid file missing although a VMM holds the lock; check the VM folder")?;
+        let pid = vm.read_pid().with_context(|| {
+            format!(
+                "pid file {} is missing although a VMM holds the VM's lock; kill the VMM by hand",
+                vm.pid_path().display()
+            )
+        })?;
         if is_vmm_of(pid, name) {
             tracing::info!(vm = %name, pid, "killing the VMM with SIGKILL");
             // SAFETY: kill has no memory-safety preconditions; `pid` was checked above to
