@@ -12,14 +12,19 @@ use std::time::Duration;
 
 use guests::{assemble, load_program, program, EntryMode, RecordingIo, SerialStub, EXIT_PORT};
 use monstervm::core::boot::embedded;
-use monstervm::core::devices::{Bus, BusDevice, BusRange, PlatformControl, PlatformRequest};
+use monstervm::core::devices::acpi_pm::{AcpiPm, ACPI_PM_WINDOWS};
+use monstervm::core::devices::rtc::{Rtc, RTC_WINDOWS};
+use monstervm::core::devices::serial::{Serial, COM1_IRQ, COM1_WINDOWS};
+use monstervm::core::devices::{
+    Bus, BusDevice, BusRange, Clock, HostClock, PlatformControl, PlatformRequest,
+};
 use monstervm::core::memory::create_guest_memory;
 use monstervm::core::vm::{Vm, VmControl, VmExit, VmIo};
 use monstervm::hypervisor::kvm::{
     open_kvm, probe_hardware_speed, KvmVm, PROBE_INSTRUCTIONS, SOFTWARE_SPEED_LIMIT,
 };
 use monstervm::hypervisor::{HypervisorError, HypervisorVm, IrqChip, Vcpu, VcpuExit};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Returns whether KVM is usable. Otherwise it prints why the test skips, or panics
 /// when MONSTERVM_REQUIRE_KVM=1.
@@ -222,6 +227,13 @@ fn state_round_trips_long_mode() {
         *gpr = 0x0101_0101_0101_0101 * (i as u64 + 1);
     }
     entry.msrs = vec![(0xc000_0082, 0xffff_ffff_8100_0000), (0x174, 0x10)];
+    entry.xmm[3] = [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210];
+    entry.mxcsr = 0x1fa0;
+    entry.fpu.fcw = 0x27f;
+    entry.fpu.st[7] = [0x8000_0000_0000_0000, 0x4000];
+    entry.dr[0] = 0x1000;
+    entry.dr[7] = 0x401;
+    entry.halted = true;
 
     test.vcpu.set_state(&entry).unwrap();
     let state = test.vcpu.state().unwrap();
@@ -240,6 +252,16 @@ fn state_round_trips_long_mode() {
         "LSTAR"
     );
     assert!(state.msrs.contains(&(0x174, 0x10)), "SYSENTER_CS");
+    assert_eq!(state.xmm, entry.xmm);
+    assert_eq!(state.mxcsr, entry.mxcsr);
+    assert_eq!(state.fpu.fcw, entry.fpu.fcw);
+    assert_eq!(state.fpu.st, entry.fpu.st);
+    assert_eq!(state.dr[0], entry.dr[0]);
+    assert_eq!(state.dr[7], entry.dr[7]);
+    assert!(state.halted, "the vCPU was put into HLT");
+
+    // Halted with interrupts disabled, the vCPU can only report that.
+    assert_eq!(test.vcpu.run(&test.io).unwrap(), VcpuExit::Halted);
 }
 
 #[test]
@@ -420,4 +442,135 @@ fn fetch_from_mmio_fails_with_dump() {
     );
     assert!(message.contains("KVM_EXIT_INTERNAL_ERROR"), "{message}");
     assert!(message.contains("rip=00000000d0000000"), "{message}");
+}
+
+#[test]
+fn kick_reaches_only_its_vcpu() {
+    if !kvm_available("kick_reaches_only_its_vcpu") {
+        return;
+    }
+    let memory = create_guest_memory(16).unwrap();
+    let vm = KvmVm::new(&memory).unwrap();
+    let entry = load_program(&memory, &assemble("spin"), EntryMode::Real);
+    let mut first = vm.create_vcpu(0).unwrap();
+    let mut second = vm.create_vcpu(1).unwrap();
+    first.set_state(&entry).unwrap();
+    second.set_state(&entry).unwrap();
+    let first_kicker = first.kicker();
+    let second_kicker = second.kicker();
+    let (second_done, second_done_receiver) = std::sync::mpsc::channel();
+    let io = Arc::new(RecordingIo::new(EXIT_PORT));
+
+    let second_io = Arc::clone(&io);
+    let second_thread = std::thread::spawn(move || {
+        let exit = second.run(second_io.as_ref());
+        second_done.send(()).unwrap();
+        exit
+    });
+    let first_io = Arc::clone(&io);
+    let first_thread = std::thread::spawn(move || first.run(first_io.as_ref()));
+    std::thread::sleep(Duration::from_millis(50));
+    second_kicker.kick();
+    second_done_receiver.recv().unwrap();
+    let first_still_running = !first_thread.is_finished();
+    first_kicker.kick();
+
+    assert_eq!(second_thread.join().unwrap().unwrap(), VcpuExit::Kicked);
+    assert!(first_still_running, "kicking vCPU 1 also stopped vCPU 0");
+    assert_eq!(first_thread.join().unwrap().unwrap(), VcpuExit::Kicked);
+}
+
+#[test]
+fn guest_sees_fpu_state_set() {
+    if !kvm_available("guest_sees_fpu_state_set") {
+        return;
+    }
+    let mut test = new_test_vm(EXIT_PORT);
+    let mut entry = load_program(&test.memory, &assemble("long_sse_store"), EntryMode::Long);
+    entry.mxcsr = 0x9fc0;
+    entry.xmm[3] = [0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908];
+    entry.fpu.fcw = 0x27f;
+    test.vcpu.set_state(&entry).unwrap();
+
+    assert_eq!(test.vcpu.run(&test.io).unwrap(), VcpuExit::Halted);
+
+    let fcw: u16 = test.memory.read_obj(GuestAddress(0x9000)).unwrap();
+    let mxcsr: u32 = test.memory.read_obj(GuestAddress(0x9000 + 24)).unwrap();
+    let mut xmm3 = [0u8; 16];
+    test.memory
+        .read_slice(&mut xmm3, GuestAddress(0x9000 + 208))
+        .unwrap();
+    assert_eq!(mxcsr, 0x9fc0);
+    assert_eq!(xmm3, std::array::from_fn::<u8, 16, _>(|i| i as u8));
+    assert_eq!(fcw, 0x27f);
+}
+
+/// A serial sink that the test reads after the run.
+#[derive(Clone, Default)]
+struct SharedOutput(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn embedded_guest_runs_with_platform_devices() {
+    if !kvm_available("embedded_guest_runs_with_platform_devices") {
+        return;
+    }
+    let memory = create_guest_memory(16).unwrap();
+    let kvm_vm = Arc::new(KvmVm::new(&memory).unwrap());
+    let mut vcpu = kvm_vm.create_vcpu(0).unwrap();
+    vcpu.set_state(&embedded::load(&memory).unwrap()).unwrap();
+    let control = VmControl::new();
+    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
+    let output = SharedOutput::default();
+    let mut serial = Serial::new(kvm_vm.irq_chip(), COM1_IRQ, Box::new(output.clone()));
+    serial.enqueue_input(b"hi q");
+    let platform: Arc<dyn PlatformControl> = control.clone();
+    let power = AcpiPm::new(platform, Arc::clone(&clock));
+    let rtc = Rtc::new(clock, 16 << 20);
+    let mut pio = Bus::new();
+    pio.insert_windows(&COM1_WINDOWS, Arc::new(Mutex::new(serial)))
+        .unwrap();
+    pio.insert_windows(&ACPI_PM_WINDOWS, Arc::new(Mutex::new(power)))
+        .unwrap();
+    pio.insert_windows(&RTC_WINDOWS, Arc::new(Mutex::new(rtc)))
+        .unwrap();
+    let io = Arc::new(VmIo::new(pio, Bus::new()));
+    let backend: Arc<dyn HypervisorVm> = kvm_vm;
+    let mut vm = Vm::from_parts("embedded".into(), memory, backend, io, control, vec![vcpu]);
+
+    let exit = vm.run().unwrap();
+
+    assert_eq!(exit, VmExit::PowerOff);
+    let output = String::from_utf8_lossy(&output.0.lock().unwrap()).into_owned();
+    assert!(
+        output.contains("Welcome to the MonsterVM embedded guest."),
+        "{output}"
+    );
+    assert!(
+        output.contains("power off.\r\nhi \r\nPowering off.\r\n"),
+        "{output}"
+    );
+    let time = output
+        .split("RTC time: ")
+        .nth(1)
+        .and_then(|rest| rest.get(..8))
+        .unwrap_or_else(|| panic!("no RTC time in {output:?}"));
+    let digits: Vec<&str> = time.split(':').collect();
+    assert_eq!(digits.len(), 3, "{time:?} is not HH:MM:SS");
+    for field in digits {
+        assert!(
+            field.len() == 2 && field.chars().all(|c| c.is_ascii_digit()),
+            "{time:?} has a field that is not two BCD digits"
+        );
+    }
 }

@@ -205,14 +205,14 @@ pub struct VmmArgs {
 
 #[derive(Subcommand, Debug)]
 enum GuestCommand {
-    /// Download Debian's cloud kernel and BusyBox and write DIR/vmlinuz and
-    /// DIR/initramfs.img.
+    /// Download Debian's cloud kernel and BusyBox and write DIR/vmlinuz,
+    /// DIR/initramfs.img and DIR/vmlinux.
     Fetch(GuestFetchArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct GuestFetchArgs {
-    /// Folder for vmlinuz and initramfs.img, created if missing.
+    /// Folder for vmlinuz, initramfs.img and vmlinux, created if missing.
     #[arg(long, value_name = "DIR", default_value = "guest")]
     pub dir: PathBuf,
     /// Use the linux-image-<version>-cloud-amd64 and busybox-static .deb files in FOLDER
@@ -424,6 +424,9 @@ fn guest_fetch(args: GuestFetchArgs, format: OutputFormat) -> anyhow::Result<i32
         OutputFormat::Table => {
             println!("kernel:    {}", guest.kernel.display());
             println!("initramfs: {}", guest.initramfs.display());
+            if let Some(vmlinux) = &guest.vmlinux {
+                println!("vmlinux:   {}", vmlinux.display());
+            }
             println!(
                 "boot it with: monstervm run --kernel {} --initrd {}",
                 guest.kernel.display(),

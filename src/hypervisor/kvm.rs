@@ -273,6 +273,7 @@ impl HypervisorVm for KvmVm {
             kick: Arc::new(KickState::default()),
             stats: VcpuStats::default(),
             io_pending: false,
+            has_xsave: self.kvm.check_extension(Cap::Xsave),
             _memory: self.memory.clone(),
         }))
     }
@@ -382,6 +383,8 @@ pub struct KvmVcpu {
     /// Whether the last exit was port I/O or MMIO, which KVM finishes only on the
     /// next KVM_RUN (for example by loading the IN result into RAX).
     io_pending: bool,
+    /// Whether KVM offers KVM_GET_XSAVE, the only way to read and write MXCSR.
+    has_xsave: bool,
     /// Keeps guest memory mapped while this vCPU can run, even after its `KvmVm` is
     /// dropped.
     _memory: GuestMemoryMmap,
@@ -537,6 +540,91 @@ impl KvmVcpu {
         Ok(regs.rflags & RFLAGS_IF == 0)
     }
 
+    /// Reads the x87 and SSE state: from the XSAVE area where KVM offers it, because
+    /// KVM_GET_FPU leaves MXCSR out.
+    fn fpu_state(&self, state: &mut CpuState) -> Result<(), HypervisorError> {
+        if self.has_xsave {
+            let xsave = self.fd.get_xsave().map_err(kvm_error("KVM_GET_XSAVE"))?;
+            regs::from_fxsave_area(&legacy_area(&xsave), state);
+        } else {
+            let fpu = self.fd.get_fpu().map_err(kvm_error("KVM_GET_FPU"))?;
+            regs::from_kvm_fpu(&fpu, state);
+        }
+        Ok(())
+    }
+
+    /// Writes the x87 and SSE state, through the XSAVE area where KVM offers it.
+    ///
+    /// KVM_SET_FPU ignores MXCSR, and where the guest FPU is kept in XSAVE format the
+    /// guest sees its x87 and XMM values only if XSTATE_BV marks them present, which
+    /// KVM_SET_FPU does not do.
+    fn set_fpu_state(&self, state: &CpuState) -> Result<(), HypervisorError> {
+        let mxcsr = state.mxcsr;
+        if mxcsr & !MXCSR_DEFINED_BITS != 0 {
+            return Err(HypervisorError::Unsupported {
+                what: format!("MXCSR value {mxcsr:#x}, which sets reserved bits 16-31"),
+            });
+        }
+        if !self.has_xsave {
+            // NOTE: without KVM_CAP_XSAVE the guest keeps its current MXCSR.
+            return self
+                .fd
+                .set_fpu(&regs::to_kvm_fpu(state))
+                .map_err(kvm_error("KVM_SET_FPU"));
+        }
+
+        let mut xsave = self.fd.get_xsave().map_err(kvm_error("KVM_GET_XSAVE"))?;
+        let mut area = legacy_area(&xsave);
+        regs::to_fxsave_area(state, &mut area);
+        for (word, bytes) in xsave.region.iter_mut().zip(area.chunks_exact(4)) {
+            *word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        }
+        xsave.region[XSAVE_XSTATE_BV_INDEX] |= XSTATE_X87 | XSTATE_SSE;
+        // SAFETY: this process enables no dynamically sized XSTATE features (there is
+        // no arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM) call), so KVM reads no more than the
+        // 4096-byte kvm_xsave that `xsave` is.
+        unsafe { self.fd.set_xsave(&xsave) }.map_err(kvm_error("KVM_SET_XSAVE"))
+    }
+
+    /// Sets or clears the STI interrupt shadow, keeping the other pending events.
+    fn set_interrupt_shadow(&self, shadow: bool) -> Result<(), HypervisorError> {
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(kvm_error("KVM_GET_VCPU_EVENTS"))?;
+        events.interrupt.shadow = if shadow {
+            kvm_bindings::KVM_X86_SHADOW_INT_STI as u8
+        } else {
+            0
+        };
+        events.flags |= kvm_bindings::KVM_VCPUEVENT_VALID_SHADOW;
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(kvm_error("KVM_SET_VCPU_EVENTS"))
+    }
+
+    /// Puts the vCPU into HLT or takes it out, leaving other run states alone.
+    // NOTE: CpuState cannot express an AP waiting for INIT or SIPI, so such a vCPU keeps
+    // its current run state here.
+    fn set_halted(&self, halted: bool) -> Result<(), HypervisorError> {
+        let mut mp_state = self
+            .fd
+            .get_mp_state()
+            .map_err(kvm_error("KVM_GET_MP_STATE"))?;
+        let target = match (halted, mp_state.mp_state) {
+            (true, _) => KVM_MP_STATE_HALTED,
+            (false, KVM_MP_STATE_HALTED) => kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            (false, _) => return Ok(()),
+        };
+        if mp_state.mp_state != target {
+            mp_state.mp_state = target;
+            self.fd
+                .set_mp_state(mp_state)
+                .map_err(kvm_error("KVM_SET_MP_STATE"))?;
+        }
+        Ok(())
+    }
+
     fn failure(&self, reason: String) -> HypervisorError {
         let state = self.state().unwrap_or_default();
         HypervisorError::VcpuFailed {
@@ -546,6 +634,25 @@ impl KvmVcpu {
         }
     }
 }
+
+/// Index of the low half of XSTATE_BV in `kvm_xsave::region`: byte 512, the start of
+/// the XSAVE header.
+const XSAVE_XSTATE_BV_INDEX: usize = 128;
+/// XSTATE_BV bit 0: the x87 state is in the buffer.
+const XSTATE_X87: u32 = 1 << 0;
+/// XSTATE_BV bit 1: the SSE state (XMM registers and MXCSR) is in the buffer.
+const XSTATE_SSE: u32 = 1 << 1;
+
+/// Returns the first 512 bytes of `xsave`, the FXSAVE-format legacy area.
+fn legacy_area(xsave: &kvm_bindings::kvm_xsave) -> [u8; regs::FXSAVE_AREA_BYTES] {
+    let mut area = [0u8; regs::FXSAVE_AREA_BYTES];
+    for (bytes, word) in area.chunks_exact_mut(4).zip(xsave.region.iter()) {
+        bytes.copy_from_slice(&word.to_le_bytes());
+    }
+    area
+}
+/// MXCSR bits that CPUs define; writing any other bit raises #GP.
+const MXCSR_DEFINED_BITS: u32 = 0xffff;
 
 /// RFLAGS.IF: maskable interrupts enabled.
 const RFLAGS_IF: u64 = 1 << 9;
@@ -588,15 +695,30 @@ impl Vcpu for KvmVcpu {
         }
     }
 
-    // NOTE: CpuState carries no FPU/SSE registers, local APIC state or pending events
-    // (KVM_GET_FPU, KVM_GET_LAPIC, KVM_GET_VCPU_EVENTS), so a snapshot of a running
-    // guest loses them.
+    // NOTE: CpuState carries no local APIC registers, AVX state or pending exceptions,
+    // interrupts and NMIs, so a snapshot of a running guest loses them.
     fn state(&self) -> Result<CpuState, HypervisorError> {
         let mut state = CpuState::default();
         let regs = self.fd.get_regs().map_err(kvm_error("KVM_GET_REGS"))?;
         regs::from_kvm_regs(&regs, &mut state);
         let sregs = self.fd.get_sregs().map_err(kvm_error("KVM_GET_SREGS"))?;
         regs::from_kvm_sregs(&sregs, &mut state);
+        self.fpu_state(&mut state)?;
+        let debug = self
+            .fd
+            .get_debug_regs()
+            .map_err(kvm_error("KVM_GET_DEBUGREGS"))?;
+        regs::from_kvm_debugregs(&debug, &mut state);
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(kvm_error("KVM_GET_VCPU_EVENTS"))?;
+        state.interrupt_shadow = events.interrupt.shadow != 0;
+        let mp_state = self
+            .fd
+            .get_mp_state()
+            .map_err(kvm_error("KVM_GET_MP_STATE"))?;
+        state.halted = mp_state.mp_state == KVM_MP_STATE_HALTED;
 
         let entries: Vec<_> = STATE_MSRS.iter().map(|&i| regs::msr_entry(i, 0)).collect();
         let mut msrs = Msrs::from_entries(&entries).map_err(|e| HypervisorError::Unsupported {
@@ -627,6 +749,12 @@ impl Vcpu for KvmVcpu {
         self.fd
             .set_regs(&regs::to_kvm_regs(state))
             .map_err(kvm_error("KVM_SET_REGS"))?;
+        self.set_fpu_state(state)?;
+        self.fd
+            .set_debug_regs(&regs::to_kvm_debugregs(state))
+            .map_err(kvm_error("KVM_SET_DEBUGREGS"))?;
+        self.set_interrupt_shadow(state.interrupt_shadow)?;
+        self.set_halted(state.halted)?;
         let entries: Vec<_> = state
             .msrs
             .iter()

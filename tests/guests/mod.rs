@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use monstervm::core::boot::embedded::real_mode_state;
 use monstervm::core::devices::BusDevice;
-use monstervm::hypervisor::{CpuState, DescriptorTable, IoHandler, IrqChip, Segment, VcpuKicker};
+use monstervm::hypervisor::{
+    CpuState, DescriptorTable, FpuState, IoHandler, IrqChip, Segment, VcpuKicker,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Guest-physical address where every program is loaded and entered.
@@ -314,6 +316,12 @@ pub fn entry_state(memory: &GuestMemoryMmap, mode: EntryMode) -> CpuState {
         },
         idt: DescriptorTable::default(),
         cr0: 0x11,
+        fpu: FpuState {
+            fcw: 0x37f,
+            ..FpuState::default()
+        },
+        mxcsr: 0x1f80,
+        dr: [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400],
         ..CpuState::default()
     };
     state.gprs[RSP] = 0x7000;

@@ -8,7 +8,8 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::hypervisor::{CpuState, DescriptorTable, Segment};
+use crate::core::devices::acpi_pm;
+use crate::hypervisor::{CpuState, DescriptorTable, FpuState, Segment};
 
 /// The assembled guest.
 pub static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/boot.bin"));
@@ -19,10 +20,10 @@ pub const LOAD_ADDRESS: u64 = 0x8000;
 /// image, so RAM must reach at least this far: 64 KiB.
 pub const MEMORY_NEEDED: u64 = 0x1_0000;
 /// The ACPI PM1a control port that the guest writes `PM1A_SLEEP_S5` to, as a 16-bit
-/// write, when it powers off.
-pub const PM1A_CNT_PORT: u16 = 0x604;
+/// write, when it powers off: the one that `core::devices::acpi_pm` implements.
+pub const PM1A_CNT_PORT: u16 = acpi_pm::PM1A_CNT_BLK;
 /// The value written to [`PM1A_CNT_PORT`]: SLP_TYP 5 (bits 10-12) with SLP_EN (bit 13).
-pub const PM1A_SLEEP_S5: u16 = (5 << 10) | (1 << 13);
+pub const PM1A_SLEEP_S5: u16 = ((acpi_pm::SLP_TYP_S5 as u16) << 10) | (1 << 13);
 /// The guest's serial port (COM1, a 16550 at this base, polled).
 pub const SERIAL_PORT: u16 = 0x3f8;
 
@@ -44,7 +45,7 @@ pub enum EmbeddedError {
 /// Writes the embedded guest into `memory` and returns the real-mode state that enters it.
 ///
 /// The returned state has CS:IP 0000:8000, 64 KiB real-mode segments based at 0,
-/// interrupts disabled and paging off; registers it does not name are zero.
+/// interrupts disabled and paging off, as [`real_mode_state`] describes.
 pub fn load(memory: &GuestMemoryMmap) -> Result<CpuState, EmbeddedError> {
     let image_end = LOAD_ADDRESS + IMAGE.len() as u64;
     let needed_end = image_end.max(MEMORY_NEEDED);
@@ -60,6 +61,9 @@ pub fn load(memory: &GuestMemoryMmap) -> Result<CpuState, EmbeddedError> {
 }
 
 /// Returns a real-mode state entering at `cs:ip`, with every data segment at base 0.
+///
+/// The x87 control word, MXCSR, DR6 and DR7 hold their power-up values, and every other
+/// register is zero.
 pub fn real_mode_state(cs: u16, ip: u16) -> CpuState {
     let data = real_mode_segment(0, 0x3);
     CpuState {
@@ -95,6 +99,14 @@ pub fn real_mode_state(cs: u16, ip: u16) -> CpuState {
         },
         // ET reads as 1 on every CPU since the Pentium.
         cr0: 0x10,
+        // The power-up values: FCW 0x40, MXCSR with every exception masked, DR6 and DR7
+        // with their reserved-one bits.
+        fpu: FpuState {
+            fcw: 0x40,
+            ..FpuState::default()
+        },
+        mxcsr: 0x1f80,
+        dr: [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400],
         ..CpuState::default()
     }
 }

@@ -46,7 +46,8 @@ extern "C" fn handle_kick_signal(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
     if !flag.is_null() {
         // SAFETY: `RunScope` sets the pointer to the `immediate_exit` byte of a mapped
         // `kvm_run` page and clears it before the vCPU, and so the mapping, can go away.
-        // The kernel only reads this byte, so a volatile byte write races with nothing.
+        // Only this thread writes the byte (here or in the run loop that the signal
+        // interrupted) and the kernel only reads it, so the write races with nothing.
         unsafe { flag.write_volatile(1) };
     }
 }

@@ -22,8 +22,10 @@ const PROBE_ITERATIONS: u32 = 5_000_000;
 /// it and the OUT after it.
 pub const PROBE_INSTRUCTIONS: u64 = 2 * PROBE_ITERATIONS as u64 + 2;
 /// Guest instructions per second below which KVM counts as software emulation.
-/// Current x86 cores retire the probe loop at well over 1e9 per second, and KVM that
-/// emulates in software stays near 1e6, so 1e8 leaves a wide margin on both sides.
+/// A current x86 core retires the probe loop at an estimated 3e9 per second or more (one
+/// iteration per cycle). The kvm_pvm module on Linux 6.18, which emulates in software,
+/// ran it at 1.9e6 per second on a 2-core cloud VM (`probe_measures_loop` in
+/// tests/kvm.rs). 1e8 leaves a wide margin on both sides.
 pub const SOFTWARE_SPEED_LIMIT: f64 = 1e8;
 /// Time after which the probe stops the guest and rates the part of the loop it ran.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);

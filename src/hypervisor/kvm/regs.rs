@@ -1,8 +1,10 @@
 //! Conversion between the backend-neutral [`CpuState`] and KVM's register structures.
 
-use kvm_bindings::{kvm_dtable, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{
+    kvm_debugregs, kvm_dtable, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
+};
 
-use crate::hypervisor::{CpuState, DescriptorTable, Segment};
+use crate::hypervisor::{CpuState, DescriptorTable, FpuState, Segment};
 
 /// IA32_TSC.
 pub const MSR_IA32_TSC: u32 = 0x10;
@@ -156,6 +158,131 @@ pub fn from_kvm_sregs(sregs: &kvm_sregs, state: &mut CpuState) {
     state.efer = sregs.efer;
 }
 
+/// Returns the x87 and SSE state of `state` as a `kvm_fpu`.
+pub fn to_kvm_fpu(state: &CpuState) -> kvm_fpu {
+    let fpu = &state.fpu;
+    let mut kvm = kvm_fpu {
+        fcw: fpu.fcw,
+        fsw: fpu.fsw,
+        ftwx: fpu.ftw,
+        last_opcode: fpu.fop,
+        last_ip: fpu.fip,
+        last_dp: fpu.fdp,
+        mxcsr: state.mxcsr,
+        ..Default::default()
+    };
+    for (register, halves) in kvm.fpr.iter_mut().zip(&fpu.st) {
+        *register = halves_to_bytes(halves);
+    }
+    for (register, halves) in kvm.xmm.iter_mut().zip(&state.xmm) {
+        *register = halves_to_bytes(halves);
+    }
+    kvm
+}
+
+/// Copies the x87 and SSE state of `kvm` into `state`.
+pub fn from_kvm_fpu(kvm: &kvm_fpu, state: &mut CpuState) {
+    state.fpu = FpuState {
+        fcw: kvm.fcw,
+        fsw: kvm.fsw,
+        ftw: kvm.ftwx,
+        fop: kvm.last_opcode,
+        fip: kvm.last_ip,
+        fdp: kvm.last_dp,
+        st: kvm.fpr.map(|register| bytes_to_halves(&register)),
+    };
+    state.xmm = kvm.xmm.map(|register| bytes_to_halves(&register));
+    state.mxcsr = kvm.mxcsr;
+}
+
+/// Size of the FXSAVE area, which is also the legacy area at the start of an XSAVE area.
+pub const FXSAVE_AREA_BYTES: usize = 512;
+
+/// Writes the x87 and SSE state of `state` into `area` in the 64-bit FXSAVE layout.
+///
+/// The layout has FCW at byte 0, FSW at 2, the abridged FTW at 4, FOP at 6, FIP at 8,
+/// FDP at 16 and MXCSR at 24, then ST0-ST7 from 32 and XMM0-XMM15 from 160, 16 bytes
+/// each. Other bytes, such as MXCSR_MASK at 28, keep their values.
+pub fn to_fxsave_area(state: &CpuState, area: &mut [u8; FXSAVE_AREA_BYTES]) {
+    let fpu = &state.fpu;
+    area[0..2].copy_from_slice(&fpu.fcw.to_le_bytes());
+    area[2..4].copy_from_slice(&fpu.fsw.to_le_bytes());
+    area[4] = fpu.ftw;
+    area[6..8].copy_from_slice(&fpu.fop.to_le_bytes());
+    area[8..16].copy_from_slice(&fpu.fip.to_le_bytes());
+    area[16..24].copy_from_slice(&fpu.fdp.to_le_bytes());
+    area[24..28].copy_from_slice(&state.mxcsr.to_le_bytes());
+    for (i, register) in fpu.st.iter().enumerate() {
+        area[32 + 16 * i..48 + 16 * i].copy_from_slice(&halves_to_bytes(register));
+    }
+    for (i, register) in state.xmm.iter().enumerate() {
+        area[160 + 16 * i..176 + 16 * i].copy_from_slice(&halves_to_bytes(register));
+    }
+}
+
+/// Copies the x87 and SSE state from `area`, in the layout of [`to_fxsave_area`], into
+/// `state`.
+pub fn from_fxsave_area(area: &[u8; FXSAVE_AREA_BYTES], state: &mut CpuState) {
+    let u16_at = |offset: usize| u16::from_le_bytes([area[offset], area[offset + 1]]);
+    let u64_at = |offset: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&area[offset..offset + 8]);
+        u64::from_le_bytes(bytes)
+    };
+    let register_at = |offset: usize| {
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&area[offset..offset + 16]);
+        bytes_to_halves(&bytes)
+    };
+
+    state.fpu = FpuState {
+        fcw: u16_at(0),
+        fsw: u16_at(2),
+        ftw: area[4],
+        fop: u16_at(6),
+        fip: u64_at(8),
+        fdp: u64_at(16),
+        st: std::array::from_fn(|i| register_at(32 + 16 * i)),
+    };
+    state.mxcsr = u32::from_le_bytes([area[24], area[25], area[26], area[27]]);
+    state.xmm = std::array::from_fn(|i| register_at(160 + 16 * i));
+}
+
+/// Returns DR0-DR3, DR6 and DR7 of `state` as `kvm_debugregs`. DR4 and DR5 alias DR6
+/// and DR7, so they are not stored.
+pub fn to_kvm_debugregs(state: &CpuState) -> kvm_debugregs {
+    kvm_debugregs {
+        db: [state.dr[0], state.dr[1], state.dr[2], state.dr[3]],
+        dr6: state.dr[6],
+        dr7: state.dr[7],
+        ..Default::default()
+    }
+}
+
+/// Copies `kvm`'s debug registers into `state.dr`, leaving DR4 and DR5 zero.
+pub fn from_kvm_debugregs(kvm: &kvm_debugregs, state: &mut CpuState) {
+    state.dr = [
+        kvm.db[0], kvm.db[1], kvm.db[2], kvm.db[3], 0, 0, kvm.dr6, kvm.dr7,
+    ];
+}
+
+/// Returns a 128-bit register stored as (low, high) halves in little-endian bytes.
+fn halves_to_bytes(halves: &[u64; 2]) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&halves[0].to_le_bytes());
+    bytes[8..].copy_from_slice(&halves[1].to_le_bytes());
+    bytes
+}
+
+/// Returns 16 little-endian bytes as (low, high) 64-bit halves.
+fn bytes_to_halves(bytes: &[u8; 16]) -> [u64; 2] {
+    let mut low = [0u8; 8];
+    let mut high = [0u8; 8];
+    low.copy_from_slice(&bytes[..8]);
+    high.copy_from_slice(&bytes[8..]);
+    [u64::from_le_bytes(low), u64::from_le_bytes(high)]
+}
+
 fn to_kvm_segment(segment: &Segment) -> kvm_segment {
     kvm_segment {
         base: segment.base,
@@ -268,6 +395,86 @@ mod tests {
         assert_eq!(back.gprs, state.gprs);
         assert_eq!(back.rip, state.rip);
         assert_eq!(back.rflags, state.rflags);
+    }
+
+    #[test]
+    fn fpu_round_trip() {
+        let mut xmm = [[0; 2]; 16];
+        xmm[15] = [0x0102_0304_0506_0708, 0x1112_1314_1516_1718];
+        let state = CpuState {
+            fpu: FpuState {
+                fcw: 0x37f,
+                fsw: 0x3800,
+                ftw: 0x81,
+                fop: 0x1d9,
+                fip: 0xffff_8000_0000_1234,
+                fdp: 0x5678,
+                st: [[0x8000_0000_0000_0000, 0x3fff]; 8],
+            },
+            xmm,
+            mxcsr: 0x1f80,
+            ..CpuState::default()
+        };
+
+        let kvm = to_kvm_fpu(&state);
+        let mut back = CpuState::default();
+        from_kvm_fpu(&kvm, &mut back);
+
+        assert_eq!(kvm.xmm[15][0], 0x08, "XMM bytes are little-endian");
+        assert_eq!(kvm.xmm[15][15], 0x11);
+        assert_eq!(kvm.fpr[0][9], 0x3f, "the exponent is in bytes 8 and 9");
+        assert_eq!(back.fpu, state.fpu);
+        assert_eq!(back.xmm, state.xmm);
+        assert_eq!(back.mxcsr, state.mxcsr);
+    }
+
+    #[test]
+    fn fxsave_area_round_trip() {
+        let mut xmm = [[0; 2]; 16];
+        xmm[1] = [0x0102_0304_0506_0708, 0x1112_1314_1516_1718];
+        let state = CpuState {
+            fpu: FpuState {
+                fcw: 0x27f,
+                fsw: 0x0100,
+                ftw: 0x01,
+                fop: 0x7ff,
+                fip: 0x1234_5678_9abc,
+                fdp: 0xdef0,
+                st: [[1, 2]; 8],
+            },
+            xmm,
+            mxcsr: 0x9fc0,
+            ..CpuState::default()
+        };
+        let mut area = [0u8; FXSAVE_AREA_BYTES];
+        area[28..32].copy_from_slice(&0xffffu32.to_le_bytes());
+
+        to_fxsave_area(&state, &mut area);
+        let mut back = CpuState::default();
+        from_fxsave_area(&area, &mut back);
+
+        assert_eq!(area[0..2], [0x7f, 0x02], "FCW at 0");
+        assert_eq!(area[24..28], [0xc0, 0x9f, 0, 0], "MXCSR at 24");
+        assert_eq!(area[28..32], [0xff, 0xff, 0, 0], "MXCSR_MASK kept");
+        assert_eq!(area[176], 0x08, "XMM1 starts at 176");
+        assert_eq!(back.fpu, state.fpu);
+        assert_eq!(back.xmm, state.xmm);
+        assert_eq!(back.mxcsr, state.mxcsr);
+    }
+
+    #[test]
+    fn debugregs_round_trip() {
+        let state = CpuState {
+            dr: [1, 2, 3, 4, 0, 0, 0xffff_0ff0, 0x401],
+            ..CpuState::default()
+        };
+
+        let kvm = to_kvm_debugregs(&state);
+        let mut back = CpuState::default();
+        from_kvm_debugregs(&kvm, &mut back);
+
+        assert_eq!(kvm.dr7, 0x401);
+        assert_eq!(back.dr, state.dr);
     }
 
     #[test]
