@@ -59,7 +59,7 @@ struct Cli {
     #[arg(long, global = true, default_value = "warn", env = "MONSTERVM_LOG")]
     log_level: String,
 
-    /// Folder holding the VMs made by `create` [default: $XDG_STATE_HOME/monstervm or
+    /// Folder that contains the VMs made by `create` [default: $XDG_STATE_HOME/monstervm or
     /// ~/.local/state/monstervm].
     #[arg(long, global = true, value_name = "DIR", env = state::STATE_DIR_ENV)]
     state_dir: Option<PathBuf>,
