@@ -200,8 +200,8 @@ impl KvmVm {
 
     /// Reads back the CPUID table of vCPU `id` and warns when KVM changed it.
     ///
-    /// Some KVM host modules rewrite feature leaves in KVM_SET_CPUID2. kvm_pvm (PVM,
-    /// which runs guests without hardware virtualization; seen with Linux 6.18) replaces
+    /// Some KVM host modules rewrite feature leaves in KVM_SET_CPUID2. kvm_pvm, which
+    /// runs guests without hardware virtualization, does so on Linux 6.18: it replaces
     /// leaf 1 ECX and EDX and adds leaves 7 and 0xD from the host CPU. The guest then
     /// sees features that the emulator lacks, so a snapshot may not restore on the other
     /// backend. The warning comes once per process and later differences log at debug
@@ -240,7 +240,7 @@ impl KvmVm {
     }
 
     /// Creates vCPU `id` with the filtered CPUID table, boot MSRs and LINT setup.
-    /// `check` says whether to warn when KVM rewrites the CPUID table.
+    /// With `CpuidCheck::Warn` it warns when KVM rewrites the CPUID table.
     fn new_vcpu(&self, id: u32, check: CpuidCheck) -> Result<KvmVcpu, HypervisorError> {
         let max_id = self.kvm.get_max_vcpu_id().min(usize::from(u8::MAX) + 1);
         if id as usize >= max_id {
