@@ -73,7 +73,10 @@ fn fetch_writes_bootable_guest() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+    assert_eq!(leftovers.len(), 3, "{leftovers:?}");
+    let vmlinux = PathBuf::from(result["vmlinux"].as_str().unwrap());
+    assert_eq!(vmlinux, guest_dir.join("vmlinux"));
+    assert!(std::fs::read(&vmlinux).unwrap().starts_with(b"\x7fELF"));
 
     let archive = std::fs::read(&initramfs).unwrap();
     let entries = read_archive(&archive).unwrap();

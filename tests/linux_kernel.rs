@@ -70,3 +70,52 @@ fn real_kernel_loads() {
     assert!(initrd.address + initrd.size <= 256 << 20);
     eprintln!("loaded {} ({version})", kernel.display());
 }
+
+#[test]
+fn real_kernel_vmlinux_boots_through_pvh() {
+    use monstervm::core::boot::linux::EntryPreference;
+    use monstervm::core::boot::vmlinux::extract_vmlinux;
+
+    let Some(kernel) = find_kernel() else {
+        eprintln!(
+            "skipping: no guest/vmlinuz (run `monstervm guest fetch`) and no /boot/vmlinuz-*"
+        );
+        return;
+    };
+    let bytes = std::fs::read(&kernel).unwrap();
+    let vmlinux = match extract_vmlinux(&bytes) {
+        Ok(vmlinux) => vmlinux,
+        Err(error) => {
+            eprintln!(
+                "skipping: cannot extract vmlinux from {}: {error}",
+                kernel.display()
+            );
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vmlinux");
+    std::fs::write(&path, &vmlinux).unwrap();
+
+    let memory = create_guest_memory(256).unwrap();
+    let pvh = load_linux(
+        &memory,
+        &LinuxBootSpec {
+            entry: EntryPreference::Pvh,
+            cmdline: "console=ttyS0".to_string(),
+            ..LinuxBootSpec::new(&path)
+        },
+    )
+    .unwrap();
+    assert_eq!(pvh.format, KernelFormat::Elf);
+    assert_eq!(pvh.protocol, EntryProtocol::Pvh);
+    // The PVH entry lies inside the loaded kernel.
+    assert!(pvh.cpu_state.rip >= pvh.kernel.address);
+    assert!(pvh.cpu_state.rip < pvh.kernel.address + pvh.kernel.size);
+
+    let memory = create_guest_memory(256).unwrap();
+    let long = load_linux(&memory, &LinuxBootSpec::new(&path)).unwrap();
+    assert_eq!(long.protocol, EntryProtocol::Linux64);
+    // vmlinux's e_entry is the physical address of startup_64, at the start of .text.
+    assert_eq!(long.cpu_state.rip, long.kernel.address);
+}

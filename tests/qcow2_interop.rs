@@ -128,6 +128,7 @@ fn backing_chain_reads_through_every_layer() {
     let top = dir.path().join("top.qcow2");
     qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "4M"]);
     qemu_io(&base, &["write -P 0xa1 0 4M"]);
+
     // Relative backing names resolve against the overlay's folder.
     qemu_img(&[
         "create",
@@ -142,6 +143,7 @@ fn backing_chain_reads_through_every_layer() {
         "6M",
     ]);
     qemu_io(&mid, &["write -P 0xb2 64k 100k", "write -z 2M 64k"]);
+
     qemu_img(&[
         "create",
         "-q",
@@ -236,10 +238,12 @@ fn backing_without_format_is_not_probed_as_raw() {
         backing_file: Some("base.raw".into()),
         ..Default::default()
     };
-    monstervm::storage::Qcow2::create(&top, &options)
-        .unwrap()
-        .close()
-        .unwrap();
+    // Creation writes the image, then fails to reopen it through its backing file.
+    let err = monstervm::storage::Qcow2::create(&top, &options).unwrap_err();
+    assert!(
+        matches!(err, StorageError::BackingFormatMissing { .. }),
+        "{err}"
+    );
     let err = open_image(&top, &OpenOptions::read_only()).unwrap_err();
     assert!(
         matches!(err, StorageError::BackingFormatMissing { .. }),
@@ -289,5 +293,132 @@ fn snapshots_made_by_qemu_apply_like_qemu() {
         );
         let (code, text) = common::qemu_check(&image);
         assert_eq!(code, 0, "{options}: qemu-img check after apply: {text}");
+    }
+}
+
+#[test]
+fn lazy_refcounts_are_repaired_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("lazy.qcow2");
+    let path = image.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        path,
+        SIZE,
+    ]);
+    // qemu-io's abort command crashes it with refcount updates still postponed.
+    let out = common::run_tool("qemu-io", &["-c", "write -P 3 0 300k", "-c", "abort", path]);
+    assert!(!out.status.success(), "qemu-io abort should crash");
+    let (code, report) = common::qemu_check(&image);
+    assert_eq!(code, 2, "the crash must leave stale refcounts: {report}");
+
+    let qcow2 = monstervm::storage::Qcow2::open(&image, &OpenOptions::default()).unwrap();
+    qcow2.close().unwrap();
+    let (code, report) = common::qemu_check(&image);
+    assert_eq!(code, 0, "after repair: {report}");
+    qemu_io(&image, &["read -P 3 0 300k"]);
+}
+
+#[test]
+fn unknown_extension_kept_and_autoclear_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("ext.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), SIZE]);
+    let mut data = std::fs::read(&image).unwrap();
+    // Insert an extension of an unknown type right after the 112-byte header.
+    let extension: &[u8] = b"\x12\x34\x56\x78\x00\x00\x00\x05hello\x00\x00\x00";
+    let tail = data[112..4096 - extension.len()].to_vec();
+    data[112..112 + extension.len()].copy_from_slice(extension);
+    data[112 + extension.len()..4096].copy_from_slice(&tail);
+    // Autoclear bit 5 has no meaning yet; a writer must clear it.
+    data[88..96].copy_from_slice(&(1u64 << 5).to_be_bytes());
+    std::fs::write(&image, &data).unwrap();
+
+    let qcow2 = monstervm::storage::Qcow2::open(&image, &OpenOptions::default()).unwrap();
+    use monstervm::storage::BlockBackend;
+    qcow2.write_at(&[1; 4096], 0).unwrap();
+    qcow2.close().unwrap();
+
+    let after = std::fs::read(&image).unwrap();
+    let header_area = &after[..4096];
+    assert!(
+        header_area.windows(extension.len()).any(|w| w == extension),
+        "unknown extension was dropped"
+    );
+    assert_eq!(&after[88..96], &[0u8; 8], "autoclear bits");
+    let (code, report) = common::qemu_check(&image);
+    assert_eq!(code, 0, "{report}");
+    qemu_io(&image, &["read -P 1 0 4096"]);
+}
+
+#[test]
+fn bitmaps_counted_then_dropped_by_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("bitmaps.qcow2");
+    let path = image.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", path, SIZE]);
+    qemu_io(&image, &["write -P 1 0 1M"]);
+    qemu_img(&["bitmap", "--add", path, "b0"]);
+    qemu_io(&image, &["write -P 2 2M 1M"]);
+
+    let qcow2 = monstervm::storage::Qcow2::open(&image, &OpenOptions::read_only()).unwrap();
+    let report = qcow2
+        .check(monstervm::storage::qcow2::RepairMode::None)
+        .unwrap();
+    assert_eq!(
+        (report.corruptions, report.leaks),
+        (0, 0),
+        "{:?}",
+        report.messages
+    );
+    drop(qcow2);
+
+    // A writer cannot keep the bitmaps current, so it removes them and frees their clusters.
+    let qcow2 = monstervm::storage::Qcow2::open(&image, &OpenOptions::default()).unwrap();
+    qcow2.close().unwrap();
+    let (code, report) = common::qemu_check(&image);
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        !qemu_img(&["info", path]).contains("bitmaps:"),
+        "bitmaps extension still present"
+    );
+    qemu_io(&image, &["read -P 1 0 1M", "read -P 2 2M 1M"]);
+}
+
+#[test]
+fn external_data_file_images_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("disk.data");
+    for extra in ["", ",data_file_raw=on", ",extended_l2=on"] {
+        let image = dir.path().join("external.qcow2");
+        let options = format!("data_file={}{extra}", data.display());
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &options,
+            image.to_str().unwrap(),
+            SIZE,
+        ]);
+        fill(&image);
+        assert_reads_like_qemu(&image, dir.path(), &options);
+
+        let deny = OpenOptions {
+            read_only: true,
+            backing: BackingPolicy::Deny,
+            ..OpenOptions::default()
+        };
+        let err = open_image(&image, &deny).unwrap_err();
+        assert!(
+            matches!(err, StorageError::BackingDenied { .. }),
+            "{options}: {err}"
+        );
     }
 }

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::{header, Method, Request, StatusCode};
@@ -36,6 +37,8 @@ pub enum ClientError {
         #[source]
         source: Box<tokio_tungstenite::tungstenite::Error>,
     },
+    #[error("the VM API at {endpoint} did not respond within {secs} s: the VMM may be stopped or overloaded")]
+    TimedOut { endpoint: String, secs: u64 },
     #[error("the VM API returned {status}: {message}")]
     Status { status: StatusCode, message: String },
     #[error("the VM API returned a body that is not the expected JSON: {source}")]
@@ -45,17 +48,22 @@ pub enum ClientError {
     },
 }
 
-/// Where the API listens.
+/// Address of the API.
 #[derive(Debug, Clone)]
 enum Endpoint {
     Unix(PathBuf),
     Tcp { addr: SocketAddr, token: String },
 }
 
+/// Time a request (or the console handshake) may take before it fails, so that a
+/// stopped or wedged VMM cannot hang the CLI.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A connection-per-request client of one VM's API.
 #[derive(Debug, Clone)]
 pub struct ApiClient {
     endpoint: Endpoint,
+    timeout: Duration,
 }
 
 /// An open console connection.
@@ -70,6 +78,7 @@ impl ApiClient {
     pub fn unix(socket: &Path) -> ApiClient {
         ApiClient {
             endpoint: Endpoint::Unix(socket.to_path_buf()),
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 
@@ -80,7 +89,28 @@ impl ApiClient {
                 addr,
                 token: token.to_string(),
             },
+            timeout: DEFAULT_TIMEOUT,
         }
+    }
+
+    /// Replaces [`DEFAULT_TIMEOUT`] for each request.
+    pub fn with_timeout(mut self, timeout: Duration) -> ApiClient {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn within<T>(
+        &self,
+        future: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        tokio::time::timeout(self.timeout, future)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::TimedOut {
+                    endpoint: self.describe(),
+                    secs: self.timeout.as_secs(),
+                })
+            })
     }
 
     fn describe(&self) -> String {
@@ -107,6 +137,17 @@ impl ApiClient {
 
     /// Sends one request and returns the status and body, whatever the status.
     pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        self.within(self.exchange(method, path, content_type, body))
+            .await
+    }
+
+    async fn exchange(
         &self,
         method: Method,
         path: &str,
@@ -179,6 +220,10 @@ impl ApiClient {
 
     /// Opens the serial console WebSocket at `GET /vm/console`.
     pub async fn console(&self) -> Result<ConsoleStream, ClientError> {
+        self.within(self.open_console()).await
+    }
+
+    async fn open_console(&self) -> Result<ConsoleStream, ClientError> {
         let stream = self.connect().await?;
         let mut request = "ws://localhost/vm/console"
             .into_client_request()

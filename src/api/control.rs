@@ -1,7 +1,7 @@
 //! [`VmHandle`] over the VM's [`VmControl`] and its serial hub: what the VMM process serves.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use crate::api::handle::{
@@ -11,10 +11,13 @@ use crate::api::serial::{SerialHub, SerialSubscription};
 use crate::core::vm::{StopReason, VmControl, VmIo};
 use crate::hypervisor::VcpuStats;
 
-/// Writes host bytes into the guest's serial input (the 16550 receive buffer).
+/// Writes host bytes into the guest's serial input (the 16550 receive buffer). It may
+/// block while the guest's FIFO is full, because it runs on the handle's input thread.
 pub type SerialInput = Arc<dyn Fn(&[u8]) + Send + Sync>;
 /// Reads every vCPU's counters while the vCPUs run.
 pub type StatsReader = Arc<dyn Fn() -> Vec<VcpuStats> + Send + Sync>;
+/// Presses the guest's power button, which requests the guest to shut down and power off.
+pub type PowerButton = Arc<dyn Fn() + Send + Sync>;
 
 /// The parts of one boot of the VM that the handle drives. A reset replaces them.
 #[derive(Clone)]
@@ -24,6 +27,8 @@ pub struct Boot {
     pub serial_input: SerialInput,
     /// `None` when the backend keeps its counters inside the vCPU threads.
     pub stats: Option<StatsReader>,
+    /// `None` when the machine has no power button, so that a stop ends the vCPUs at once.
+    pub power_button: Option<PowerButton>,
     /// Backend name reported by `GET /vm`.
     pub backend: String,
 }
@@ -35,12 +40,21 @@ pub struct VmIdentity {
     pub memory_mib: u64,
 }
 
+/// Console input chunks queued for the guest before new input is dropped.
+pub const INPUT_QUEUE_CHUNKS: usize = 256;
+
 /// The VMM's [`VmHandle`]: actions go to the current boot's [`VmControl`].
+///
+/// Console input goes through a thread of its own, because delivering it waits for the
+/// guest to drain its serial FIFO (forever while the VM is paused), and the API server
+/// must keep serving meanwhile.
 pub struct ControlHandle {
     identity: VmIdentity,
     started: Instant,
     serial: SerialHub,
-    boot: Mutex<Option<Boot>>,
+    boot: Arc<Mutex<Option<Boot>>>,
+    input: mpsc::SyncSender<Vec<u8>>,
+    dropped_input: AtomicU64,
     boots: AtomicU32,
     /// Set by a stop that arrives while no boot is attached, so the VMM does not boot again.
     stop_requested: AtomicBool,
@@ -48,16 +62,32 @@ pub struct ControlHandle {
 }
 
 impl ControlHandle {
-    pub fn new(identity: VmIdentity, serial: SerialHub) -> ControlHandle {
-        ControlHandle {
+    /// Creates the handle and its input thread, which ends when the handle is dropped.
+    pub fn new(identity: VmIdentity, serial: SerialHub) -> std::io::Result<ControlHandle> {
+        let boot: Arc<Mutex<Option<Boot>>> = Arc::default();
+        let (input, queued) = mpsc::sync_channel::<Vec<u8>>(INPUT_QUEUE_CHUNKS);
+        let target = boot.clone();
+        std::thread::Builder::new()
+            .name("serial-input".into())
+            .spawn(move || {
+                for bytes in queued {
+                    let current = target.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Some(boot) = current {
+                        (boot.serial_input)(&bytes);
+                    }
+                }
+            })?;
+        Ok(ControlHandle {
             identity,
             started: Instant::now(),
             serial,
-            boot: Mutex::new(None),
+            boot,
+            input,
+            dropped_input: AtomicU64::new(0),
             boots: AtomicU32::new(0),
             stop_requested: AtomicBool::new(false),
             reset_requested: AtomicBool::new(false),
-        }
+        })
     }
 
     /// Makes `boot` the target of actions. Returns false, and applies a pending stop to
@@ -132,12 +162,22 @@ impl VmHandle for ControlHandle {
         match (action, state, current.as_ref()) {
             (VmAction::Stop, VmState::Stopping, _) => Ok(()),
             (VmAction::Stop, _, boot) => {
-                tracing::info!(vm = %name, "stop requested through the API");
                 self.stop_requested.store(true, Ordering::SeqCst);
-                if let Some(boot) = boot {
-                    // NOTE: this ends the vCPUs at once. A guest-visible power-button
-                    // event (ACPI) would let the guest shut down cleanly first.
-                    boot.control.request_stop(StopReason::UserStop);
+                match boot {
+                    // A paused guest cannot act on the button, so it is stopped at once.
+                    Some(boot) if !boot.control.is_paused() && boot.power_button.is_some() => {
+                        tracing::info!(vm = %name, "stop requested through the API; pressing the power button");
+                        if let Some(press) = &boot.power_button {
+                            press();
+                        }
+                    }
+                    Some(boot) => {
+                        tracing::info!(vm = %name, "stop requested through the API; ending the vCPUs");
+                        boot.control.request_stop(StopReason::UserStop);
+                    }
+                    None => {
+                        tracing::info!(vm = %name, "stop requested through the API before boot")
+                    }
                 }
                 Ok(())
             }
@@ -193,8 +233,12 @@ impl VmHandle for ControlHandle {
 
     fn send_serial(&self, bytes: &[u8]) {
         self.serial.record_input(bytes.len());
-        if let Some(boot) = self.current() {
-            (boot.serial_input)(bytes);
+        if self.input.try_send(bytes.to_vec()).is_err() {
+            // Only a guest that stopped reading (or a paused VM) fills the queue, so
+            // the first loss is logged and later ones are only counted.
+            if self.dropped_input.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(vm = %self.identity.name, "serial input queue is full; dropping console input");
+            }
         }
     }
 }
@@ -210,7 +254,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 16,
         };
-        ControlHandle::new(identity, SerialHub::new(None).unwrap())
+        ControlHandle::new(identity, SerialHub::new(None).unwrap()).unwrap()
     }
 
     fn boot(received: Arc<AtomicUsize>) -> Boot {
@@ -221,6 +265,7 @@ mod tests {
                 received.fetch_add(bytes.len(), Ordering::SeqCst);
             }),
             stats: None,
+            power_button: None,
             backend: "emulator".into(),
         }
     }
@@ -244,6 +289,29 @@ mod tests {
     }
 
     #[test]
+    fn blocked_input_keeps_actions_working() {
+        let handle = handle();
+        let release = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let mut boot = boot(Arc::default());
+        let gate = release.clone();
+        boot.serial_input = Arc::new(move |_: &[u8]| {
+            let (open, wake) = &*gate;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                open = wake.wait(open).unwrap();
+            }
+        });
+        handle.attach(boot);
+
+        handle.send_serial(b"stuck");
+        handle.action(VmAction::Pause).unwrap();
+        handle.action(VmAction::Resume).unwrap();
+
+        *release.0.lock().unwrap() = true;
+        release.1.notify_all();
+    }
+
+    #[test]
     fn stop_is_idempotent() {
         let handle = handle();
         let boot = boot(Arc::default());
@@ -257,6 +325,45 @@ mod tests {
         assert_eq!(handle.info().state, VmState::Stopping);
         assert!(handle.action(VmAction::Pause).is_err());
         assert!(!handle.detach());
+    }
+
+    #[test]
+    fn stop_presses_power_button_once() {
+        let handle = handle();
+        let presses = Arc::new(AtomicUsize::new(0));
+        let mut boot = boot(Arc::default());
+        let counter = presses.clone();
+        boot.power_button = Some(Arc::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+        let control = boot.control.clone();
+        handle.attach(boot);
+
+        handle.action(VmAction::Stop).unwrap();
+        handle.action(VmAction::Stop).unwrap();
+
+        assert_eq!(presses.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            control.stop_reason(),
+            None,
+            "the guest decides when to stop"
+        );
+        assert_eq!(handle.info().state, VmState::Stopping);
+        assert!(!handle.detach(), "no boot after a stop");
+    }
+
+    #[test]
+    fn stop_ends_paused_vm_at_once() {
+        let handle = handle();
+        let mut boot = boot(Arc::default());
+        boot.power_button = Some(Arc::new(|| panic!("a paused guest cannot see the button")));
+        let control = boot.control.clone();
+        handle.attach(boot);
+        handle.action(VmAction::Pause).unwrap();
+
+        handle.action(VmAction::Stop).unwrap();
+
+        assert_eq!(control.stop_reason(), Some(StopReason::UserStop));
     }
 
     #[test]
@@ -293,6 +400,10 @@ mod tests {
 
         handle.send_serial(b"ls\n");
 
+        // Delivery happens on the input thread; a broken path fails by never arriving.
+        while received.load(Ordering::SeqCst) < 3 {
+            std::thread::yield_now();
+        }
         assert_eq!(received.load(Ordering::SeqCst), 3);
         assert_eq!(handle.metrics().serial.bytes_in, 3);
     }

@@ -155,7 +155,7 @@ impl HubInner {
         let excess = (tail.len() + keep).saturating_sub(TAIL_BYTES);
         tail.drain(..excess);
         tail.extend(&bytes[bytes.len() - keep..]);
-        // An error only means that nobody is watching.
+        // An error only means that no viewer is subscribed.
         let _ = self.live.send(Bytes::copy_from_slice(bytes));
     }
 }

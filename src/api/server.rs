@@ -1,6 +1,6 @@
 //! The per-VM HTTP API: axum routes over a [`VmHandle`].
 //!
-//! | method | path | body | answer |
+//! | method | path | body | response |
 //! | --- | --- | --- | --- |
 //! | GET | `/vm` | | [`VmInfo`](crate::api::VmInfo) |
 //! | PUT | `/vm/actions` | `{"action": "pause"\|"resume"\|"stop"\|"reset"}` | 204 |
@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -23,7 +24,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
 use tokio::sync::{broadcast, watch};
 
 use crate::api::handle::{VmAction, VmHandle, VmInfo, VmMetrics};
@@ -63,19 +63,56 @@ impl From<JsonRejection> for ApiError {
         let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
             format!("request body exceeds the {MAX_BODY_BYTES}-byte limit")
         } else {
-            // axum's text names the JSON path of the bad field, for example
-            // "action: unknown variant `explode`, expected one of ...".
+            // Syntax errors and a missing Content-Type: axum's text gives the line and
+            // column or the expected header.
             rejection.body_text()
         };
         ApiError::new(status, message)
     }
 }
 
-/// Body of `PUT /vm/actions`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ActionRequest {
-    pub action: VmAction,
+/// Parses the body of `PUT /vm/actions`, `{"action": "pause"|"resume"|"stop"|"reset"}`.
+///
+/// serde's own messages are vague for this shape (an integer action reads as a syntax
+/// error), so each case gets a message that names the field and the accepted values.
+pub fn parse_action(body: &serde_json::Value) -> Result<VmAction, ApiError> {
+    let invalid = |message: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message);
+    let Some(object) = body.as_object() else {
+        return Err(invalid(format!(
+            "the body must be a JSON object like {{\"action\": \"pause\"}}, not {}",
+            json_type(body)
+        )));
+    };
+    if let Some(unknown) = object.keys().find(|key| *key != "action") {
+        return Err(invalid(format!(
+            "unknown field `{unknown}`: the body takes only `action`"
+        )));
+    }
+    let value = object
+        .get("action")
+        .ok_or_else(|| invalid("missing field `action`".to_string()))?;
+    let Some(name) = value.as_str() else {
+        return Err(invalid(format!(
+            "field `action` must be a string (pause, resume, stop or reset), not {}",
+            json_type(value)
+        )));
+    };
+    serde_json::from_value(value.clone()).map_err(|_| {
+        invalid(format!(
+            "unknown value {name:?} in field `action`: expected pause, resume, stop or reset"
+        ))
+    })
+}
+
+fn json_type(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 #[derive(Clone)]
@@ -131,12 +168,13 @@ async fn get_openapi() -> Json<serde_json::Value> {
 
 async fn put_action(
     State(state): State<ApiState>,
-    body: Result<Json<ActionRequest>, JsonRejection>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let Json(request) = body?;
+    let Json(body) = body?;
+    let action = parse_action(&body)?;
     state
         .handle
-        .action(request.action)
+        .action(action)
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -214,10 +252,22 @@ fn tokens_match(presented: &[u8], expected: &[u8]) -> bool {
         == 0
 }
 
-async fn get_console(State(state): State<ApiState>, upgrade: WebSocketUpgrade) -> Response {
-    upgrade
+async fn get_console(
+    State(state): State<ApiState>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let upgrade = upgrade.map_err(|rejection| {
+        ApiError::new(
+            rejection.status(),
+            format!(
+                "GET /vm/console needs a WebSocket upgrade request: {}",
+                rejection.body_text()
+            ),
+        )
+    })?;
+    Ok(upgrade
         .max_message_size(MAX_CONSOLE_MESSAGE_BYTES)
-        .on_upgrade(move |socket| serve_console(socket, state))
+        .on_upgrade(move |socket| serve_console(socket, state)))
 }
 
 /// Streams serial output to one viewer and forwards its input until either side closes or
@@ -269,6 +319,37 @@ async fn serve_console(socket: WebSocket, state: ApiState) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn action_body_errors_name_the_field() {
+        let cases = [
+            (
+                serde_json::json!({"action": 5}),
+                "`action` must be a string",
+            ),
+            (
+                serde_json::json!({"action": "explode"}),
+                "\"explode\" in field `action`",
+            ),
+            (
+                serde_json::json!({"action": "pause", "x": 1}),
+                "unknown field `x`",
+            ),
+            (serde_json::json!({}), "missing field `action`"),
+            (serde_json::json!(["pause"]), "must be a JSON object"),
+        ];
+        for (body, expected) in cases {
+            let error = parse_action(&body).unwrap_err();
+            assert_eq!(error.status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+            assert!(
+                error.message.contains(expected),
+                "{body}: {}",
+                error.message
+            );
+        }
+        let body = serde_json::json!({"action": "reset"});
+        assert_eq!(parse_action(&body).unwrap(), VmAction::Reset);
+    }
 
     #[test]
     fn token_comparison() {

@@ -20,7 +20,7 @@ enum Input {
     Detach,
 }
 
-/// How a console session ended.
+/// Reason a console session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConsoleEnd {
     /// The user pressed the escape key.

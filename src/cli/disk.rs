@@ -39,7 +39,7 @@ enum DiskCommand {
     Check(CheckArgs),
     /// Copy an image into a new one of any format: convert [-c] -O FMT SRC DST.
     Convert(ConvertArgs),
-    /// Grow an image: resize IMAGE [+]SIZE.
+    /// Resize an image (qcow2 only grows): resize IMAGE [+|-]SIZE.
     Resize(ResizeArgs),
     /// Manage internal snapshots: -c|-a|-d NAME or -l, or create|list|apply|delete.
     Snapshot(SnapshotArgs),
@@ -241,8 +241,8 @@ fn parse_format(name: &str) -> anyhow::Result<ImageFormat> {
     Ok(name.parse::<ImageFormat>()?)
 }
 
-fn detect_format(path: &Path, given: Option<&str>) -> anyhow::Result<ImageFormat> {
-    match given {
+fn detect_format(path: &Path, requested: Option<&str>) -> anyhow::Result<ImageFormat> {
+    match requested {
         Some(name) => parse_format(name),
         None => Ok(probe_format(path)?),
     }
@@ -608,6 +608,12 @@ fn is_zero(buf: &[u8]) -> bool {
     buf.iter().all(|&b| b == 0)
 }
 
+/// The image `convert` writes.
+enum Destination {
+    Raw(RawFile),
+    Qcow2(Box<Qcow2>),
+}
+
 fn convert(args: ConvertArgs) -> anyhow::Result<i32> {
     let source_format = detect_format(&args.source, args.source_format.as_deref())?;
     let output_format = parse_format(&args.output_format)?;
@@ -627,9 +633,11 @@ fn convert(args: ConvertArgs) -> anyhow::Result<i32> {
         bail!("compression (-c) needs -O qcow2");
     }
 
-    let (raw_destination, qcow2_destination) = match output_format {
-        ImageFormat::Raw => (Some(RawFile::create(&args.destination, size)?), None),
-        ImageFormat::Qcow2 => (None, Some(Qcow2::create(&args.destination, &options)?)),
+    let destination = match output_format {
+        ImageFormat::Raw => Destination::Raw(RawFile::create(&args.destination, size)?),
+        ImageFormat::Qcow2 => {
+            Destination::Qcow2(Box::new(Qcow2::create(&args.destination, &options)?))
+        }
     };
     // Chunks are whole destination clusters so compressed writes stay cluster-aligned.
     let cluster = options.cluster_size;
@@ -646,11 +654,12 @@ fn convert(args: ConvertArgs) -> anyhow::Result<i32> {
             let data = &buf[at..at + piece];
             let guest = offset + at as u64;
             if !is_zero(data) {
-                match (&qcow2_destination, &raw_destination) {
-                    (Some(image), _) if args.compress => image.write_compressed(data, guest)?,
-                    (Some(image), _) => image.write_at(data, guest)?,
-                    (None, Some(raw)) => raw.write_at(data, guest)?,
-                    (None, None) => unreachable!("one destination is always created"),
+                match &destination {
+                    Destination::Qcow2(image) if args.compress => {
+                        image.write_compressed(data, guest)?
+                    }
+                    Destination::Qcow2(image) => image.write_at(data, guest)?,
+                    Destination::Raw(raw) => raw.write_at(data, guest)?,
                 }
             }
             at += piece;
@@ -668,11 +677,9 @@ fn convert(args: ConvertArgs) -> anyhow::Result<i32> {
     if args.progress {
         eprintln!();
     }
-    if let Some(raw) = raw_destination {
-        raw.flush()?;
-    }
-    if let Some(image) = qcow2_destination {
-        image.close()?;
+    match destination {
+        Destination::Raw(raw) => raw.flush()?,
+        Destination::Qcow2(image) => image.close()?,
     }
     Ok(0)
 }

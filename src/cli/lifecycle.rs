@@ -88,9 +88,9 @@ pub enum DisplayState {
     Running,
     Paused,
     Stopping,
-    /// No VMM runs and the last run ended in failure; `last_error` says why.
+    /// No VMM runs and the last run ended in failure, for the reason in `last_error`.
     Crashed,
-    /// A VMM holds the lock but its API does not answer.
+    /// A VMM holds the lock but its API does not respond.
     Unresponsive,
     /// The definition in `vm.toml` cannot be loaded.
     Invalid,
@@ -135,7 +135,7 @@ pub struct VmStatus {
     pub vcpus: Option<u8>,
     pub memory_mib: Option<u64>,
     pub uptime_secs: Option<f64>,
-    /// Why the last run failed, or why the VM cannot be inspected now.
+    /// Reason the last run failed, or the reason the VM cannot be inspected now.
     pub last_error: Option<String>,
     #[serde(skip)]
     config: Option<VmConfig>,
@@ -411,7 +411,16 @@ fn is_vmm_of(pid: u32, name: &str) -> bool {
         .any(|pair| pair[0] == b"vmm" && pair[1] == name.as_bytes())
 }
 
-/// `monstervm stop`: asks the VM to stop through the API, then kills its VMM with SIGKILL
+/// Result of `monstervm stop`.
+#[derive(Debug, Serialize)]
+pub struct Stopped {
+    pub name: String,
+    /// True when SIGKILL ended the VMM.
+    pub killed: bool,
+    pub stop_secs: f64,
+}
+
+/// `monstervm stop`: requests a stop through the API, then kills the VMM with SIGKILL
 /// if it is still alive after `timeout`, or at once with `force`.
 pub fn stop(
     state: &StateDir,
@@ -421,14 +430,25 @@ pub fn stop(
     format: OutputFormat,
 ) -> anyhow::Result<i32> {
     let vm = state.existing_vm(name)?;
-    require_running(&vm)?;
+    let report = stop_vm(&vm, timeout, force)?;
+    output::print(format, &report, |r| {
+        let how = if r.killed { " (killed)" } else { "" };
+        format!("Stopped VM {}{how} in {:.3} s\n", r.name, r.stop_secs)
+    });
+    Ok(crate::cli::EXIT_OK)
+}
+
+/// Stops the VMM of `vm` as `monstervm stop` does, without printing.
+pub fn stop_vm(vm: &VmDir, timeout: Duration, force: bool) -> anyhow::Result<Stopped> {
+    let name = vm.name();
+    require_running(vm)?;
     let started = Instant::now();
 
     let mut killed = false;
     let mut exited = false;
     if !force {
         match block_on(ApiClient::unix(&vm.socket_path()).action(VmAction::Stop)) {
-            Ok(()) => exited = wait_for_exit(&vm, timeout)?,
+            Ok(()) => exited = wait_for_exit(vm, timeout)?,
             Err(error) => {
                 tracing::warn!(vm = %name, %error, "stop through the API failed; killing the VMM")
             }
@@ -437,7 +457,7 @@ pub fn stop(
     if !exited {
         let pid = vm
             .read_pid()
-            .context("the VMM holds the lock but wrote no pid file")?;
+            .context("pid file missing although a VMM holds the lock; check the VM folder")?;
         if is_vmm_of(pid, name) {
             tracing::info!(vm = %name, pid, "killing the VMM with SIGKILL");
             // SAFETY: kill has no memory-safety preconditions; `pid` was checked above to
@@ -445,7 +465,7 @@ pub fn stop(
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             killed = true;
         }
-        if !wait_for_exit(&vm, KILL_WAIT)? {
+        if !wait_for_exit(vm, KILL_WAIT)? {
             return Err(LifecycleError::KillFailed {
                 name: name.to_string(),
                 pid,
@@ -459,22 +479,11 @@ pub fn stop(
         }
     }
 
-    #[derive(Serialize)]
-    struct Stopped<'a> {
-        name: &'a str,
-        killed: bool,
-        stop_secs: f64,
-    }
-    let report = Stopped {
-        name,
+    Ok(Stopped {
+        name: name.to_string(),
         killed,
         stop_secs: started.elapsed().as_secs_f64(),
-    };
-    output::print(format, &report, |r| {
-        let how = if r.killed { " (killed)" } else { "" };
-        format!("Stopped VM {}{how} in {:.3} s\n", r.name, r.stop_secs)
-    });
-    Ok(crate::cli::EXIT_OK)
+    })
 }
 
 /// `monstervm pause` and `monstervm resume`.
@@ -639,7 +648,7 @@ pub fn delete(
     let lock = match vm.try_lock() {
         Ok(lock) => lock,
         Err(StateError::Locked { .. }) if force => {
-            stop(state, name, Duration::ZERO, true, OutputFormat::Table)?;
+            stop_vm(&vm, Duration::ZERO, true)?;
             vm.try_lock()?
         }
         Err(StateError::Locked { .. }) => {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 pub mod disk;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::api::VmAction;
@@ -204,14 +205,14 @@ pub struct VmmArgs {
 
 #[derive(Subcommand, Debug)]
 enum GuestCommand {
-    /// Download Debian's cloud kernel and BusyBox and write DIR/vmlinuz and
-    /// DIR/initramfs.img.
+    /// Download Debian's cloud kernel and BusyBox and write DIR/vmlinuz,
+    /// DIR/initramfs.img and DIR/vmlinux.
     Fetch(GuestFetchArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct GuestFetchArgs {
-    /// Folder for vmlinuz and initramfs.img, created if missing.
+    /// Folder for vmlinuz, initramfs.img and vmlinux, created if missing.
     #[arg(long, value_name = "DIR", default_value = "guest")]
     pub dir: PathBuf,
     /// Use the linux-image-<version>-cloud-amd64 and busybox-static .deb files in FOLDER
@@ -321,7 +322,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             lifecycle::create(&state, &config, format)
         }
         Command::Start(args) => {
-            // The VMM logs starts, stops and errors at info level unless told otherwise.
+            // The VMM logs starts, stops and errors at info level unless --log-level sets another.
             let log_level = if cli.log_level == "warn" {
                 "info".to_string()
             } else {
@@ -409,8 +410,12 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
 }
 
 fn guest_fetch(args: GuestFetchArgs, format: OutputFormat) -> anyhow::Result<i32> {
+    // The fetch runs tools in other working directories, so relative paths must be
+    // resolved against this one first.
+    let dir = std::path::absolute(&args.dir)
+        .with_context(|| format!("invalid --dir {}", args.dir.display()))?;
     let options = crate::guest::FetchOptions {
-        dir: args.dir,
+        dir,
         debs: args.debs,
     };
     let guest = crate::guest::fetch_guest(&options, &mut |line| eprintln!("{line}"))?;
@@ -419,6 +424,9 @@ fn guest_fetch(args: GuestFetchArgs, format: OutputFormat) -> anyhow::Result<i32
         OutputFormat::Table => {
             println!("kernel:    {}", guest.kernel.display());
             println!("initramfs: {}", guest.initramfs.display());
+            if let Some(vmlinux) = &guest.vmlinux {
+                println!("vmlinux:   {}", vmlinux.display());
+            }
             println!(
                 "boot it with: monstervm run --kernel {} --initrd {}",
                 guest.kernel.display(),

@@ -146,7 +146,7 @@ impl StateDir {
         Ok(vm)
     }
 
-    /// Returns the names of every VM folder that holds a definition, sorted.
+    /// Returns the names of every VM folder that contains a definition, sorted.
     pub fn vm_names(&self) -> Result<Vec<String>, StateError> {
         let vms = self.vms_dir();
         let entries = match std::fs::read_dir(&vms) {

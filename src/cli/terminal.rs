@@ -7,8 +7,8 @@
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 
-/// Ctrl-] (0x1d), the key that ends `monstervm run` from a raw-mode terminal, as in telnet
-/// and `virsh console`.
+/// Ctrl-] (0x1d), the key that ends `monstervm run` and detaches `monstervm console` from
+/// a raw-mode terminal, as in telnet and `virsh console`.
 pub const ESCAPE_KEY: u8 = 0x1d;
 
 /// Restores the terminal's settings when dropped.

@@ -1,7 +1,8 @@
 //! The "newc" cpio format (SVR4 without CRC) that the Linux initramfs unpacker reads.
 //!
-//! Each entry is a 110-byte ASCII header, the NUL-terminated path padded to 4 bytes, and
-//! the data padded to 4 bytes; an entry named `TRAILER!!!` ends the archive:
+//! Each entry is a 110-byte ASCII header, then the NUL-terminated path, padded with the
+//! header to a multiple of 4 bytes, then the data, padded to 4 bytes. An entry named
+//! `TRAILER!!!` ends the archive:
 //!
 //! ```text
 //! "070701" ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor
@@ -154,7 +155,7 @@ pub struct CpioEntry {
     pub data: Vec<u8>,
 }
 
-/// Why an archive could not be read.
+/// Reason an archive could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CpioError {
     #[error("cpio header at offset {offset:#x} is truncated: the archive is {size} bytes")]

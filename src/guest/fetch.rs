@@ -1,6 +1,7 @@
 //! `monstervm guest fetch`: downloads Debian's cloud kernel and static BusyBox with
-//! `apt-get download`, unpacks them with `dpkg-deb -x`, and writes `vmlinuz` and
-//! `initramfs.img`. Neither step needs root.
+//! `apt-get download`, unpacks them with `dpkg-deb -x`, and writes `vmlinuz`,
+//! `initramfs.img` and the ELF `vmlinux` extracted from `vmlinuz`. Neither step needs
+//! root.
 
 use std::fs;
 use std::io::ErrorKind;
@@ -11,6 +12,7 @@ use serde::Serialize;
 
 use super::initramfs::{build_initramfs, InitramfsError, ModuleSource};
 use crate::core::boot::image::{probe, KernelImage};
+use crate::core::boot::vmlinux::extract_vmlinux;
 
 /// Meta-package whose dependency is the current cloud kernel image package.
 pub const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
@@ -23,7 +25,7 @@ then `apt-get download` the linux-image-<version>-cloud-amd64 package that the f
 with the two real .deb files as `monstervm guest fetch --debs FOLDER`; or put a bzImage at DIR/vmlinuz and a newc cpio \
 initramfs with a static BusyBox and an /init script at DIR/initramfs.img";
 
-/// Where to write the guest and where its packages come from.
+/// Output folder and package source of `guest fetch`.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
     /// Output folder, created if missing.
@@ -40,6 +42,9 @@ pub struct FetchedGuest {
     pub kernel: PathBuf,
     /// The newc cpio archive.
     pub initramfs: PathBuf,
+    /// The ELF vmlinux extracted from the bzImage, for booting without the in-kernel
+    /// decompressor; `None` where the payload's compression is not supported.
+    pub vmlinux: Option<PathBuf>,
     /// Kernel release, as `uname -r` prints it in the guest.
     pub kernel_version: String,
     /// Name of the .deb that held the kernel.
@@ -151,6 +156,7 @@ pub fn fetch_guest(
     fs::copy(&vmlinuz, &kernel_tmp).map_err(io_error("copy kernel to", &kernel_tmp))?;
     fs::rename(&kernel_tmp, &kernel).map_err(io_error("write", &kernel))?;
     progress(&format!("wrote {} ({kernel_version})", kernel.display()));
+    let vmlinux = write_vmlinux(&kernel, &options.dir.join("vmlinux"), &work.0, progress)?;
 
     let initramfs = options.dir.join("initramfs.img");
     let initramfs_tmp = work.0.join("initramfs.img");
@@ -170,11 +176,39 @@ pub fn fetch_guest(
     Ok(FetchedGuest {
         kernel,
         initramfs,
+        vmlinux,
         kernel_version,
         kernel_package,
         modules: summary.modules,
         missing_modules: summary.missing_modules,
     })
+}
+
+/// Extracts the ELF vmlinux from `bzimage` into `output`. A payload that cannot be
+/// decoded is reported and skipped, because the bzImage alone boots the guest.
+fn write_vmlinux(
+    bzimage: &Path,
+    output: &Path,
+    work: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Option<PathBuf>, FetchError> {
+    let bytes = fs::read(bzimage).map_err(io_error("read", bzimage))?;
+    let vmlinux = match extract_vmlinux(&bytes) {
+        Ok(vmlinux) => vmlinux,
+        Err(error) => {
+            progress(&format!("not writing {}: {error}", output.display()));
+            return Ok(None);
+        }
+    };
+    let tmp = work.join("vmlinux");
+    fs::write(&tmp, &vmlinux).map_err(io_error("write", &tmp))?;
+    fs::rename(&tmp, output).map_err(io_error("write", output))?;
+    progress(&format!(
+        "wrote {} (ELF, {} KiB, extracted from the bzImage)",
+        output.display(),
+        vmlinux.len() / 1024
+    ));
+    Ok(Some(output.to_path_buf()))
 }
 
 fn file_name(path: &Path) -> String {

@@ -23,7 +23,7 @@ pub const VIRTIO_MODULES: [&str; 3] = ["virtio_pci", "virtio_blk", "virtio_net"]
 const LOAD_ORDER_FILE: &str = "lib/modules/load-order";
 
 /// The `/init` script. BusyBox installs its applet links first, so every later command is
-/// an applet; `cttyhack` opens the console named by `console=` (for example /dev/ttyS0) as
+/// an applet. `cttyhack` opens the console named by `console=` (for example /dev/ttyS0) as
 /// the controlling terminal, so the shell has job control and typed commands echo.
 pub const INIT_SCRIPT: &str = r#"#!/bin/sh
 # /init of the MonsterVM test guest, written by `monstervm guest fetch`.
@@ -87,7 +87,7 @@ pub struct ModuleSource {
     pub version: String,
 }
 
-/// What went into the archive.
+/// Contents summary of a written archive.
 #[derive(Debug, Clone, Serialize)]
 pub struct InitramfsSummary {
     pub path: PathBuf,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 /// Largest module file read, in bytes; the biggest Debian 6.1 module is about 10 MiB.
 const MAX_MODULE_SIZE: u64 = 64 << 20;
 
-/// Why a module file could not be read.
+/// Reason a module file could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
     #[error("failed to read kernel module {path}: {source}")]

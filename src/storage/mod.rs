@@ -3,9 +3,9 @@
 //!
 //! [`open_image`] picks the format: a file that starts with the qcow2 magic opens as qcow2
 //! unless the caller names a format. A backing file takes its format from the overlay's
-//! backing-format header extension; without it only the qcow2 magic is accepted, because
-//! treating an unknown backing file as raw would let guest data written into it pass for
-//! an image header.
+//! backing-format header extension. Without that extension only the qcow2 magic is
+//! accepted, because a raw backing file probed as qcow2 would let guest data written into
+//! it pass for an image header.
 
 pub mod qcow2;
 pub mod raw;
@@ -37,8 +37,9 @@ pub trait BlockBackend: Send + Sync + fmt::Debug {
     fn flush(&self) -> Result<(), StorageError>;
 
     /// Releases the storage behind a range. Reads of the range return zeros afterwards
-    /// where the format can express that; partial clusters of a qcow2 image keep their
-    /// data because a discard is only a hint.
+    /// where the format can express that. Partial clusters of a qcow2 image, and whole
+    /// ones of a version 2 image over a backing file, keep their data because a discard
+    /// is only a hint.
     fn discard(&self, offset: u64, len: u64) -> Result<(), StorageError>;
 
     /// Makes a range read as zeros, deallocating whole clusters where the format allows.
@@ -100,7 +101,7 @@ pub enum BackingPolicy {
     Deny,
 }
 
-/// How [`open_image`] opens an image.
+/// Settings for [`open_image`].
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     /// Open without write access; writes return [`StorageError::ReadOnly`].
@@ -158,7 +159,7 @@ pub enum StorageError {
         len: u64,
         size: u64,
     },
-    /// A header or table field holds an invalid value.
+    /// A header or table field contains an invalid value.
     #[error("{path}: invalid {field} {value:#x}: {reason}")]
     InvalidField {
         path: PathBuf,
@@ -261,7 +262,7 @@ pub fn open_image(
     open_chain(path, format, options, &mut Vec::new())
 }
 
-/// Opens one image of a backing chain; `chain` holds the canonical paths above it.
+/// Opens one image of a backing chain; `chain` lists the canonical paths above it.
 pub(crate) fn open_chain(
     path: &Path,
     format: ImageFormat,

@@ -1,7 +1,7 @@
 //! Building a VM from its definition: the one function through which the VMM process
 //! gets a runnable VM.
 
-use crate::api::control::{SerialInput, StatsReader};
+use crate::api::control::{PowerButton, SerialInput, StatsReader};
 use crate::api::SerialSink;
 use crate::core::vm::console::ConsoleInput;
 use crate::core::vm::Vm;
@@ -17,6 +17,9 @@ pub struct BuiltVm {
     pub serial_input: SerialInput,
     /// Reads the vCPUs' exit counters while they run; `None` if the backend cannot.
     pub stats: Option<StatsReader>,
+    /// Presses the guest's power button (an ACPI power-button event); `None` if the
+    /// machine has none, and then an API stop ends the vCPUs at once.
+    pub power_button: Option<PowerButton>,
 }
 
 pub use crate::core::vm::builder::BuildError;
@@ -38,5 +41,8 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialSink) -> Result<BuiltVm, Bu
         // NOTE: per-vCPU counters are read by the vCPU's owner only; the API reports
         // them once the VM loop publishes them.
         stats: None,
+        // NOTE: the machine has no ACPI power button yet, so an API stop ends the vCPUs
+        // without giving the guest a chance to shut down.
+        power_button: None,
     })
 }

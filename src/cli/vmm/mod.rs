@@ -10,6 +10,7 @@ pub mod test_double;
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +31,7 @@ use builder::{BuildError, BuiltVm};
 /// How long the API keeps serving open connections after the VM ends.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where the API listens besides its Unix socket.
+/// TCP listener of the API, in addition to its Unix socket.
 #[derive(Debug, Clone)]
 pub struct TcpApi {
     pub addr: SocketAddr,
@@ -40,14 +41,17 @@ pub struct TcpApi {
 /// Runs the VMM of VM `name` and returns the process exit status.
 pub fn run(state: &StateDir, name: &str, tcp: Option<TcpApi>) -> anyhow::Result<i32> {
     let vm_dir = state.existing_vm(name)?;
-    let _lock = match std::env::var(LOCK_FD_ENV) {
-        Ok(fd) => {
-            let fd = fd
-                .parse()
-                .with_context(|| format!("{LOCK_FD_ENV}={fd:?} is not a descriptor number"))?;
-            vm_dir.adopt_lock(fd)?
-        }
-        Err(_) => vm_dir.try_lock()?,
+    let inherited_lock: Option<RawFd> = match std::env::var(LOCK_FD_ENV) {
+        Ok(fd) => Some(
+            fd.parse()
+                .with_context(|| format!("{LOCK_FD_ENV}={fd:?} is not a descriptor number"))?,
+        ),
+        Err(_) => None,
+    };
+    close_inherited_descriptors(inherited_lock);
+    let _lock = match inherited_lock {
+        Some(fd) => vm_dir.adopt_lock(fd)?,
+        None => vm_dir.try_lock()?,
     };
     let config = vm_dir.load_config()?;
     vm_dir.check_socket_path()?;
@@ -84,6 +88,31 @@ pub fn run(state: &StateDir, name: &str, tcp: Option<TcpApi>) -> anyhow::Result<
     Ok(code)
 }
 
+/// Closes every descriptor above stderr except `keep`.
+///
+/// The VMM outlives the command that started it, so a descriptor that leaked into it
+/// without close-on-exec (a caller's pipe, a build tool's jobserver) would stay open for
+/// the VM's whole life, and the reader at the other end would never see end of file.
+fn close_inherited_descriptors(keep: Option<RawFd>) {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        tracing::warn!("failed to list /proc/self/fd; inherited descriptors stay open");
+        return;
+    };
+    let descriptors: Vec<RawFd> = entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect();
+    // The directory's own descriptor was in the list and is closed by now, so closing it
+    // again fails harmlessly with EBADF.
+    for fd in descriptors {
+        if fd > 2 && Some(fd) != keep {
+            // SAFETY: this runs before the VMM opens any descriptor of its own, so every
+            // one listed came from the parent and no object in this process owns it.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
 /// Writes a panic's message to `last_error` before the default hook prints it.
 fn record_panics(vm_dir: &VmDir) {
     let vm_dir = vm_dir.clone();
@@ -104,7 +133,9 @@ fn serve(vm_dir: &VmDir, config: &VmConfig, tcp: Option<TcpApi>) -> anyhow::Resu
         vcpus: config.vcpus,
         memory_mib: config.memory_mib,
     };
-    let handle = Arc::new(ControlHandle::new(identity, hub));
+    let handle = Arc::new(
+        ControlHandle::new(identity, hub).context("failed to start the serial input thread")?,
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -209,12 +240,14 @@ fn run_boots(config: &VmConfig, handle: &ControlHandle) -> anyhow::Result<VmExit
             backend,
             serial_input,
             stats,
+            power_button,
         } = build(config, handle)?;
         handle.attach(Boot {
             control: vm.control().clone(),
             io: vm.io().clone(),
             serial_input,
             stats,
+            power_button,
             backend,
         });
 

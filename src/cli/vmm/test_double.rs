@@ -1,13 +1,16 @@
 //! TEST DOUBLE: a VM whose vCPUs run no guest code, for the lifecycle tests.
 //!
-//! No backend in this tree boots a guest yet, so the integration tests set
-//! [`TEST_DOUBLE_ENV`] and the VMM builds this VM instead of calling
-//! [`build_vm`](super::builder::build_vm). Everything else is real: the `Vm` run loop, its
-//! `VmControl` pause and stop handling, the serial fan-out, the API and the process model.
+//! Most lifecycle tests set [`TEST_DOUBLE_ENV`], and the VMM then builds this VM instead of
+//! calling [`build_vm`](super::builder::build_vm). A real guest would make them depend on
+//! its boot time, and the real machine has no power button yet. Everything else is real:
+//! the `Vm` run loop, its `VmControl` pause and stop handling, the serial fan-out, the API
+//! and the process model. One test in `tests/api.rs` boots the embedded guest instead.
 //!
 //! Each vCPU blocks in `run` until it is kicked, like a guest idling in HLT with interrupts
-//! enabled. The serial port prints a banner at boot and echoes its input, like a guest
-//! shell with terminal echo on; each echoed byte counts as one port-I/O exit.
+//! enabled. The serial port prints a banner at boot and echoes its input, as a guest shell
+//! with terminal echo does. Each echoed byte counts as one port-I/O exit. Its power button
+//! makes it print a line and power off, unless the kernel command line contains
+//! [`IGNORE_POWER_BUTTON`], which lets tests check that `stop` kills such a guest.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +18,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use super::builder::{BuildError, BuiltVm};
 use crate::api::SerialSink;
+use crate::core::devices::{PlatformControl, PlatformRequest};
 use crate::core::memory::create_guest_memory;
 use crate::core::vm::{Vm, VmControl, VmIo};
 use crate::hypervisor::{
@@ -25,8 +29,10 @@ use crate::utils::config::VmConfig;
 
 /// Set to `1` to make `monstervm vmm` build the test double instead of a real VM.
 pub const TEST_DOUBLE_ENV: &str = "MONSTERVM_TEST_DOUBLE_VM";
+/// Kernel command-line word that makes the test double ignore its power button.
+pub const IGNORE_POWER_BUTTON: &str = "ignore-power-button";
 
-/// Returns true when [`TEST_DOUBLE_ENV`] asks for the test double.
+/// Returns true when [`TEST_DOUBLE_ENV`] is set to `1`.
 pub fn requested() -> bool {
     std::env::var_os(TEST_DOUBLE_ENV).is_some_and(|value| value == "1")
 }
@@ -117,12 +123,13 @@ pub fn build(config: &VmConfig, serial_out: SerialSink) -> Result<BuiltVm, Build
     let vcpus = (0..u32::from(config.vcpus))
         .map(|id| backend.create_vcpu(id))
         .collect::<Result<Vec<_>, _>>()?;
+    let control = VmControl::new();
     let vm = Vm::from_parts(
         config.name.clone(),
         memory,
         backend,
         Arc::new(VmIo::default()),
-        VmControl::new(),
+        control.clone(),
         vcpus,
     );
 
@@ -132,6 +139,22 @@ pub fn build(config: &VmConfig, serial_out: SerialSink) -> Result<BuiltVm, Build
         "monstervm test double: VM {} booted\r\n",
         config.name
     );
+
+    let ignores_button = config
+        .effective_cmdline()
+        .split_whitespace()
+        .any(|word| word == IGNORE_POWER_BUTTON);
+    let console = serial_out.clone();
+    let power_button = Arc::new(move || {
+        // SerialSink clones share one hub, so a fresh clone writes to the same console.
+        let mut console = console.clone();
+        if ignores_button {
+            let _ = console.write_all(b"power button pressed; ignoring it\r\n");
+            return;
+        }
+        let _ = console.write_all(b"power button pressed; powering off\r\n");
+        control.request(PlatformRequest::PowerOff);
+    });
 
     let pio_exits = Arc::new(AtomicU64::new(0));
     let echo_count = pio_exits.clone();
@@ -155,5 +178,6 @@ pub fn build(config: &VmConfig, serial_out: SerialSink) -> Result<BuiltVm, Build
         backend: "test-double".to_string(),
         serial_input,
         stats: Some(stats),
+        power_button: Some(power_button),
     })
 }

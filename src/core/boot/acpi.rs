@@ -1,10 +1,11 @@
 //! ACPI tables: RSDP, XSDT, FADT, FACS, MADT and a DSDT (ACPI 6.4).
 //!
 //! The tables describe the fixed platform that MonsterVM emulates: local APICs and one
-//! IOAPIC, the ISA IRQ 0 to GSI 2 override, the PM1a event and control blocks of the ACPI
-//! PM device, and a `\_S5` package so that the guest's `poweroff` writes sleep type 5 with
-//! SLP_EN to PM1a_CNT. The DSDT also declares the PCI host bridge, without which Linux's
-//! ACPI mode never scans PCI bus 0.
+//! IOAPIC, the ISA IRQ 0 to GSI 2 override, and the PM1a event and control blocks of the
+//! ACPI PM device. The DSDT's `\_S5` package makes the guest's `poweroff` write sleep
+//! type 5 with SLP_EN to PM1a_CNT. The DSDT also declares the PCI host bridge, because
+//! Linux with ACPI enabled probes PCI bus 0 only through such a device: its legacy probe
+//! (`pci_subsys_init` in arch/x86/pci/legacy.c, 6.1) runs only when ACPI PCI setup fails.
 //!
 //! All tables are built into one buffer written at a fixed guest-physical address:
 //!
@@ -64,7 +65,7 @@ const INTI_LEVEL_HIGH: u16 = 0x1 | (0x3 << 2);
 /// MPS INTI flags: conforms to the bus (edge, active high on ISA).
 const INTI_CONFORMING: u16 = 0;
 
-/// What the tables describe.
+/// Platform facts that the tables describe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcpiConfig {
     /// Number of processors; their local APIC IDs are 0 to `vcpus - 1`.
@@ -244,8 +245,10 @@ fn fadt_table(facs: u64, dsdt: u64) -> Vec<u8> {
 
     let mut table = header(b"FACP", FADT_REVISION);
     table.resize(FADT_SIZE, 0);
-    // The 32-bit and 64-bit copies of the addresses agree, as ACPICA checks.
-    put_u32(&mut table, FIRMWARE_CTRL, facs as u32);
+    // The FACS address goes only into X_FIRMWARE_CTRL: with both fields set, Linux 6.1
+    // lists and reserves the FACS twice. The DSDT address goes into both fields, which
+    // agree, as ACPICA checks.
+    put_u32(&mut table, FIRMWARE_CTRL, 0);
     put_u32(&mut table, DSDT, dsdt as u32);
     put_u16(&mut table, SCI_INT, u16::from(SCI_IRQ));
     // SMI_CMD stays 0: the platform is always in ACPI mode, so the OS never switches.
@@ -394,7 +397,11 @@ mod tests {
         assert_eq!(fadt.len(), 276);
         assert_eq!(fadt[8], 6);
         assert_eq!(sum(fadt), 0);
-        assert_eq!(u32_at(fadt, 36) as u64, t.facs);
+        assert_eq!(
+            u32_at(fadt, 36),
+            0,
+            "FIRMWARE_CTRL must be 0: X_FIRMWARE_CTRL is set"
+        );
         assert_eq!(u32_at(fadt, 40) as u64, t.dsdt);
         assert_eq!(u16_at(fadt, 46), 9);
         assert_eq!(

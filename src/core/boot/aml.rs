@@ -14,7 +14,7 @@ const EXT_OP_PREFIX: u8 = 0x5b;
 const DEVICE_OP: u8 = 0x82;
 const ROOT_CHAR: u8 = b'\\';
 
-/// Encodes an integer with the shortest prefix that holds it.
+/// Encodes an integer with the shortest prefix that fits it.
 pub fn integer(value: u64) -> Vec<u8> {
     match value {
         0 => vec![ZERO_OP],
@@ -122,7 +122,7 @@ fn name_seg(name: &str) -> [u8; 4] {
 }
 
 /// Encodes a PkgLength for `content_len` bytes of content. The encoded length counts the
-/// PkgLength bytes themselves: one byte holds up to 63, and each of up to three extra
+/// PkgLength bytes themselves: one byte encodes up to 63, and each of up to three extra
 /// bytes adds 8 bits above the 4 low bits kept in the lead byte.
 fn package_length(content_len: usize) -> Vec<u8> {
     if content_len + 1 < 0x40 {

@@ -3,7 +3,7 @@
 //!
 //! Both entries use the selectors that Linux's own boot code uses: code at 0x10, data at
 //! 0x18. The 64-bit entry runs in long mode with paging on and the low 4 GiB identity
-//! mapped with 2 MiB pages; the PVH entry runs in 32-bit protected mode with paging off.
+//! mapped with 2 MiB pages. The PVH entry runs in 32-bit protected mode with paging off.
 //! Interrupts are off and the IDT is empty, so an exception before the kernel installs
 //! its own IDT ends in a triple fault rather than in a random handler.
 
@@ -225,12 +225,16 @@ mod tests {
         assert!(state.cs.l);
         assert!(!state.cs.db);
         assert_eq!(state.cs.type_, 0xb);
-        assert!(state.cs.present && state.cs.s && state.cs.g);
+        assert!(state.cs.present);
+        assert!(state.cs.s);
+        assert!(state.cs.g);
         assert_eq!(state.cs.limit, 0xffff_ffff);
         for seg in [state.ds, state.es, state.fs, state.gs, state.ss] {
             assert_eq!(seg.selector, 0x18);
             assert_eq!(seg.type_, 0x3);
-            assert!(seg.db && seg.present && seg.s);
+            assert!(seg.db);
+            assert!(seg.present);
+            assert!(seg.s);
             assert_eq!(seg.base, 0);
         }
         assert_eq!(state.tr.selector, 0x20);
@@ -262,7 +266,8 @@ mod tests {
         assert_eq!(state.cr0 & CR0_PG, 0);
         assert_eq!(state.cr0 & CR0_PE, CR0_PE);
         assert_eq!(state.efer, 0);
-        assert!(state.cs.db && !state.cs.l);
+        assert!(state.cs.db);
+        assert!(!state.cs.l);
         assert_eq!(state.cs.selector, 0x10);
     }
 

@@ -2,7 +2,7 @@
 //! check before anything is written to guest memory.
 //!
 //! bzImage facts come from the x86 boot protocol (Linux Documentation/arch/x86/boot.rst):
-//! the setup header starts at file offset 0x1f1, holds the "HdrS" magic at 0x202 and ends
+//! the setup header starts at file offset 0x1f1, contains the "HdrS" magic at 0x202 and ends
 //! at 0x202 plus the byte at 0x201; the protected-mode code follows the
 //! `(setup_sects + 1) * 512` bytes of real-mode setup code.
 
@@ -33,7 +33,7 @@ const MAX_PROGRAM_HEADERS: u16 = 64;
 /// is one byte, so at most 256 sectors).
 const PROBE_SIZE: usize = 257 * 512;
 
-/// What the file turned out to be.
+/// Kernel file format, with the facts the loader needs from it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum KernelImage {
     /// A bzImage: its setup header and where its protected-mode code starts in the file.
@@ -66,7 +66,7 @@ pub struct ElfInfo {
     pub end: u64,
 }
 
-/// Why a file is not a kernel that MonsterVM can boot.
+/// Reason a file is not a kernel that MonsterVM can boot.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ImageError {
     #[error("neither a bzImage (no \"HdrS\" at offset 0x202) nor an ELF file")]
@@ -102,8 +102,8 @@ fn parse_bzimage(probe: &[u8], size: u64) -> Result<KernelImage, ImageError> {
     if probe.len() < 0x206 || u32_at(probe, 0x202) != SETUP_HEADER_MAGIC {
         return Err(ImageError::NotAKernel);
     }
-    // The header ends at 0x202 plus the jump displacement at 0x201; copy no further than
-    // the fields that this loader knows.
+    // The header ends at 0x202 plus the jump displacement at 0x201. Copy no further than
+    // that, and no further than the fields of `setup_header`.
     let header_end = 0x202 + usize::from(probe[0x201]);
     let mut header = setup_header::default();
     let known = std::mem::size_of::<setup_header>();

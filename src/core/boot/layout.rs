@@ -25,7 +25,7 @@ pub const PVH_INFO_START: u64 = 0x6000;
 pub const PVH_MODLIST_START: u64 = 0x6040;
 /// PVH memory map, the e820 map in `hvm_memmap_table_entry` form.
 pub const PVH_MEMMAP_START: u64 = 0x6080;
-/// End of the page that holds the PVH structures.
+/// End of the page that contains the PVH structures.
 pub const PVH_END: u64 = 0x7000;
 /// Zero page (`struct boot_params`, 4 KiB).
 pub const ZERO_PAGE_START: u64 = 0x7000;
@@ -54,5 +54,5 @@ pub const ACPI_END: u64 = 0xf_0000;
 pub const MPTABLE_START: u64 = 0xf_0000;
 /// End of the space for the MP table.
 pub const MPTABLE_END: u64 = 0x10_0000;
-/// Alignment of the initramfs start, one page as the boot protocol asks.
+/// Alignment of the initramfs start: one page, as the boot protocol requires.
 pub const INITRD_ALIGNMENT: u64 = 0x1000;

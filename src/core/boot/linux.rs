@@ -45,14 +45,14 @@ const BOOT_FLAG: u16 = 0xaa55;
 /// Highest initramfs end address for kernels whose header does not give one (ELF):
 /// the default `initrd_addr_max` of 64-bit kernels.
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x7fff_ffff;
-/// Longest command line for kernels whose header does not give one (ELF): x86's
+/// Maximum command line length for kernels whose header does not give one (ELF): x86's
 /// COMMAND_LINE_SIZE (2048) minus the terminating NUL.
 const DEFAULT_CMDLINE_MAX: usize = 2047;
 /// Physical alignment written into the synthesized header of an ELF kernel (2 MiB, the
 /// x86-64 default of CONFIG_PHYSICAL_ALIGN).
 const DEFAULT_KERNEL_ALIGNMENT: u32 = 0x20_0000;
 
-/// Which entry point to start the kernel at.
+/// Requested entry point of the kernel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EntryPreference {
@@ -81,7 +81,7 @@ pub enum KernelFormat {
     Elf,
 }
 
-/// What to boot.
+/// Kernel, initramfs, command line and platform facts of one boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinuxBootSpec {
     /// bzImage or ELF vmlinux.
@@ -198,7 +198,7 @@ pub enum BootError {
         #[source]
         source: linux_loader::loader::Error,
     },
-    #[error("guest memory of {memory_mib} MiB is too small for {what}: about {required_mib} MiB is needed below 3 GiB; raise --memory")]
+    #[error("guest memory of {memory_mib} MiB is too small for {what}, which needs about {required_mib} MiB: raise --memory")]
     MemoryTooSmall {
         what: &'static str,
         memory_mib: u64,

@@ -9,5 +9,7 @@ pub mod entry;
 pub mod image;
 pub mod layout;
 pub mod linux;
+pub mod lz4;
 pub mod mptable;
 pub mod pvh;
+pub mod vmlinux;

@@ -2,9 +2,9 @@
 //! and the routing of the ISA interrupts.
 //!
 //! Kernels built without ACPI, or booted with `acpi=off`, find the interrupt controllers
-//! here. (Debian's cloud kernel is built without `CONFIG_X86_MPPARSE` and reads only the
-//! ACPI MADT.) The ISA routing matches the MADT: IRQ 0 goes to IOAPIC pin 2, pin 0 is the
-//! 8259's ExtINT output, and the other ISA IRQs map to the pin of the same number.
+//! here. Debian's cloud kernel is built without `CONFIG_X86_MPPARSE`, so it reads only the
+//! ACPI MADT. The ISA routing matches the MADT: IRQ 0 goes to IOAPIC pin 2 and pin 0 is
+//! the 8259's ExtINT output. The other ISA IRQs map to the pin of the same number.
 //!
 //! ```text
 //! floating pointer (16 bytes) | header (44) | processors (20 each) | bus (8) |

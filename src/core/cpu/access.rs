@@ -1,7 +1,9 @@
 //! The CPU's path to memory: segmentation, translation through the TLB or a page walk,
 //! and physical accesses to RAM or MMIO.
 
-use vm_memory::{Bytes, GuestAddress};
+use std::sync::atomic::Ordering;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::bus::CpuBus;
 use super::exceptions::{Exception, PF_ID, PF_P, PF_RSVD, PF_US, PF_WR};
@@ -10,7 +12,7 @@ use super::msr::is_canonical;
 use super::state::{Cpu, Mode, CR0_PG, EFER_NXE, FS, GS, SS};
 use super::Exit;
 
-/// Who performs an access, for the user/supervisor page check.
+/// Privilege of a memory access, for the user/supervisor page check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Privilege {
     /// The current privilege level decides (CPL 3 is user).
@@ -80,6 +82,8 @@ impl Cpu {
         self.translate_slow(bus, linear, access, user)
     }
 
+    #[cold]
+    #[inline(never)]
     fn translate_slow(
         &mut self,
         bus: &mut dyn CpuBus,
@@ -152,6 +156,50 @@ impl Cpu {
         }
     }
 
+    /// Loads a little-endian value of `size` bytes (1, 2, 4 or 8) that does not cross a
+    /// page: an aligned RAM access is one load, anything else goes through `phys_read`.
+    #[inline]
+    fn phys_load(&mut self, bus: &mut dyn CpuBus, phys: u64, size: u8) -> u64 {
+        if phys & (u64::from(size) - 1) == 0 {
+            if let Some(region) = bus.memory().find_region(GuestAddress(phys)) {
+                let offset = MemoryRegionAddress(phys - region.start_addr().0);
+                let value = match size {
+                    1 => region.load::<u8>(offset, Ordering::Relaxed).map(u64::from),
+                    2 => region.load::<u16>(offset, Ordering::Relaxed).map(u64::from),
+                    4 => region.load::<u32>(offset, Ordering::Relaxed).map(u64::from),
+                    _ => region.load::<u64>(offset, Ordering::Relaxed),
+                };
+                if let Ok(value) = value {
+                    return value;
+                }
+            }
+        }
+        let mut bytes = [0u8; 8];
+        self.phys_read(bus, phys, &mut bytes[..size as usize]);
+        u64::from_le_bytes(bytes)
+    }
+
+    /// Stores the low `size` bytes of `value` without crossing a page, as `phys_load`.
+    #[inline]
+    fn phys_store(&mut self, bus: &mut dyn CpuBus, phys: u64, size: u8, value: u64) {
+        if phys & (u64::from(size) - 1) == 0 {
+            if let Some(region) = bus.memory().find_region(GuestAddress(phys)) {
+                let offset = MemoryRegionAddress(phys - region.start_addr().0);
+                let stored = match size {
+                    1 => region.store(value as u8, offset, Ordering::Relaxed),
+                    2 => region.store(value as u16, offset, Ordering::Relaxed),
+                    4 => region.store(value as u32, offset, Ordering::Relaxed),
+                    _ => region.store(value, offset, Ordering::Relaxed),
+                };
+                if stored.is_ok() {
+                    self.code_watch.note_write(phys >> 12);
+                    return;
+                }
+            }
+        }
+        self.phys_write(bus, phys, &value.to_le_bytes()[..size as usize]);
+    }
+
     /// Reads `data.len()` bytes (at most 4096) at linear address `linear`.
     pub(crate) fn read_linear(
         &mut self,
@@ -216,6 +264,10 @@ impl Cpu {
         size: u8,
     ) -> Result<u64, Exit> {
         let linear = self.linear(seg, offset)?;
+        if (linear & 0xfff) + u64::from(size) <= 0x1000 {
+            let phys = self.translate(bus, linear, Access::Read, Privilege::Current)?;
+            return Ok(self.phys_load(bus, phys, size));
+        }
         let mut bytes = [0u8; 8];
         self.read_linear(bus, linear, &mut bytes[..size as usize], Privilege::Current)?;
         Ok(u64::from_le_bytes(bytes))
@@ -232,6 +284,11 @@ impl Cpu {
         value: u64,
     ) -> Result<(), Exit> {
         let linear = self.linear(seg, offset)?;
+        if (linear & 0xfff) + u64::from(size) <= 0x1000 {
+            let phys = self.translate(bus, linear, Access::Write, Privilege::Current)?;
+            self.phys_store(bus, phys, size, value);
+            return Ok(());
+        }
         let bytes = value.to_le_bytes();
         self.write_linear(bus, linear, &bytes[..size as usize], Privilege::Current)?;
         Ok(())

@@ -48,10 +48,10 @@ fn text(bytes: &[u8; 12]) -> (u32, u32, u32) {
     (word(0), word(4), word(8))
 }
 
-/// Returns EAX, EBX, ECX and EDX of CPUID leaf `leaf`, sub-leaf `subleaf`.
-pub fn cpuid(config: &CpuConfig, leaf: u32, subleaf: u32) -> [u32; 4] {
-    let _ = subleaf;
-    let tsc_khz = (config.tsc_hz / 1000) as u32;
+/// Returns EAX, EBX, ECX and EDX of CPUID leaf `leaf`. No implemented leaf has
+/// sub-leaves, so `_subleaf` (ECX) is ignored.
+pub fn cpuid(config: &CpuConfig, leaf: u32, _subleaf: u32) -> [u32; 4] {
+    let tsc_khz = u32::try_from(config.tsc_hz / 1000).unwrap_or(u32::MAX);
     match leaf {
         0 => {
             let (b, d, c) = text(b"GenuineIntel");
@@ -64,7 +64,7 @@ pub fn cpuid(config: &CpuConfig, leaf: u32, subleaf: u32) -> [u32; 4] {
             let edx = EDX1 | if config.apic { EDX1_APIC } else { 0 };
             [eax, ebx, ECX1, edx]
         }
-        0x15 => [1, 1, config.tsc_hz as u32, 0],
+        0x15 => [1, 1, u32::try_from(config.tsc_hz).unwrap_or(u32::MAX), 0],
         0x16 => {
             let mhz = (config.tsc_hz / 1_000_000) as u32;
             [mhz, mhz, 100, 0]

@@ -1,17 +1,21 @@
 //! Decoded-instruction cache, keyed by guest-physical address, and the per-page write
 //! generations that invalidate it.
 //!
-//! Every 4 KiB page of guest RAM has a 32-bit stamp in [`CodeWatch`]. Bit 0 says that
-//! some CPU decoded code from the page; the other bits count writes made while bit 0 was
-//! set. A cached instruction remembers the stamp it was decoded under and is used only
-//! while the stamp is unchanged, so a write to a code page (by the CPU's own stores, by
-//! another CPU or by device DMA through [`CodeWatch::invalidate`]) retires every cached
-//! instruction of that page at the cost of one atomic load per store.
+//! Every 4 KiB page of guest RAM has a 32-bit stamp in [`CodeWatch`]. Bit 0 is set once
+//! some CPU decoded code from the page, and the other bits count writes made while bit 0
+//! was set. A cached instruction stores the stamp it was decoded under and is used only
+//! while the stamp is unchanged. So a write to a code page retires every cached
+//! instruction of that page, whether it comes from the CPU's own stores, from another CPU
+//! or from device DMA through [`CodeWatch::invalidate`]. The cost is one atomic load per
+//! store.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use iced_x86::Instruction;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+
+use super::exceptions::Exception;
+use super::ops::{handler, Handler};
 
 /// Write stamps of every guest RAM page, shared by all CPUs and DMA-capable devices.
 pub struct CodeWatch {
@@ -72,20 +76,33 @@ impl CodeWatch {
 }
 
 /// Number of cache entries; a power of two.
-const CACHE_SIZE: usize = 8192;
+const CACHE_SIZE: usize = 32768;
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Entry {
     /// `phys << 2 | bits / 32` (1, 2 or 3 for 16, 32 and 64-bit code); zero when empty.
     tag: u64,
     stamp: u32,
     instruction: Instruction,
+    /// The function that executes `instruction`, chosen when it was decoded.
+    handler: Handler,
+}
+
+impl Default for Entry {
+    fn default() -> Self {
+        Entry {
+            tag: 0,
+            stamp: 0,
+            instruction: Instruction::default(),
+            handler: |_, _, _| Err(Exception::ud().into()),
+        }
+    }
 }
 
 /// A direct-mapped cache of decoded instructions that lie within one page.
-pub struct DecodeCache {
+pub(crate) struct DecodeCache {
     entries: Box<[Entry]>,
-    pub(crate) hits: u64,
+    /// Lookups that had to decode.
     pub(crate) misses: u64,
 }
 
@@ -107,46 +124,76 @@ fn slot(phys: u64) -> usize {
 
 impl DecodeCache {
     /// Creates an empty cache.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         DecodeCache {
-            entries: vec![Entry::default(); CACHE_SIZE].into_boxed_slice(),
-            hits: 0,
+            // One more entry than slots: the scratch entry for uncacheable instructions.
+            entries: vec![Entry::default(); CACHE_SIZE + 1].into_boxed_slice(),
             misses: 0,
         }
     }
 
-    /// Returns the instruction decoded at `phys` for `bits`-bit code, if still valid.
+    /// Returns the slot of the instruction decoded at `phys` for `bits`-bit code, if it
+    /// is still valid.
     #[inline]
-    pub fn get(&mut self, watch: &CodeWatch, phys: u64, bits: u32) -> Option<&Instruction> {
-        let entry = &self.entries[slot(phys)];
+    pub(crate) fn get(&mut self, watch: &CodeWatch, phys: u64, bits: u32) -> Option<usize> {
+        let index = slot(phys);
+        let entry = &self.entries[index];
         if entry.tag == tag(phys, bits) && entry.stamp == watch.stamp(phys >> 12) {
-            self.hits += 1;
-            Some(&self.entries[slot(phys)].instruction)
+            Some(index)
         } else {
             self.misses += 1;
             None
         }
     }
 
+    /// Returns the instruction in `slot` (from `get`, `insert` or `scratch`) and the
+    /// handler that executes it.
+    #[inline]
+    pub(crate) fn instruction(&self, slot: usize) -> (Instruction, Handler) {
+        let entry = &self.entries[slot];
+        (entry.instruction, entry.handler)
+    }
+
+    /// Stores an instruction that must not be cached (it crosses a page or was fetched
+    /// from MMIO) in the scratch slot and returns that slot.
+    pub(crate) fn scratch(&mut self, instruction: &Instruction) -> usize {
+        self.entries[CACHE_SIZE] = Entry {
+            tag: 0,
+            stamp: 0,
+            instruction: *instruction,
+            handler: handler(instruction),
+        };
+        CACHE_SIZE
+    }
+
     /// Starts caching the code page of `phys`; returns the stamp to pass to `insert`.
     ///
     /// Call this before reading the instruction bytes, so that a write racing with the
     /// read changes the stamp and the entry is never used.
-    pub fn begin_decode(&self, watch: &CodeWatch, phys: u64) -> Option<u32> {
+    pub(crate) fn begin_decode(&self, watch: &CodeWatch, phys: u64) -> Option<u32> {
         watch.mark_code(phys >> 12)
     }
 
-    /// Stores `instruction`, decoded at `phys` under `stamp`.
-    pub fn insert(&mut self, phys: u64, bits: u32, stamp: u32, instruction: &Instruction) {
-        self.entries[slot(phys)] = Entry {
+    /// Stores `instruction`, decoded at `phys` under `stamp`, and returns its slot.
+    pub(crate) fn insert(
+        &mut self,
+        phys: u64,
+        bits: u32,
+        stamp: u32,
+        instruction: &Instruction,
+    ) -> usize {
+        let index = slot(phys);
+        self.entries[index] = Entry {
             tag: tag(phys, bits),
             stamp,
             instruction: *instruction,
+            handler: handler(instruction),
         };
+        index
     }
 
     /// Drops every entry.
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.entries.fill(Entry::default());
     }
 }
@@ -162,7 +209,7 @@ mod tests {
         let instruction = Instruction::default();
         let stamp = cache.begin_decode(&watch, 0x1010).unwrap();
         cache.insert(0x1010, 64, stamp, &instruction);
-        assert!(cache.get(&watch, 0x1010, 64).is_some());
+        assert_eq!(cache.get(&watch, 0x1010, 64), Some(slot(0x1010)));
         assert!(cache.get(&watch, 0x1010, 32).is_none(), "other code size");
 
         watch.invalidate(0x1fff, 1);

@@ -49,7 +49,7 @@ pub struct Exception {
 }
 
 impl Exception {
-    /// An exception without error code.
+    /// Creates an exception without an error code.
     pub const fn new(vector: u8) -> Self {
         Exception {
             vector,
@@ -116,8 +116,12 @@ fn contributory(vector: u8) -> bool {
 }
 
 impl Cpu {
-    /// Delivers exception `exception` raised by the instruction at RIP, escalating to #DF
-    /// and to a triple fault (returned as `Exit::Shutdown`) as the SDM's table 6-5 says.
+    /// Delivers exception `exception` raised by the instruction at RIP.
+    ///
+    /// A contributory fault (#DE, #TS, #NP, #SS, #GP) while delivering another, or a #PF
+    /// or contributory fault while delivering a #PF, becomes #DF. Any fault while
+    /// delivering #DF is a triple fault, returned as `Exit::Shutdown`.
+    #[cold]
     pub(crate) fn raise(&mut self, bus: &mut dyn CpuBus, exception: Exception) -> Result<(), Exit> {
         let mut current = exception;
         loop {
@@ -179,7 +183,7 @@ impl Cpu {
         self.halted = false;
         match self.mode() {
             Mode::Real => self.deliver_real(bus, vector, return_rip),
-            _ if self.flags & VM != 0 => Err(Exit::Error(CpuError::Unsupported {
+            _ if self.flags & VM != 0 => Err(Exit::unsupported(CpuError::Unsupported {
                 feature: "virtual-8086 mode",
                 rip: self.rip,
             })),
@@ -258,7 +262,7 @@ impl Cpu {
             return Err(Exception::np(idt_error).into());
         }
         if gate_type == 0x5 {
-            return Err(Exit::Error(CpuError::Unsupported {
+            return Err(Exit::unsupported(CpuError::Unsupported {
                 feature: "task gates",
                 rip: self.rip,
             }));
@@ -311,7 +315,7 @@ impl Cpu {
         let (low, high) = self.read_gate(bus, vector, source)?;
         let offset = (low & 0xffff) | ((low >> 32) & 0xffff_0000) | (high << 32);
         let selector = (low >> 16) as u16;
-        let ist = ((low >> 32) & 7) as u64;
+        let ist = (low >> 32) & 7;
         let (descriptor, new_cpl) = self.gate_code_segment(bus, selector, source)?;
         let old_cpl = self.cpl();
 
@@ -459,7 +463,7 @@ impl Cpu {
             return Ok(());
         }
         if self.flags & VM != 0 || (!self.long_mode() && self.flags & NT != 0) {
-            return Err(Exit::Error(CpuError::Unsupported {
+            return Err(Exit::unsupported(CpuError::Unsupported {
                 feature: "IRET to another task or from virtual-8086 mode",
                 rip: self.rip,
             }));
@@ -474,7 +478,7 @@ impl Cpu {
             popped
         };
         if !self.long_mode() && popped & VM != 0 && self.cpl() == 0 {
-            return Err(Exit::Error(CpuError::Unsupported {
+            return Err(Exit::unsupported(CpuError::Unsupported {
                 feature: "IRET to virtual-8086 mode",
                 rip: self.rip,
             }));

@@ -116,6 +116,21 @@ fn parity(res: u64) -> u64 {
 }
 
 impl LazyFlags {
+    /// Computes CF alone, for instructions that read only the carry.
+    #[inline]
+    pub fn carry(&self) -> bool {
+        let mask = size_mask(self.size);
+        let (dst, src, res) = (self.dst & mask, self.src & mask, self.res & mask);
+        match self.op {
+            FlagOp::Eager => unreachable!("eager flags are read from rflags"),
+            FlagOp::Add => res < dst || (self.carry_in && res == dst),
+            FlagOp::Sub => dst < src || (self.carry_in && dst == src),
+            FlagOp::Logic => false,
+            FlagOp::Inc | FlagOp::Dec => self.carry_in,
+            FlagOp::Result => self.src & CF != 0,
+        }
+    }
+
     /// Computes the six arithmetic flags that this record defines.
     pub fn compute(&self) -> u64 {
         let mask = size_mask(self.size);

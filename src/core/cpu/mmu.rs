@@ -83,7 +83,7 @@ pub struct Translation {
     pub wide_entries: bool,
 }
 
-/// Why a walk found no translation.
+/// Failure of a page walk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum WalkError {
     #[error("linear address {linear:#x} is not mapped: entry at {entry:#x} is not present")]
@@ -133,6 +133,9 @@ pub fn walk(
     let (mut table, levels, wide) = match mode {
         PagingMode::Disabled => return Ok(t),
         PagingMode::Legacy => (regs.cr3 & 0xffff_f000, 2usize, false),
+        // NOTE: hardware loads the four PAE PDPTEs when CR3 is written; this walk reads
+        // them from memory every time. A guest that edits them without reloading CR3
+        // therefore gets the new mapping earlier than on hardware.
         PagingMode::Pae => (regs.cr3 & 0xffff_ffe0, 3, true),
         PagingMode::FourLevel => {
             if !super::msr::is_canonical(linear) {

@@ -8,7 +8,7 @@
 //! ```text
 //! Cpu::run ── step ──┬─ interrupt pending and IF=1, no shadow ─> deliver through IDT
 //!                    ├─ fetch: TLB/walk ─> DecodeCache (phys, code size) ─> iced-x86
-//!                    └─ execute (ops/*) ─┬─ Ok: RIP = next_rip, count instruction
+//!                    └─ handler (ops/*) ─┬─ Ok: RIP = next_rip, count instruction
 //!                                        ├─ Exception: RIP kept, deliver (#DF, triple)
 //!                                        └─ HLT / triple fault ─> CpuEvent
 //! ```
@@ -60,7 +60,7 @@ pub enum CpuError {
     Unsupported { feature: &'static str, rip: u64 },
 }
 
-/// How an instruction ended other than normally.
+/// Abnormal end of an instruction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Exit {
     /// The instruction faulted: deliver the exception with RIP at the instruction.
@@ -69,8 +69,15 @@ pub(crate) enum Exit {
     Halt,
     /// Triple fault.
     Shutdown,
-    /// Emulation cannot continue.
-    Error(CpuError),
+    /// Emulation cannot continue. Boxed so that `Result<(), Exit>`, which every
+    /// instruction returns, stays two words wide.
+    Error(Box<CpuError>),
+}
+
+impl Exit {
+    pub(crate) fn unsupported(error: CpuError) -> Self {
+        Exit::Error(Box::new(error))
+    }
 }
 
 impl From<Exception> for Exit {
@@ -83,8 +90,8 @@ impl Cpu {
     /// Runs at most `max_instructions` instructions, taking interrupts from `bus` at
     /// instruction boundaries.
     ///
-    /// Guest exceptions are delivered to the guest; the `Err` case is only for features
-    /// the emulator lacks, and leaves RIP at the instruction that needed them.
+    /// Guest exceptions are delivered to the guest. `Err` is returned only for features
+    /// that the emulator lacks, with RIP left at the instruction that needs them.
     pub fn run(
         &mut self,
         bus: &mut dyn CpuBus,
@@ -110,7 +117,7 @@ impl Cpu {
                     return Ok(CpuEvent::Halted);
                 }
                 Err(Exit::Shutdown) => return Ok(CpuEvent::Shutdown),
-                Err(Exit::Error(error)) => return Err(error),
+                Err(Exit::Error(error)) => return Err(*error),
                 Err(Exit::Exception(exception)) => {
                     unreachable!("step delivers exceptions, got {exception:?}")
                 }
@@ -128,10 +135,14 @@ impl Cpu {
         self.interrupt_shadow = false;
         let single_step = self.flags & flags::TF != 0;
         let start = self.rip;
-        let result = self.fetch(bus).and_then(|instruction| {
-            self.next_rip = start.wrapping_add(instruction.len() as u64);
-            self.execute(bus, &instruction)
-        });
+        let result = match self.fetch(bus) {
+            Ok(slot) => {
+                let (instruction, handler) = self.decode_cache.instruction(slot);
+                self.next_rip = start.wrapping_add(instruction.len() as u64);
+                handler(self, bus, &instruction)
+            }
+            Err(exit) => Err(exit),
+        };
         match result {
             Ok(()) => {
                 self.rip = self.next_rip;
@@ -158,8 +169,8 @@ impl Cpu {
         }
     }
 
-    /// Returns the instruction at RIP from the decode cache, decoding it on a miss.
-    fn fetch(&mut self, bus: &mut dyn CpuBus) -> Result<Instruction, Exit> {
+    /// Returns the decode-cache slot of the instruction at RIP, decoding it on a miss.
+    fn fetch(&mut self, bus: &mut dyn CpuBus) -> Result<usize, Exit> {
         let bits = self.code_bits();
         let linear = if bits == 64 {
             if !msr::is_canonical(self.rip) {
@@ -170,10 +181,24 @@ impl Cpu {
             self.seg[state::CS].base.wrapping_add(self.rip) & 0xffff_ffff
         };
         let phys = self.translate(bus, linear, Access::Execute, Privilege::Current)?;
-        if let Some(instruction) = self.decode_cache.get(&self.code_watch, phys, bits) {
-            return Ok(*instruction);
+        if let Some(slot) = self.decode_cache.get(&self.code_watch, phys, bits) {
+            return Ok(slot);
         }
 
+        self.decode(bus, linear, phys, bits)
+    }
+
+    /// Decodes the instruction at `linear` (physical `phys`) into the decode cache and
+    /// returns its slot.
+    #[cold]
+    #[inline(never)]
+    fn decode(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        linear: u64,
+        phys: u64,
+        bits: u32,
+    ) -> Result<usize, Exit> {
         let stamp = self.decode_cache.begin_decode(&self.code_watch, phys);
         let mut bytes = [0u8; 15];
         let in_page = (0x1000 - (linear & 0xfff) as usize).min(15);
@@ -196,9 +221,9 @@ impl Cpu {
         if instruction.is_invalid() {
             return Err(Exception::ud().into());
         }
-        if let (true, Some(stamp)) = (cacheable, stamp) {
-            self.decode_cache.insert(phys, bits, stamp, &instruction);
+        match (cacheable, stamp) {
+            (true, Some(stamp)) => Ok(self.decode_cache.insert(phys, bits, stamp, &instruction)),
+            _ => Ok(self.decode_cache.scratch(&instruction)),
         }
-        Ok(instruction)
     }
 }

@@ -274,7 +274,7 @@ impl Cpu {
         let s = descriptor.segment;
         let cpl = self.cpl();
         if !s.s {
-            return Err(Exit::Error(CpuError::Unsupported {
+            return Err(Exit::unsupported(CpuError::Unsupported {
                 feature: "far transfers through call gates or task state segments",
                 rip: self.rip,
             }));

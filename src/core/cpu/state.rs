@@ -118,9 +118,10 @@ pub struct CpuConfig {
     pub apic_id: u8,
     /// Whether the platform has a local APIC at `IA32_APIC_BASE`: sets the CPUID APIC bit.
     pub apic: bool,
-    /// Time stamp counter frequency in Hz, reported in CPUID leaves 0x15, 0x16 and
-    /// 0x40000010. Linux 6.1 also takes it as the local APIC timer frequency when leaf 0x15
-    /// is present, so the LAPIC timer must count at this rate.
+    /// Time stamp counter frequency in Hz (at most 2^32 - 1), reported in CPUID leaves
+    /// 0x15, 0x16 and 0x40000010. Linux also takes the leaf 0x15 crystal frequency as the
+    /// local APIC timer frequency (`native_calibrate_tsc` in arch/x86/kernel/tsc.c), so
+    /// the LAPIC timer must count at this rate.
     pub tsc_hz: u64,
 }
 
@@ -198,8 +199,8 @@ impl Cpu {
     /// Creates a CPU in the state after RESET: real mode at F000:FFF0 with CS base
     /// 0xFFFF0000.
     ///
-    /// `code_watch` covers the guest RAM that this CPU executes from; share one between
-    /// all CPUs and DMA-capable devices of a VM so that every write to code reaches every
+    /// `code_watch` covers the guest RAM that this CPU executes from. Share one between
+    /// all CPUs and DMA-capable devices of a VM, so that every write to code reaches every
     /// decoded-instruction cache.
     pub fn new(config: CpuConfig, code_watch: Arc<CodeWatch>) -> Self {
         let mut cs = real_mode_segment(0xf000, true);
@@ -263,6 +264,11 @@ impl Cpu {
     /// Returns the number of instructions retired since the CPU was created.
     pub fn instructions(&self) -> u64 {
         self.instructions
+    }
+
+    /// Returns how many instruction fetches missed the decode cache and ran the decoder.
+    pub fn decode_cache_misses(&self) -> u64 {
+        self.decode_cache.misses
     }
 
     /// Returns the handle through which DMA and other CPUs invalidate decoded code.
@@ -338,6 +344,16 @@ impl Cpu {
     #[inline]
     pub(crate) fn flag(&self, flag: u64) -> bool {
         self.rflags() & flag != 0
+    }
+
+    /// Returns CF without evaluating the other lazy flags.
+    #[inline]
+    pub(crate) fn carry(&self) -> bool {
+        if self.lazy.op == FlagOp::Eager {
+            self.flags & flags::CF != 0
+        } else {
+            self.lazy.carry()
+        }
     }
 
     /// Sets or clears arithmetic flag `flag`, evaluating the lazy flags first.

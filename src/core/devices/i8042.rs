@@ -1,9 +1,9 @@
 //! An i8042 keyboard controller (data port 0x60, status and command port 0x64).
 //!
-//! The model covers what Linux's i8042 and atkbd drivers use while probing: the
+//! The model covers what Linux's i8042 and atkbd drivers use while probing. That is the
 //! controller command byte (CTR), the self tests, enabling and disabling both ports, the
-//! output buffer with its status bits, AUX loopback, and a keyboard that responds to reset,
-//! identify and echo. No PS/2 mouse is attached: bytes sent to the AUX device come back as
+//! output buffer with its status bits and AUX loopback. Behind it sits a keyboard that
+//! responds to reset, identify and echo. No PS/2 mouse is attached: bytes sent to the AUX device come back as
 //! 0xFE (resend), so a mouse driver gives up at once. The CPU reset line (command 0xFE, or
 //! any pulse or output-port write with bit 0 clear) reaches the VM through
 //! [`PlatformControl::request`] with [`PlatformRequest::Reset`].
@@ -114,11 +114,11 @@ const KBD_ID_MF2_TRANSLATED: [u8; 2] = [0xab, 0x41];
 /// Identify reply of an MF2 keyboard.
 const KBD_ID_MF2: [u8; 2] = [0xab, 0x83];
 
-/// The controller's output buffer holds one byte; replies queue behind it up to this
-/// many bytes, which covers the longest reply (ACK plus a two-byte ID) several times.
+/// The controller's output buffer has room for one byte. Replies queue behind it up to
+/// this many bytes, which covers the longest reply (ACK plus a two-byte ID) several times.
 const OUTPUT_QUEUE_LIMIT: usize = 16;
 
-/// Where a byte in the output buffer came from.
+/// Port that a byte in the output buffer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
     Keyboard,

@@ -18,6 +18,31 @@
 //! The emulated CPU polls [`EmulatedIrqChip::interrupt_pending`] between instructions and
 //! calls [`EmulatedIrqChip::acknowledge`] to take a vector. The guest reaches the
 //! controllers' registers through the bus devices from [`EmulatedIrqChip::bus_devices`].
+//!
+//! ```
+//! use std::sync::Arc;
+//!
+//! use monstervm::core::devices::irq_chip::EmulatedIrqChip;
+//! use monstervm::core::devices::{Bus, HostClock, WindowedDevice};
+//! use monstervm::hypervisor::IrqChip;
+//!
+//! let chip = Arc::new(EmulatedIrqChip::new(Arc::new(HostClock::new()), 2_000_000_000).unwrap());
+//! let (mut pio, mut mmio) = (Bus::new(), Bus::new());
+//! for WindowedDevice { windows, device } in chip.bus_devices() {
+//!     let bus = if windows[0].range.base > 0xffff { &mut mmio } else { &mut pio };
+//!     bus.insert_windows(windows, device).unwrap();
+//! }
+//!
+//! // The guest initializes the master PIC: vector base 0x20, IRQ 1 unmasked.
+//! for (port, value) in [(0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x01), (0x21, 0xfd)] {
+//!     pio.write(port, &[value]);
+//! }
+//! chip.pulse_irq(1).unwrap();
+//!
+//! // The CPU model, between two instructions with IF set:
+//! assert!(chip.interrupt_pending());
+//! assert_eq!(chip.acknowledge(), Some(0x21));
+//! ```
 
 use std::sync::{Arc, Mutex, MutexGuard};
 

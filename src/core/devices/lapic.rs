@@ -17,8 +17,8 @@
 //! accesses must be 4 bytes wide at 16-byte aligned offsets, as the SDM requires. Other
 //! accesses read as all ones and are counted.
 //!
-//! NOTE: a write to the divide register while the timer runs takes effect from the next
-//! write of the initial count, while real hardware rescales the running count.
+//! A write to the divide register while the timer runs keeps the current count and
+//! counts the rest at the new rate.
 
 use std::sync::Arc;
 
@@ -696,6 +696,21 @@ impl Lapic {
         self.timer_start_ns = (value != 0).then_some(now_ns);
     }
 
+    fn write_timer_divide(&mut self, value: u32, now_ns: u64) {
+        if self.timer_start_ns.is_none() {
+            self.timer_divide = value;
+            return;
+        }
+        // Restart the count at the new rate from where it stands, so that the ticks
+        // already counted stay counted.
+        let counted = self.timer_initial - self.timer_current_count(now_ns);
+        self.timer_divide = value;
+        let counted_ns = u128::from(counted) * self.timer_tick_ns();
+        let counted_ns = u64::try_from(counted_ns).unwrap_or(u64::MAX);
+        self.timer_start_ns = Some(now_ns.saturating_sub(counted_ns));
+        self.timer_periods_reported = 0;
+    }
+
     fn read_register(&mut self, offset: u64, now_ns: u64) -> Option<u32> {
         let value = match offset {
             REG_ID => self.id,
@@ -737,7 +752,7 @@ impl Lapic {
                 self.write_lvt(((offset - REG_LVT_TIMER) / 0x10) as usize, value)
             }
             REG_TIMER_INITIAL => self.write_timer_initial(value, now_ns),
-            REG_TIMER_DIVIDE => self.timer_divide = value & 0b1011,
+            REG_TIMER_DIVIDE => self.write_timer_divide(value & 0b1011, now_ns),
             _ => return false,
         }
         true
@@ -1031,6 +1046,35 @@ mod tests {
     }
 
     #[test]
+    fn extreme_times_do_not_overflow() {
+        let (mut lapic, _) = enabled_lapic();
+        write(&mut lapic, REG_TIMER_DIVIDE, 0b1010);
+        write(
+            &mut lapic,
+            REG_LVT_TIMER,
+            (TIMER_MODE_PERIODIC << 17) | 0xef,
+        );
+        write(&mut lapic, REG_TIMER_INITIAL, u32::MAX);
+
+        assert!(lapic.advance(u64::MAX));
+        assert_eq!(lapic.next_deadline(u64::MAX), Some(u64::MAX));
+        assert!(!lapic.advance(0), "time going backwards reports nothing");
+
+        write(
+            &mut lapic,
+            REG_LVT_TIMER,
+            (TIMER_MODE_TSC_DEADLINE << 17) | 0xef,
+        );
+        lapic.set_tsc_deadline(u64::MAX);
+        assert_eq!(
+            lapic.next_deadline(0),
+            Some(1 << 63),
+            "u64::MAX ticks at 2 GHz"
+        );
+        assert!(lapic.advance(u64::MAX));
+    }
+
+    #[test]
     fn masked_timer_counts_without_interrupt() {
         let (mut lapic, clock) = enabled_lapic();
         let start = clock.monotonic_ns();
@@ -1070,6 +1114,27 @@ mod tests {
         assert_eq!(lapic.tsc_deadline(), 0, "disarmed after firing");
         assert_eq!(lapic.acknowledge(), Some(0xed));
         assert_eq!(lapic.next_deadline(now + 1_000), None);
+    }
+
+    #[test]
+    fn divide_change_keeps_current_count() {
+        let (mut lapic, clock) = enabled_lapic();
+        write(&mut lapic, REG_TIMER_DIVIDE, 0b1011);
+        write(&mut lapic, REG_LVT_TIMER, 0xec);
+        write(&mut lapic, REG_TIMER_INITIAL, 1000);
+        clock.advance(400);
+
+        write(&mut lapic, REG_TIMER_DIVIDE, 0b0000);
+        let change = clock.monotonic_ns();
+
+        assert_eq!(read(&mut lapic, REG_TIMER_CURRENT), 600);
+        clock.advance(200);
+        assert_eq!(
+            read(&mut lapic, REG_TIMER_CURRENT),
+            500,
+            "two ns per tick now"
+        );
+        assert_eq!(lapic.next_deadline(change), Some(change + 1200));
     }
 
     #[test]

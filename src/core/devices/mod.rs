@@ -245,7 +245,124 @@ pub(crate) mod test_utils {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::test_utils::{ManualClock, RecordingIrqChip, RecordingPlatform};
     use super::*;
+    use crate::hypervisor::IrqChip;
+
+    /// A xorshift64 generator, so that the random-access test is repeatable.
+    struct Xorshift(u64);
+
+    impl Xorshift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    /// Sends `count` random reads and writes to `device`: offsets mostly inside
+    /// `0..range` with some far outside, and sizes 0 to 8 bytes.
+    fn hammer(device: &mut dyn BusDevice, range: u64, seed: u64, count: usize) {
+        let mut random = Xorshift(seed);
+        for _ in 0..count {
+            let choice = random.next();
+            let offset = if choice % 16 == 0 {
+                random.next()
+            } else {
+                random.next() % range
+            };
+            let len = (choice >> 8) as usize % 9;
+            let mut data = [0u8; 8];
+            if choice & 0x10 != 0 {
+                device.read(offset, &mut data[..len]);
+            } else {
+                data = random.next().to_le_bytes();
+                device.write(offset, &data[..len]);
+            }
+        }
+    }
+
+    #[test]
+    fn random_accesses_never_panic() {
+        let clock = Arc::new(ManualClock::default());
+        let chip = Arc::new(RecordingIrqChip::default());
+        let platform = Arc::new(RecordingPlatform::default());
+        let irq_chip = Arc::new(irq_chip::EmulatedIrqChip::new(clock.clone(), 1_000_000).unwrap());
+        let mut devices: Vec<(Box<dyn BusDevice>, u64)> = vec![
+            (
+                Box::new(serial::Serial::new(
+                    chip.clone(),
+                    4,
+                    Box::new(std::io::sink()),
+                )),
+                serial::SERIAL_PORT_LEN,
+            ),
+            (
+                Box::new(i8042::I8042::new(chip.clone(), platform.clone())),
+                5,
+            ),
+            (Box::new(rtc::Rtc::new(clock.clone(), 1 << 30)), 2),
+            (Box::new(pit::Pit::new(clock.clone())), 5),
+            (Box::new(pic::Pic::new()), 6),
+            (Box::new(ioapic::Ioapic::new()), 0x20),
+            (
+                Box::new(lapic::Lapic::new(0, clock.clone(), 1_000_000).unwrap()),
+                lapic::LAPIC_MMIO_LEN,
+            ),
+            (
+                Box::new(acpi_pm::AcpiPm::new(platform.clone(), clock.clone())),
+                0x10,
+            ),
+        ];
+        for WindowedDevice { windows, device } in irq_chip.bus_devices() {
+            let len = windows
+                .iter()
+                .map(|w| w.offset + w.range.len)
+                .max()
+                .unwrap();
+            devices.push((Box::new(SharedDevice(device)), len));
+        }
+
+        // Clocks near the end of their range must not overflow any arithmetic.
+        let epochs = [0, u64::MAX / 2, u64::MAX - 30_000_000_000];
+        for (index, (device, range)) in devices.iter_mut().enumerate() {
+            for (round, epoch) in (0..30u64).zip(epochs.iter().cycle()) {
+                clock
+                    .monotonic
+                    .store(epoch + 1_000_003 * round, Ordering::SeqCst);
+                clock
+                    .wall
+                    .store(epoch + 7_000_001 * round, Ordering::SeqCst);
+                let seed = 0x9e37_79b9 + index as u64 * 97 + round;
+                hammer(device.as_mut(), *range, seed, 5_000);
+            }
+        }
+
+        // The interrupt controllers stay usable after the barrage.
+        for gsi in [0, 1, 4, 8, 16, 23] {
+            irq_chip.pulse_irq(gsi).unwrap();
+        }
+        let acknowledged = (0..1000)
+            .take_while(|_| irq_chip.acknowledge().is_some())
+            .count();
+        assert!(acknowledged < 1000, "acknowledge keeps returning vectors");
+    }
+
+    /// A bus device reached through its shared handle, as the bus stores it.
+    struct SharedDevice(Arc<Mutex<dyn BusDevice>>);
+
+    impl BusDevice for SharedDevice {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            self.0.lock().unwrap().read(offset, data);
+        }
+
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.0.lock().unwrap().write(offset, data);
+        }
+    }
 
     #[test]
     fn guest_error_log_counts_every_access() {

@@ -21,6 +21,30 @@
 //! Modes 0 to 5, binary and BCD counting, counter latch, read-back of count and status, and
 //! the low-byte, high-byte and low-then-high access modes follow the 8254 data sheet.
 //!
+//! One turn of an event loop that drives channel 0:
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//!
+//! use monstervm::core::devices::irq_chip::EmulatedIrqChip;
+//! use monstervm::core::devices::pit::{Pit, PIT_IRQ, PIT_WINDOWS};
+//! use monstervm::core::devices::{Bus, Clock, HostClock};
+//! use monstervm::hypervisor::IrqChip;
+//!
+//! let clock = Arc::new(HostClock::new());
+//! let chip = EmulatedIrqChip::new(clock.clone(), 2_000_000_000).unwrap();
+//! let pit = Arc::new(Mutex::new(Pit::new(clock.clone())));
+//! let mut pio = Bus::new();
+//! pio.insert_windows(&PIT_WINDOWS, pit.clone()).unwrap();
+//!
+//! let now = clock.monotonic_ns();
+//! if pit.lock().unwrap().advance(now) > 0 {
+//!     chip.pulse_irq(PIT_IRQ).unwrap();
+//! }
+//! // Nothing programmed channel 0 yet, so the loop may sleep until another event.
+//! assert_eq!(pit.lock().unwrap().next_deadline(now), None);
+//! ```
+//!
 //! NOTE: a new count written in modes 2 and 3 restarts the period at once, while the chip
 //! waits for the current period to end.
 
@@ -885,6 +909,19 @@ mod tests {
         clock.advance(REFRESH_TOGGLE_NS);
 
         assert_ne!(read_byte(&mut pit, PORT_B_OFFSET) & PORT_B_REFRESH, first);
+    }
+
+    #[test]
+    fn extreme_times_do_not_overflow() {
+        let (mut pit, clock) = pit();
+        let start = now(&clock);
+        program(&mut pit, 0, 2, 1);
+
+        let edges = pit.advance(u64::MAX);
+
+        assert_eq!(edges, ns_to_ticks(u64::MAX - start));
+        assert_eq!(pit.next_deadline(u64::MAX), Some(u64::MAX));
+        assert_eq!(pit.advance(0), 0, "time going backwards reports nothing");
     }
 
     #[test]

@@ -12,11 +12,11 @@
 //! | offset | contents |
 //! | --- | --- |
 //! | 0x00, 0x02, 0x04 | seconds, minutes, hours |
-//! | 0x01, 0x03, 0x05 | alarm seconds, minutes, hours (stored, no alarm fires) |
+//! | 0x01, 0x03, 0x05 | alarm seconds, minutes, hours (0xC0-0xFF matches any value) |
 //! | 0x06 - 0x09 | day of week (1 = Sunday), day of month, month, year (00-99) |
 //! | 0x0A | register A: bit 7 update in progress, bits 6:4 divider, bits 3:0 rate |
-//! | 0x0B | register B: bit 7 SET, bit 2 binary (else BCD), bit 1 24-hour (else 12-hour) |
-//! | 0x0C | register C: bit 4 update-ended flag, cleared by reading |
+//! | 0x0B | register B: bit 7 SET, bits 6-4 periodic, alarm and update-ended interrupt enables, bit 2 binary (else BCD), bit 1 24-hour (else 12-hour) |
+//! | 0x0C | register C: bit 7 IRQF, bits 6-4 periodic, alarm and update-ended flags, cleared by reading |
 //! | 0x0D | register D: bit 7 valid RAM and time, always 1 |
 //! | 0x15 - 0x16 | base memory in KiB (640) |
 //! | 0x17 - 0x18, 0x30 - 0x31 | memory above 1 MiB in KiB, at most 0xFFFF |
@@ -28,7 +28,11 @@
 //! Multi-byte values are little-endian unless noted. Bit 7 of a write to port 0x70 is the
 //! NMI mask, which is stored and read back but masks nothing.
 //!
-//! NOTE: the periodic, alarm and update-ended interrupts (IRQ 8) are not raised.
+//! The periodic, alarm and update-ended events set their flags in register C whether or
+//! not they are enabled. An enabled one asserts IRQ 8 until the guest reads register C.
+//! Like the PIT, the RTC is not stepped: the event loop sleeps until
+//! [`Rtc::next_deadline`] and raises IRQ 8 when [`Rtc::advance`] returns true, passing
+//! the same clock's monotonic time to both.
 
 use std::sync::Arc;
 
@@ -94,7 +98,20 @@ const B_BINARY: u8 = 1 << 2;
 const B_24_HOUR: u8 = 1 << 1;
 /// Power-on register B: 24-hour BCD, no interrupts.
 const B_DEFAULT: u8 = B_24_HOUR;
+const C_IRQ: u8 = 1 << 7;
+const C_PERIODIC: u8 = 1 << 6;
+const C_ALARM: u8 = 1 << 5;
 const C_UPDATE_ENDED: u8 = 1 << 4;
+/// The interrupt enables of register B sit at the same bits as their flags in register C.
+const INTERRUPT_BITS: u8 = C_PERIODIC | C_ALARM | C_UPDATE_ENDED;
+/// Alarm register values from 0xC0 up match every value of their field.
+const ALARM_ANY: u8 = 0xc0;
+const A_RATE_MASK: u8 = 0x0f;
+/// Frequency of the time base that the periodic rate divides.
+const TIME_BASE_HZ: u128 = 32_768;
+/// Seconds searched for an alarm match when events are collected late: one day covers
+/// every alarm pattern.
+const MAX_ALARM_CATCH_UP: i64 = 86_400;
 const D_VALID_RAM_AND_TIME: u8 = 1 << 7;
 /// Hour bit 7 in 12-hour mode: the time is after noon.
 const HOUR_PM: u8 = 1 << 7;
@@ -166,6 +183,11 @@ fn civil_from_unix(seconds: i64) -> DateTime {
     }
 }
 
+/// Returns how many periods of `ticks` time-base ticks have begun by monotonic time `ns`.
+fn periodic_index(ns: u64, ticks: u128) -> u128 {
+    u128::from(ns) * TIME_BASE_HZ / (ticks * NANOS_PER_SECOND as u128)
+}
+
 /// Counters of the RTC, for metrics and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RtcStats {
@@ -188,8 +210,14 @@ pub struct Rtc {
     ram: [u8; CMOS_SIZE],
     /// Guest time minus host wall time, in seconds.
     offset_seconds: i64,
-    /// Second (guest time) at the last read of register C, for the update-ended flag.
-    last_register_c_second: i64,
+    /// Register C flags (periodic, alarm, update-ended) collected since its last read.
+    flags: u8,
+    /// Monotonic time up to which periodic events were collected.
+    events_checked_ns: u64,
+    /// Guest second up to which update-ended and alarm events were collected.
+    events_checked_second: i64,
+    /// IRQ 8 is asserted: an enabled event was reported and register C was not read since.
+    irq_asserted: bool,
     time_sets: u64,
     invalid_time_sets: GuestErrorLog,
     ignored_accesses: GuestErrorLog,
@@ -205,7 +233,10 @@ impl Rtc {
             nmi_disabled: false,
             ram: [0; CMOS_SIZE],
             offset_seconds: 0,
-            last_register_c_second: 0,
+            flags: 0,
+            events_checked_ns: 0,
+            events_checked_second: 0,
+            irq_asserted: false,
             time_sets: 0,
             invalid_time_sets: GuestErrorLog::default(),
             ignored_accesses: GuestErrorLog::default(),
@@ -213,7 +244,8 @@ impl Rtc {
         rtc.ram[usize::from(REG_A)] = A_DEFAULT;
         rtc.ram[usize::from(REG_B)] = B_DEFAULT;
         rtc.store_memory_size(memory_bytes);
-        rtc.last_register_c_second = rtc.guest_seconds();
+        rtc.events_checked_ns = rtc.clock.monotonic_ns();
+        rtc.events_checked_second = rtc.guest_seconds();
         rtc
     }
 
@@ -366,7 +398,7 @@ impl Rtc {
         match self.registers_to_unix() {
             Some(guest) => {
                 self.offset_seconds = guest - self.host_seconds_and_nanos().0;
-                self.last_register_c_second = guest;
+                self.events_checked_second = guest;
                 self.time_sets += 1;
             }
             None => self.invalid_time_sets.record(
@@ -376,10 +408,115 @@ impl Rtc {
         }
     }
 
+    /// Returns the monotonic time of the next periodic, alarm or update-ended event that
+    /// the guest enabled, or `None` if it enabled none. The result is `now_ns` when an
+    /// enabled event already happened and [`Rtc::advance`] has not reported it.
+    pub fn next_deadline(&self, now_ns: u64) -> Option<u64> {
+        let enabled = self.register_b() & INTERRUPT_BITS;
+        if enabled == 0 || !self.divider_running() {
+            return None;
+        }
+        if !self.irq_asserted && self.flags & enabled != 0 {
+            return Some(now_ns);
+        }
+
+        let mut deadline = None;
+        if enabled & C_PERIODIC != 0 {
+            if let Some(ticks) = self.periodic_ticks() {
+                let next = periodic_index(now_ns, ticks) + 1;
+                let ns = (next * ticks * NANOS_PER_SECOND as u128).div_ceil(TIME_BASE_HZ);
+                deadline = Some(u64::try_from(ns).unwrap_or(u64::MAX));
+            }
+        }
+        if enabled & (C_ALARM | C_UPDATE_ENDED) != 0 && self.register_b() & B_SET == 0 {
+            let into_second = self.wall_at(now_ns) % NANOS_PER_SECOND;
+            let next_second = now_ns.saturating_add(NANOS_PER_SECOND - into_second);
+            deadline = Some(deadline.map_or(next_second, |d: u64| d.min(next_second)));
+        }
+        deadline.map(|d| d.max(now_ns))
+    }
+
+    /// Collects the events up to `now_ns` and returns true if IRQ 8 must be raised: an
+    /// enabled event happened while the line was not already asserted.
+    pub fn advance(&mut self, now_ns: u64) -> bool {
+        self.collect_events(now_ns);
+        if self.irq_asserted || self.flags & self.register_b() & INTERRUPT_BITS == 0 {
+            return false;
+        }
+        self.irq_asserted = true;
+        true
+    }
+
+    fn divider_running(&self) -> bool {
+        self.ram[usize::from(REG_A)] & A_DIVIDER_MASK == A_DIVIDER_RUNNING
+    }
+
+    /// Returns the periodic interrupt period in ticks of the 32.768 kHz time base, or
+    /// `None` for rate 0, which turns it off.
+    fn periodic_ticks(&self) -> Option<u128> {
+        match self.ram[usize::from(REG_A)] & A_RATE_MASK {
+            0 => None,
+            // Rates 1 and 2 repeat rates 8 and 9 on a 32.768 kHz time base.
+            1 => Some(128),
+            2 => Some(256),
+            rate => Some(1 << (rate - 1)),
+        }
+    }
+
+    /// Returns the host wall time at monotonic time `monotonic_ns`.
+    fn wall_at(&self, monotonic_ns: u64) -> u64 {
+        let shift = i128::from(monotonic_ns) - i128::from(self.clock.monotonic_ns());
+        let wall = i128::from(self.clock.wall_ns()) + shift;
+        wall.clamp(0, i128::from(u64::MAX)) as u64
+    }
+
+    /// Sets the register C flags of the events between the last collection and `now_ns`.
+    fn collect_events(&mut self, now_ns: u64) {
+        if !self.divider_running() {
+            self.events_checked_ns = now_ns;
+            return;
+        }
+        if let Some(ticks) = self.periodic_ticks() {
+            if periodic_index(now_ns, ticks) > periodic_index(self.events_checked_ns, ticks) {
+                self.flags |= C_PERIODIC;
+            }
+        }
+        self.events_checked_ns = now_ns;
+
+        // SET inhibits the update cycle, which is what sets the update and alarm flags.
+        if self.register_b() & B_SET != 0 {
+            return;
+        }
+        let wall_seconds = (self.wall_at(now_ns) / NANOS_PER_SECOND) as i64;
+        let second = wall_seconds.saturating_add(self.offset_seconds);
+        if second > self.events_checked_second {
+            self.flags |= C_UPDATE_ENDED;
+            let first = (self.events_checked_second + 1).max(second - MAX_ALARM_CATCH_UP + 1);
+            if (first..=second).any(|s| self.alarm_matches(s)) {
+                self.flags |= C_ALARM;
+            }
+        }
+        self.events_checked_second = second;
+    }
+
+    /// Returns true if the alarm registers match guest time `seconds`.
+    fn alarm_matches(&self, seconds: i64) -> bool {
+        let now = civil_from_unix(seconds);
+        [
+            (REG_SECONDS + 1, self.encode(now.second)),
+            (REG_MINUTES + 1, self.encode(now.minute)),
+            (REG_HOURS + 1, self.encode_hour(now.hour)),
+        ]
+        .iter()
+        .all(|&(register, value)| {
+            let alarm = self.ram[usize::from(register)];
+            alarm >= ALARM_ANY || alarm == value
+        })
+    }
+
     fn update_in_progress(&self) -> bool {
-        let running = self.ram[usize::from(REG_A)] & A_DIVIDER_MASK == A_DIVIDER_RUNNING;
         let nanos = self.host_seconds_and_nanos().1;
-        running
+        self.divider_running()
             && self.register_b() & B_SET == 0
             && nanos >= NANOS_PER_SECOND - UPDATE_IN_PROGRESS_NS
     }
@@ -395,14 +532,13 @@ impl Rtc {
                 (self.ram[usize::from(REG_A)] & !A_UPDATE_IN_PROGRESS) | uip
             }
             REG_C => {
-                let now = self.guest_seconds();
-                let flags = if now != self.last_register_c_second {
-                    C_UPDATE_ENDED
-                } else {
-                    0
-                };
-                self.last_register_c_second = now;
-                flags
+                self.collect_events(self.clock.monotonic_ns());
+                let mut value = std::mem::take(&mut self.flags);
+                if value & self.register_b() & INTERRUPT_BITS != 0 {
+                    value |= C_IRQ;
+                }
+                self.irq_asserted = false;
+                value
             }
             REG_D => D_VALID_RAM_AND_TIME,
             r if TIME_REGISTERS.contains(&r) => {
@@ -499,6 +635,10 @@ mod tests {
 
     use super::*;
     use crate::core::devices::test_utils::ManualClock;
+
+    /// Register A with the clock running and periodic rate 0, so that no periodic flag
+    /// mixes into register C.
+    const A_WITHOUT_PERIODIC: u8 = A_DIVIDER_RUNNING;
 
     /// 2024-02-29 23:59:58 UTC, a Thursday.
     const LEAP_DAY_NIGHT: u64 = 1_709_251_198;
@@ -672,12 +812,103 @@ mod tests {
     #[test]
     fn register_c_reports_update_ended() {
         let (mut rtc, clock) = rtc_at(LEAP_DAY_NIGHT, 0);
+        write_cmos(&mut rtc, REG_A, A_WITHOUT_PERIODIC);
         assert_eq!(read_cmos(&mut rtc, REG_C), 0);
 
         clock.advance(NANOS_PER_SECOND);
 
         assert_eq!(read_cmos(&mut rtc, REG_C), C_UPDATE_ENDED);
         assert_eq!(read_cmos(&mut rtc, REG_C), 0, "reading clears the flag");
+    }
+
+    #[test]
+    fn periodic_flag_sets_without_enable() {
+        let (mut rtc, clock) = rtc_at(LEAP_DAY_NIGHT, 0);
+
+        clock.advance(1_000_000);
+
+        assert_eq!(read_cmos(&mut rtc, REG_C), C_PERIODIC, "flag without IRQF");
+        assert!(!rtc.advance(clock.monotonic_ns()));
+    }
+
+    #[test]
+    fn periodic_interrupt_until_register_c_read() {
+        let (mut rtc, clock) = rtc_at(LEAP_DAY_NIGHT, 0);
+        let start = clock.monotonic_ns();
+        assert_eq!(rtc.next_deadline(start), None, "no interrupt enabled");
+        write_cmos(&mut rtc, REG_B, B_DEFAULT | C_PERIODIC);
+
+        // Rate 6 on the 32.768 kHz base is 1024 Hz: 976562.5 ns.
+        let first = rtc.next_deadline(start).unwrap();
+        assert_eq!(first, 976_563);
+        assert!(!rtc.advance(first - 1));
+        assert!(rtc.advance(first));
+        assert!(!rtc.advance(first + 5_000_000), "IRQ 8 stays asserted");
+        clock.advance(first + 5_000_000);
+        assert_eq!(read_cmos(&mut rtc, REG_C), C_IRQ | C_PERIODIC);
+
+        let next = rtc.next_deadline(first + 5_000_000).unwrap();
+        assert_eq!(next, 6_835_938, "seventh period boundary");
+        assert!(rtc.advance(next));
+    }
+
+    #[test]
+    fn update_interrupt_every_second() {
+        let (mut rtc, clock) = rtc_at(LEAP_DAY_NIGHT, 0);
+        write_cmos(&mut rtc, REG_A, A_WITHOUT_PERIODIC);
+        write_cmos(&mut rtc, REG_B, B_DEFAULT | C_UPDATE_ENDED);
+        let start = clock.monotonic_ns();
+
+        let deadline = rtc.next_deadline(start).unwrap();
+
+        assert_eq!(deadline, start + NANOS_PER_SECOND);
+        assert!(!rtc.advance(deadline - 1));
+        assert!(rtc.advance(deadline));
+        clock.advance(deadline - start);
+        assert_eq!(read_cmos(&mut rtc, REG_C), C_IRQ | C_UPDATE_ENDED);
+    }
+
+    #[test]
+    fn alarm_fires_at_matching_second() {
+        let (mut rtc, clock) = rtc_at(LEAP_DAY_NIGHT, 0);
+        write_cmos(&mut rtc, REG_A, A_WITHOUT_PERIODIC);
+        // 23:59:58 now; the alarm is set for 00:00:01.
+        write_cmos(&mut rtc, REG_SECONDS + 1, 0x01);
+        write_cmos(&mut rtc, REG_MINUTES + 1, 0x00);
+        write_cmos(&mut rtc, REG_HOURS + 1, 0x00);
+        write_cmos(&mut rtc, REG_B, B_DEFAULT | C_ALARM);
+        let start = clock.monotonic_ns();
+
+        for second in 1..=2 {
+            assert!(!rtc.advance(start + second * NANOS_PER_SECOND), "{second}");
+        }
+        assert!(rtc.advance(start + 3 * NANOS_PER_SECOND));
+        clock.advance(3 * NANOS_PER_SECOND);
+
+        assert_eq!(read_cmos(&mut rtc, REG_C), C_IRQ | C_ALARM | C_UPDATE_ENDED);
+    }
+
+    #[test]
+    fn alarm_wildcards_match_any_value() {
+        let (mut rtc, clock) = rtc_at(LEAP_DAY_NIGHT, 0);
+        write_cmos(&mut rtc, REG_SECONDS + 1, 0x30);
+        write_cmos(&mut rtc, REG_MINUTES + 1, ALARM_ANY);
+        write_cmos(&mut rtc, REG_HOURS + 1, 0xff);
+        write_cmos(&mut rtc, REG_B, B_DEFAULT | C_ALARM);
+        let start = clock.monotonic_ns();
+
+        // Catching up late over 40 seconds still finds second 30 of the next minute.
+        assert!(rtc.advance(start + 40 * NANOS_PER_SECOND));
+    }
+
+    #[test]
+    fn set_bit_inhibits_update_events() {
+        let (mut rtc, clock) = rtc_at(LEAP_DAY_NIGHT, 0);
+        write_cmos(&mut rtc, REG_B, B_SET | B_DEFAULT | C_UPDATE_ENDED);
+        let start = clock.monotonic_ns();
+
+        assert_eq!(rtc.next_deadline(start), None);
+        assert!(!rtc.advance(start + 3 * NANOS_PER_SECOND));
     }
 
     #[test]

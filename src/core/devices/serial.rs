@@ -21,6 +21,26 @@
 //!
 //! Only single-byte accesses reach the registers: wider ones read as all ones and drop
 //! their writes, and are counted.
+//!
+//! Wiring COM1 with the emulator's interrupt controllers and feeding it host input:
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//!
+//! use monstervm::core::devices::irq_chip::EmulatedIrqChip;
+//! use monstervm::core::devices::serial::{Serial, COM1_IRQ, COM1_WINDOWS};
+//! use monstervm::core::devices::{Bus, HostClock};
+//!
+//! let chip = Arc::new(EmulatedIrqChip::new(Arc::new(HostClock::new()), 2_000_000_000).unwrap());
+//! let serial = Arc::new(Mutex::new(Serial::new(chip, COM1_IRQ, Box::new(std::io::sink()))));
+//! let mut pio = Bus::new();
+//! pio.insert_windows(&COM1_WINDOWS, serial.clone()).unwrap();
+//!
+//! // The event loop reads host input only while the receive FIFO has room.
+//! let mut serial = serial.lock().unwrap();
+//! let room = serial.input_capacity();
+//! assert_eq!(serial.enqueue_input(b"root\n"), 5.min(room));
+//! ```
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};

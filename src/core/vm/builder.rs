@@ -43,7 +43,7 @@ pub enum BuildError {
     Pci(#[from] PciError),
 }
 
-/// What booted: the embedded guest or a Linux kernel.
+/// The guest a VM boots: the embedded guest or a Linux kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestKind {
     Embedded,

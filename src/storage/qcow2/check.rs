@@ -7,12 +7,18 @@ use super::image::Image;
 use super::table::{self, ClusterKind, COPIED, L1_RESERVED, OFFSET_MASK};
 use crate::storage::StorageError;
 
-/// Most clusters a check tracks (one u32 counter each).
-const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
+/// Most clusters a check tracks: one u32 counter each, so at most 1 GiB of memory.
+const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
+/// Maximum size of the bitmap directory and of each bitmap table that a check reads.
+const MAX_BITMAP_BYTES: u64 = 64 << 20;
+/// Byte ranges (offset, length, structure name) of the bitmaps, or why they are invalid.
+pub type BitmapRanges = Result<Vec<(u64, u64, &'static str)>, String>;
+/// Autoclear feature bit 0: the bitmaps extension is consistent.
+pub const AUTOCLEAR_BITMAPS: u64 = 1;
 /// Most problems a report lists one by one; the counts stay exact.
 const MAX_MESSAGES: usize = 1000;
 
-/// What a check found, in qemu-img's terms.
+/// Findings of a check, in qemu-img's terms.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckReport {
     /// Refcounts too low, bad COPIED flags and invalid or out-of-file references.
@@ -37,7 +43,7 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
 }
 
-/// Which problems a repair fixes.
+/// Scope of a repair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RepairMode {
     /// Only report.
@@ -207,13 +213,24 @@ impl Image {
                 } else {
                     0
                 };
-                let kind = table::classify(
-                    entry,
-                    self.header.version,
-                    self.header.extended_l2(),
-                    cluster_size,
-                );
+                let kind = if self.has_data_file() {
+                    table::classify_with_data_file(entry, self.header.extended_l2(), cluster_size)
+                } else {
+                    table::classify(
+                        entry,
+                        self.header.version,
+                        self.header.extended_l2(),
+                        cluster_size,
+                    )
+                };
                 match kind {
+                    // Data file clusters have no refcounts and always carry COPIED.
+                    Some(ClusterKind::Normal { .. }) if self.has_data_file() => {
+                        if active {
+                            counter.report.allocated_clusters += 1;
+                        }
+                    }
+                    Some(ClusterKind::Zero { .. }) if self.has_data_file() => {}
                     None => counter.problem(
                         true,
                         format!("ERROR L2 entry {entry:#x} in table at {l2_offset:#x} is invalid"),
@@ -275,6 +292,25 @@ impl Image {
     }
 
     fn count_bitmaps(&mut self, counter: &mut Counter) -> Result<(), StorageError> {
+        // Without autoclear bit 0 QEMU ignores the bitmaps, so their clusters count as leaks.
+        if self.header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+            return Ok(());
+        }
+        let cluster_size = self.cluster_size();
+        match self.bitmap_ranges()? {
+            Ok(ranges) => {
+                for (offset, len, what) in ranges {
+                    counter.add(offset, len, cluster_size, what);
+                }
+            }
+            Err(message) => counter.problem(true, format!("ERROR {message}")),
+        }
+        Ok(())
+    }
+
+    /// Returns the byte ranges the persistent bitmaps occupy (directory, tables and data),
+    /// or a message describing why the bitmaps extension is invalid.
+    pub fn bitmap_ranges(&self) -> Result<BitmapRanges, StorageError> {
         let cluster_size = self.cluster_size();
         let Some(ext) = self
             .header
@@ -282,14 +318,10 @@ impl Image {
             .iter()
             .find(|e| e.kind == EXT_BITMAPS)
         else {
-            return Ok(());
+            return Ok(Ok(Vec::new()));
         };
         if ext.data.len() < 24 {
-            counter.problem(
-                true,
-                "ERROR bitmaps extension is shorter than 24 bytes".into(),
-            );
-            return Ok(());
+            return Ok(Err("bitmaps extension is shorter than 24 bytes".into()));
         }
         let be = |at: usize, n: usize| {
             ext.data[at..at + n]
@@ -299,28 +331,23 @@ impl Image {
         let count = be(0, 4);
         let dir_size = be(8, 8);
         let dir_offset = be(16, 8);
-        if dir_size > 64 << 20
+        if dir_size > MAX_BITMAP_BYTES
             || dir_offset
                 .checked_add(dir_size)
                 .is_none_or(|e| e > self.file_len)
         {
-            counter.problem(
-                true,
-                format!("ERROR bitmap directory at {dir_offset:#x} of {dir_size} bytes is invalid"),
-            );
-            return Ok(());
+            return Ok(Err(format!(
+                "bitmap directory at {dir_offset:#x} of {dir_size} bytes is invalid"
+            )));
         }
-        counter.add(dir_offset, dir_size, cluster_size, "bitmap directory");
+
+        let mut ranges = vec![(dir_offset, dir_size, "bitmap directory")];
         let mut dir = vec![0u8; dir_size as usize];
         self.pread(&mut dir, dir_offset)?;
         let mut at = 0usize;
         for _ in 0..count {
             if at + 24 > dir.len() {
-                counter.problem(
-                    true,
-                    "ERROR bitmap directory entry runs past the directory".into(),
-                );
-                break;
+                return Ok(Err("bitmap directory entry runs past the directory".into()));
             }
             let word = |o: usize, n: usize| {
                 dir[at + o..at + o + n]
@@ -331,21 +358,31 @@ impl Image {
             let table_size = word(8, 4);
             let name_len = word(18, 2) as usize;
             let extra_len = word(20, 4) as usize;
-            counter.add(table_offset, table_size * 8, cluster_size, "bitmap table");
-            if let Ok(entries) = self.read_table("bitmap table offset", table_offset, table_size) {
-                for entry in entries {
-                    let data = entry & OFFSET_MASK;
-                    if data != 0 {
-                        counter.add(data, cluster_size, cluster_size, "bitmap data");
-                    }
+            if table_size * 8 > MAX_BITMAP_BYTES || table_offset % cluster_size != 0 {
+                return Ok(Err(format!(
+                    "bitmap table at {table_offset:#x} of {table_size} entries is invalid"
+                )));
+            }
+
+            ranges.push((table_offset, table_size * 8, "bitmap table"));
+            let Ok(entries) = self.read_table("bitmap table offset", table_offset, table_size)
+            else {
+                return Ok(Err(format!(
+                    "bitmap table at {table_offset:#x} runs past the end of the file"
+                )));
+            };
+            for entry in entries {
+                let data = entry & OFFSET_MASK;
+                if data != 0 {
+                    ranges.push((data, cluster_size, "bitmap data"));
                 }
             }
             at += (24 + extra_len + name_len).next_multiple_of(8);
         }
-        Ok(())
+        Ok(Ok(ranges))
     }
 
-    /// Checks the image and, for a writable image, repairs what `mode` asks for.
+    /// Checks the image and, for a writable image, repairs what `mode` requests.
     pub fn check(&mut self, mode: RepairMode) -> Result<CheckReport, StorageError> {
         self.flush_metadata()?;
         let mut counter = self.count_references(true)?;
@@ -443,6 +480,7 @@ impl Image {
             });
         }
 
+        self.alloc_end = self.alloc_end.max(start + blocks + table_clusters);
         let mut reftable = vec![0u64; (table_clusters * cluster_size / 8) as usize];
         for block in 0..blocks {
             let offset = (start + block) * cluster_size;
@@ -469,7 +507,7 @@ impl Image {
         self.reftable = reftable;
         self.reftable_dirty = false;
         self.refblock_cache.clear();
-        self.alloc_end = start + blocks + table_clusters;
+        self.alloc_end = self.alloc_end.max(start + blocks + table_clusters);
         self.free_hint = 1;
         self.fix_copied_flags()?;
         self.flush_metadata()?;

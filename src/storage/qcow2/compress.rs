@@ -2,7 +2,8 @@
 
 use super::header::CompressionType;
 
-/// Deflate window QEMU uses for qcow2 clusters (`windowBits` of -12 in zlib terms).
+/// Deflate window of qcow2 clusters: QEMU 10 (block/qcow2-threads.c) inflates them with
+/// zlib `windowBits` -12, so a larger window would make clusters it cannot read.
 const DEFLATE_WINDOW_BITS: u8 = 12;
 
 /// Decompresses `input` into exactly `out.len()` bytes; returns a reason on failure.

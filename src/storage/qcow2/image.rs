@@ -45,9 +45,11 @@ pub(crate) struct Image {
     pub alloc_end: u64,
     /// Bytes in the file, as far as this process wrote or found it.
     pub file_len: u64,
-    /// Next free byte in the cluster that holds the last compressed cluster (0 if none).
+    /// Next free byte in the cluster that contains the last compressed cluster (0 if none).
     pub compressed_cursor: u64,
     pub backing: Option<Box<dyn BlockBackend>>,
+    /// External data file: guest cluster N lives at offset N there, without refcounts.
+    pub data_file: Option<(File, PathBuf)>,
     pub snapshots: Vec<Snapshot>,
     /// Size in bytes of the snapshot table in the file.
     pub snapshot_table_len: u64,
@@ -75,12 +77,24 @@ impl Image {
         read_full(&self.file, &self.path, buf, offset)
     }
 
-    /// Writes `buf` at `offset`.
+    /// Writes `buf` at `offset`, which must lie in clusters the image already has or has
+    /// allocated: a host offset read from a damaged table fails here instead of growing
+    /// the file to that offset.
     pub fn pwrite(&mut self, buf: &[u8], offset: u64) -> Result<(), StorageError> {
         if self.read_only {
             return Err(StorageError::ReadOnly {
                 path: self.path.clone(),
             });
+        }
+        let limit = self.alloc_end.saturating_mul(self.cluster_size());
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > limit)
+        {
+            return Err(self.corrupt(format!(
+                "write of {} bytes at host offset {offset:#x} is past the end of the image ({limit:#x})",
+                buf.len()
+            )));
         }
         self.file
             .write_all_at(buf, offset)
@@ -89,8 +103,46 @@ impl Image {
         Ok(())
     }
 
-    /// Calls fdatasync on the image file.
+    /// Returns whether guest data lives in an external data file.
+    pub fn has_data_file(&self) -> bool {
+        self.data_file.is_some()
+    }
+
+    /// Reads guest data at host offset `offset` of the data file or, without one, the image.
+    pub fn data_read(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
+        match &self.data_file {
+            Some((file, path)) => read_full(file, path, buf, offset),
+            None => self.pread(buf, offset),
+        }
+    }
+
+    /// Writes guest data at host offset `offset` of the data file or, without one, the image.
+    pub fn data_write(&mut self, buf: &[u8], offset: u64) -> Result<(), StorageError> {
+        let Some((file, path)) = &self.data_file else {
+            return self.pwrite(buf, offset);
+        };
+        if self.read_only {
+            return Err(StorageError::ReadOnly { path: path.clone() });
+        }
+        file.write_all_at(buf, offset)
+            .map_err(|e| StorageError::io(path, "write", e))
+    }
+
+    /// Returns the host cluster for new data of the guest cluster at `guest_cluster`:
+    /// the same offset in an external data file, or a newly allocated image cluster.
+    pub fn alloc_data_cluster(&mut self, guest_cluster: u64) -> Result<u64, StorageError> {
+        if self.has_data_file() {
+            return Ok(guest_cluster);
+        }
+        self.alloc_clusters(1)
+    }
+
+    /// Calls fdatasync on the data file, if any, and then on the image file.
     pub fn sync(&self) -> Result<(), StorageError> {
+        if let (Some((file, path)), false) = (&self.data_file, self.read_only) {
+            file.sync_data()
+                .map_err(|e| StorageError::io(path, "fdatasync", e))?;
+        }
         self.file
             .sync_data()
             .map_err(|e| StorageError::io(&self.path, "fdatasync", e))
@@ -155,14 +207,18 @@ impl Image {
     }
 
     /// Reads a whole metadata cluster, rejecting offsets past the end of the file.
-    pub fn read_cluster_checked(&self, what: &str, offset: u64) -> Result<Vec<u8>, StorageError> {
+    pub fn read_cluster_checked(
+        &self,
+        structure: &str,
+        offset: u64,
+    ) -> Result<Vec<u8>, StorageError> {
         let cluster_size = self.cluster_size();
         if offset == 0
             || offset % cluster_size != 0
             || offset + cluster_size > self.file_len.next_multiple_of(cluster_size)
         {
             return Err(self.corrupt(format!(
-                "{what} offset {offset:#x} is zero, unaligned or past the end of the file"
+                "{structure} offset {offset:#x} is zero, unaligned or past the end of the file"
             )));
         }
         let mut data = vec![0u8; cluster_size as usize];

@@ -3,7 +3,8 @@
 use super::compress;
 use super::image::{CachedCluster, Image};
 use super::table::{
-    self, classify, ClusterKind, CompressedLayout, COPIED, OFFSET_MASK, SUBCLUSTERS, ZERO,
+    self, classify, classify_with_data_file, ClusterKind, CompressedLayout, COPIED, OFFSET_MASK,
+    SUBCLUSTERS, ZERO,
 };
 use crate::storage::StorageError;
 
@@ -32,6 +33,14 @@ impl Image {
     }
 
     fn kind_of(&self, entry: u64) -> Result<ClusterKind, StorageError> {
+        if self.has_data_file() {
+            return classify_with_data_file(entry, self.header.extended_l2(), self.cluster_size())
+                .ok_or_else(|| {
+                    self.corrupt(format!(
+                        "L2 entry {entry:#x} is invalid for an image with an external data file"
+                    ))
+                });
+        }
         classify(
             entry,
             self.header.version,
@@ -114,7 +123,7 @@ impl Image {
                 Ok(())
             }
             ClusterKind::Normal { host } if !self.header.extended_l2() => {
-                self.pread(buf, host + in_cluster)
+                self.data_read(buf, host + in_cluster)
             }
             ClusterKind::Unallocated if !self.header.extended_l2() => self.read_backing(buf, guest),
             ClusterKind::Normal { host } => self.read_subclusters(buf, guest, host, found.bitmap),
@@ -145,12 +154,12 @@ impl Image {
                         "subcluster {sub} at guest offset {at:#x} is both allocated and zero (bitmap {bitmap:#x})"
                     )))
                 }
-                (true, false) if host == 0 => {
+                (true, false) if host == 0 && !self.has_data_file() => {
                     return Err(self.corrupt(format!(
                         "subcluster {sub} at guest offset {at:#x} is allocated but the cluster has no host offset"
                     )))
                 }
-                (true, false) => self.pread(part, host + in_cluster)?,
+                (true, false) => self.data_read(part, host + in_cluster)?,
                 (false, true) => part.fill(0),
                 (false, false) => self.read_backing(part, at)?,
             }
@@ -230,6 +239,10 @@ impl Image {
     }
 
     fn references_of(&self, found: L2Entry) -> Result<Vec<u64>, StorageError> {
+        if self.has_data_file() {
+            // Clusters of an external data file have no refcounts.
+            return Ok(Vec::new());
+        }
         Ok(match self.kind_of(found.entry)? {
             ClusterKind::Compressed => {
                 let (first, count) = self.compressed_clusters(found.entry);
@@ -270,7 +283,7 @@ impl Image {
             .is_some_and(|e| e & COPIED != 0);
         if l1_copied && found.entry & COPIED != 0 && !self.header.extended_l2() {
             if let ClusterKind::Normal { host } = self.kind_of(found.entry)? {
-                return self.pwrite(data, host + in_cluster);
+                return self.data_write(data, host + in_cluster);
             }
         }
 
@@ -282,14 +295,14 @@ impl Image {
         }
         if let ClusterKind::Normal { host } = kind {
             if found.entry & COPIED != 0 {
-                return self.pwrite(data, host + in_cluster);
+                return self.data_write(data, host + in_cluster);
             }
         }
 
         let mut cluster = vec![0u8; cluster_size as usize];
         if data.len() as u64 != cluster_size {
             match kind {
-                ClusterKind::Normal { host } => self.pread(&mut cluster, host)?,
+                ClusterKind::Normal { host } => self.data_read(&mut cluster, host)?,
                 ClusterKind::Compressed => cluster = self.decompressed_cluster(found.entry)?,
                 ClusterKind::Zero { .. } => {}
                 ClusterKind::Unallocated => self.read_backing(&mut cluster, cluster_start)?,
@@ -303,9 +316,9 @@ impl Image {
         };
         let new_host = match reuse {
             Some(host) => host,
-            None => self.alloc_clusters(1)?,
+            None => self.alloc_data_cluster(cluster_start)?,
         };
-        self.pwrite(&cluster, new_host)?;
+        self.data_write(&cluster, new_host)?;
         let old_refs = if reuse.is_some() {
             Vec::new()
         } else {
@@ -355,7 +368,7 @@ impl Image {
             let allocated = found.bitmap >> sub & 1 != 0;
             let zero = found.bitmap >> (32 + sub) & 1 != 0;
             if allocated && host != 0 {
-                self.pread(part, host + start)?;
+                self.data_read(part, host + start)?;
             } else if !zero {
                 self.read_backing(part, cluster_start + start)?;
             }
@@ -364,17 +377,17 @@ impl Image {
         span[at..at + data.len()].copy_from_slice(data);
 
         let new_host = if host != 0 && !shared {
-            self.pwrite(&span, host + span_start)?;
+            self.data_write(&span, host + span_start)?;
             host
         } else {
-            let new_host = self.alloc_clusters(1)?;
+            let new_host = self.alloc_data_cluster(cluster_start)?;
             if shared {
                 let mut whole = vec![0u8; cluster_size as usize];
-                self.pread(&mut whole, host)?;
+                self.data_read(&mut whole, host)?;
                 whole[span_start as usize..span_end as usize].copy_from_slice(&span);
-                self.pwrite(&whole, new_host)?;
+                self.data_write(&whole, new_host)?;
             } else {
-                self.pwrite(&span, new_host + span_start)?;
+                self.data_write(&span, new_host + span_start)?;
             }
             new_host
         };
@@ -387,7 +400,7 @@ impl Image {
                 bitmap,
             },
         )?;
-        if shared {
+        if shared && !self.has_data_file() {
             self.release(&[host])?;
         }
         Ok(())
@@ -400,7 +413,9 @@ impl Image {
         let max_len = (cluster_size - table::SECTOR) as usize;
         let found = self.lookup(guest)?;
         let packed = match compress::compress(self.header.compression, data, max_len.max(1)) {
-            Some(packed) if found.entry == 0 && found.bitmap == 0 => packed,
+            Some(packed) if found.entry == 0 && found.bitmap == 0 && !self.has_data_file() => {
+                packed
+            }
             _ => return self.write(data, guest),
         };
         let len = (packed.len() as u64).next_multiple_of(table::SECTOR);

@@ -17,6 +17,7 @@ mod table;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 pub use check::{CheckReport, RepairMode};
@@ -105,6 +106,8 @@ pub struct Qcow2 {
     path: PathBuf,
     read_only: bool,
     opened_dirty: bool,
+    /// Set by [`Qcow2::close`], so that dropping the image does not close it twice.
+    closed: AtomicBool,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -169,13 +172,23 @@ impl Qcow2 {
                 });
             }
         }
-        if header.incompatible_features & header::INCOMPAT_DATA_FILE != 0 {
-            // NOTE: external data files are rejected, not served.
-            return Err(StorageError::Unsupported {
-                path: path.to_path_buf(),
-                feature: "external data files".into(),
-            });
-        }
+        let data_file = if header.incompatible_features & header::INCOMPAT_DATA_FILE != 0 {
+            let Some(name) = &header.data_file else {
+                return Err(StorageError::Unsupported {
+                    path: path.to_path_buf(),
+                    feature: "an external data file without a data file name extension".into(),
+                });
+            };
+            let data_path = super::resolve_backing_path(path, name);
+            let file = FsOpenOptions::new()
+                .read(true)
+                .write(!options.read_only)
+                .open(&data_path)
+                .map_err(|e| StorageError::io(&data_path, "open external data file", e))?;
+            Some((file, data_path))
+        } else {
+            None
+        };
         let backing = match &header.backing_file {
             None => None,
             Some(_) if !follow_backing => None,
@@ -213,6 +226,7 @@ impl Qcow2 {
             file_len,
             compressed_cursor: 0,
             backing,
+            data_file,
             snapshots: Vec::new(),
             snapshot_table_len: 0,
             decompressed: None,
@@ -223,6 +237,7 @@ impl Qcow2 {
         image.snapshot_table_len = image.load_snapshots()?;
 
         if !options.read_only {
+            let bitmap_clusters = image.drop_bitmaps()?;
             // This writer keeps no bitmaps, so every autoclear feature becomes invalid.
             image.header.autoclear_features = 0;
             if opened_dirty {
@@ -233,12 +248,14 @@ impl Qcow2 {
                 image.header.incompatible_features |= INCOMPAT_DIRTY;
             }
             image.write_header()?;
+            image.release(&bitmap_clusters)?;
         }
         Ok(Qcow2 {
             image: Mutex::new(image),
             path: path.to_path_buf(),
             read_only: options.read_only,
             opened_dirty,
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -357,7 +374,8 @@ impl Qcow2 {
         file_bytes.extend_from_slice(&reftable);
         file_bytes.extend_from_slice(&refblock);
         if entries < 3 {
-            // A 512-byte block of 64-bit refcounts covers 64 clusters, so this cannot happen.
+            // Clusters of at least 512 bytes with refcounts of at most 64 bits give a block of at
+            // least 64 entries, so this branch only guards the arithmetic above.
             return Err(invalid_option(
                 path,
                 "refcount_bits",
@@ -373,7 +391,8 @@ impl Qcow2 {
         let image =
             Qcow2::open_in_chain(path, &OpenOptions::default(), &mut vec![canonical], false)?;
         image.resize(size)?;
-        Ok(image)
+        image.close()?;
+        Qcow2::open(path, &OpenOptions::default())
     }
 
     fn lock(&self) -> MutexGuard<'_, Image> {
@@ -486,13 +505,16 @@ impl Qcow2 {
     /// but can only log a failure.
     pub fn close(self) -> Result<(), StorageError> {
         let result = self.lock().close();
-        std::mem::forget(self);
+        self.closed.store(true, Ordering::Release);
         result
     }
 }
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         if let Err(e) = self.lock().close() {
             tracing::error!(path = %self.path.display(), error = %e, "closing qcow2 image failed; the image stays marked dirty");
         }
@@ -517,6 +539,35 @@ fn read_header(file: &File, path: &Path, file_len: u64) -> Result<Header, Storag
 }
 
 impl Image {
+    /// Removes the persistent bitmaps extension, which this writer cannot keep up to date,
+    /// and returns the clusters to release once the header without it is on disk. Keeping
+    /// the extension with autoclear bit 0 cleared would leave its clusters as leaks for
+    /// `qemu-img check`. Damaged bitmap structures are dropped without releasing anything.
+    fn drop_bitmaps(&mut self) -> Result<Vec<u64>, StorageError> {
+        let Some(index) = self
+            .header
+            .other_extensions
+            .iter()
+            .position(|e| e.kind == header::EXT_BITMAPS)
+        else {
+            return Ok(Vec::new());
+        };
+        let cluster_size = self.cluster_size();
+        let clusters = match self.bitmap_ranges()? {
+            Ok(ranges) => ranges
+                .iter()
+                .flat_map(|&(offset, len, _)| {
+                    (offset / cluster_size..(offset + len).div_ceil(cluster_size))
+                        .map(move |c| c * cluster_size)
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        tracing::warn!(path = %self.path.display(), "removing persistent dirty bitmaps, which writes would leave stale");
+        self.header.other_extensions.remove(index);
+        Ok(clusters)
+    }
+
     /// Grows the virtual disk to `new_size` bytes, moving the L1 table if it must grow.
     pub fn resize(&mut self, new_size: u64) -> Result<(), StorageError> {
         if new_size < self.header.size {

@@ -1,8 +1,8 @@
 //! Refcounts and cluster allocation.
 //!
-//! The refcount table lists refcount blocks; a block is one cluster of entries
-//! `refcount_bits` wide (1 to 64 bits, least significant bits first within a byte for
-//! widths below 8, big-endian for wider ones). A new refcount block is placed inside the
+//! The refcount table lists refcount blocks. A block is one cluster of entries
+//! `refcount_bits` wide: 1 to 64 bits, least significant bits first within a byte for
+//! widths below 8, big-endian for wider ones. A new refcount block is placed inside the
 //! range it describes, so it records its own refcount. When the table itself is full, a
 //! larger table and the blocks covering it are written past the end of the file.
 
@@ -85,6 +85,12 @@ impl Image {
         let cluster = offset / self.cluster_size();
         let entries = self.refblock_entries();
         if delta > 0 {
+            if cluster >= self.alloc_end {
+                return Err(self.corrupt(format!(
+                    "reference to cluster at {offset:#x}, past the end of the image ({:#x})",
+                    self.alloc_end * self.cluster_size()
+                )));
+            }
             self.ensure_refblock(cluster)?;
         }
         let block = self.refblock_offset(cluster / entries)?;
@@ -159,6 +165,9 @@ impl Image {
         let entries_per_block = self.refblock_entries();
         let start = self.alloc_end.max(self.file_len.div_ceil(cluster_size));
         let old_len = self.reftable.len() as u64;
+        if min_entries.saturating_mul(8) > super::header::MAX_REFTABLE_BYTES {
+            return Err(self.reftable_too_large(min_entries));
+        }
         let mut table_entries = min_entries.max(old_len + old_len / 2).max(1);
         let (mut blocks, mut table_clusters);
         loop {
@@ -185,12 +194,7 @@ impl Image {
             table_entries = needed;
         }
         if table_entries * 8 > super::header::MAX_REFTABLE_BYTES {
-            return Err(StorageError::InvalidField {
-                path: self.path.clone(),
-                field: "refcount_table_clusters",
-                value: table_clusters,
-                reason: "refcount table would exceed 8 MiB; the image file is too large for its cluster size and refcount width".into(),
-            });
+            return Err(self.reftable_too_large(table_entries));
         }
 
         // Write back pending metadata first, so the new table starts from the file's state.
@@ -236,6 +240,16 @@ impl Image {
         Ok(())
     }
 
+    fn reftable_too_large(&self, entries: u64) -> StorageError {
+        StorageError::InvalidField {
+            path: self.path.clone(),
+            field: "refcount_table_clusters",
+            value: (entries * 8).div_ceil(self.cluster_size()),
+            reason: "refcount table would exceed 8 MiB; the image is too large for its cluster size and refcount width"
+                .into(),
+        }
+    }
+
     /// Allocates `count` contiguous clusters with refcount 1 and returns the first offset.
     pub fn alloc_clusters(&mut self, count: u64) -> Result<u64, StorageError> {
         let cluster_size = self.cluster_size();
@@ -262,13 +276,13 @@ impl Image {
                     continue 'search;
                 }
             }
+            self.alloc_end = self.alloc_end.max(start + count);
             for cluster in start..start + count {
                 self.update_refcount(cluster * cluster_size, 1)?;
             }
             if count == 1 || start == self.free_hint {
                 self.free_hint = start + count;
             }
-            self.alloc_end = self.alloc_end.max(start + count);
             return Ok(start * cluster_size);
         }
     }

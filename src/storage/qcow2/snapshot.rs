@@ -249,7 +249,26 @@ impl Image {
     }
 
     /// Adds `delta` to the refcount of every L2 table and data cluster that `l1` reaches.
+    /// On failure (an increment past the refcount width, say) the changes made so far are
+    /// undone, so the refcounts stay as they were.
     pub fn adjust_tree_refcounts(&mut self, l1: &[u64], delta: i64) -> Result<(), StorageError> {
+        let mut done = Vec::new();
+        let result = self.adjust_tree_refcounts_logged(l1, delta, &mut done);
+        if result.is_err() {
+            for &offset in done.iter().rev() {
+                // Undoing a change that just succeeded cannot overflow or underflow.
+                let _ = self.update_refcount(offset, -delta);
+            }
+        }
+        result
+    }
+
+    fn adjust_tree_refcounts_logged(
+        &mut self,
+        l1: &[u64],
+        delta: i64,
+        done: &mut Vec<u64>,
+    ) -> Result<(), StorageError> {
         let words = if self.header.extended_l2() { 2 } else { 1 };
         for (i, &l1_entry) in l1.iter().enumerate() {
             if l1_entry & L1_RESERVED != 0 {
@@ -266,9 +285,11 @@ impl Image {
                 let entry = table::get_u64(&data, index * words);
                 for cluster in self.entry_references(entry)? {
                     self.update_refcount(cluster, delta)?;
+                    done.push(cluster);
                 }
             }
             self.update_refcount(l2_offset, delta)?;
+            done.push(l2_offset);
         }
         Ok(())
     }
@@ -308,14 +329,18 @@ impl Image {
                 continue;
             }
             let copied = self.refcount(l2_offset / self.cluster_size())? == 1;
-            let wanted = if copied {
+            let expected = if copied {
                 l1_entry | COPIED
             } else {
                 l1_entry & !COPIED
             };
-            if wanted != l1_entry {
-                self.l1[i] = wanted;
+            if expected != l1_entry {
+                self.l1[i] = expected;
                 self.l1_dirty = true;
+            }
+            if self.has_data_file() {
+                // Data file clusters have no refcounts; COPIED stays as written.
+                continue;
             }
             for index in 0..self.header.l2_entries() as usize {
                 let entry = table::get_u64(&self.l2_table(l2_offset)?.data, index * words);
@@ -333,14 +358,14 @@ impl Image {
                     _ => continue,
                 };
                 let copied = self.refcount(host / self.cluster_size())? == 1;
-                let wanted = if copied {
+                let expected = if copied {
                     entry | COPIED
                 } else {
                     entry & !COPIED
                 };
-                if wanted != entry {
+                if expected != entry {
                     let l2 = self.l2_table(l2_offset)?;
-                    table::set_u64(&mut l2.data, index * words, wanted);
+                    table::set_u64(&mut l2.data, index * words, expected);
                     l2.dirty = true;
                 }
             }
@@ -350,6 +375,12 @@ impl Image {
 
     /// Creates a snapshot of the current disk contents named `name`.
     pub fn create_snapshot(&mut self, name: &str) -> Result<Snapshot, StorageError> {
+        if self.has_data_file() {
+            return Err(StorageError::Unsupported {
+                path: self.path.clone(),
+                feature: "internal snapshots of an image with an external data file".into(),
+            });
+        }
         if self.snapshots.iter().any(|s| s.name == name) {
             return Err(StorageError::SnapshotExists {
                 path: self.path.clone(),
@@ -385,7 +416,13 @@ impl Image {
             table::set_u64(&mut raw, i, entry & !COPIED);
         }
         self.pwrite(&raw, l1_offset)?;
-        self.adjust_tree_refcounts(&l1, 1)?;
+        if let Err(e) = self.adjust_tree_refcounts(&l1, 1) {
+            let clusters = l1_bytes.div_ceil(self.cluster_size());
+            for i in 0..clusters {
+                self.update_refcount(l1_offset + i * self.cluster_size(), -1)?;
+            }
+            return Err(e);
+        }
         self.fix_copied_flags()?;
         self.flush_metadata()?;
 

@@ -73,7 +73,7 @@ pub fn set_u64(table: &mut [u8], index: usize, value: u64) {
     table[at..at + 8].copy_from_slice(&value.to_be_bytes());
 }
 
-/// What an L2 entry (or the lack of an L2 table) says about one guest cluster.
+/// State of one guest cluster, from its L2 entry or the lack of an L2 table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClusterKind {
     /// No data: read the backing file or zeros.
@@ -111,6 +111,30 @@ pub fn classify(
         return Some(ClusterKind::Zero { host });
     }
     if host == 0 {
+        return Some(ClusterKind::Unallocated);
+    }
+    Some(ClusterKind::Normal { host })
+}
+
+/// Classifies an L2 entry of an image with an external data file, where data clusters
+/// sit at their guest offset, so host offset 0 with COPIED set is allocated too and
+/// compressed clusters cannot occur.
+pub fn classify_with_data_file(
+    entry: u64,
+    extended: bool,
+    cluster_size: u64,
+) -> Option<ClusterKind> {
+    if entry & COMPRESSED != 0 || entry & L2_RESERVED != 0 {
+        return None;
+    }
+    let host = entry & OFFSET_MASK;
+    if host % cluster_size != 0 {
+        return None;
+    }
+    if entry & ZERO != 0 {
+        return (!extended).then_some(ClusterKind::Zero { host });
+    }
+    if host == 0 && entry & COPIED == 0 {
         return Some(ClusterKind::Unallocated);
     }
     Some(ClusterKind::Normal { host })

@@ -35,6 +35,32 @@ impl Cpu {
     /// Evaluates condition code `cc` against the current flags.
     #[inline]
     pub(crate) fn condition(&self, cc: ConditionCode) -> bool {
+        // Fast paths for the common cases that need no full flag evaluation: ZF of any
+        // lazy result, and unsigned or signed comparisons after CMP or SUB.
+        let lazy = &self.lazy;
+        if lazy.op != FlagOp::Eager {
+            let mask = size_mask(lazy.size);
+            match cc {
+                ConditionCode::e => return lazy.res & mask == 0,
+                ConditionCode::ne => return lazy.res & mask != 0,
+                _ => {}
+            }
+            if lazy.op == FlagOp::Sub && !lazy.carry_in {
+                let (dst, src) = (lazy.dst & mask, lazy.src & mask);
+                let (sdst, ssrc) = (sign_extend(dst, lazy.size), sign_extend(src, lazy.size));
+                match cc {
+                    ConditionCode::b => return dst < src,
+                    ConditionCode::ae => return dst >= src,
+                    ConditionCode::be => return dst <= src,
+                    ConditionCode::a => return dst > src,
+                    ConditionCode::l => return sdst < ssrc,
+                    ConditionCode::ge => return sdst >= ssrc,
+                    ConditionCode::le => return sdst <= ssrc,
+                    ConditionCode::g => return sdst > ssrc,
+                    _ => {}
+                }
+            }
+        }
         let f = self.rflags();
         let set = |flag: u64| f & flag != 0;
         match cc {
@@ -82,7 +108,7 @@ impl Cpu {
         let dst = self.read_operand(bus, insn, 0, size)?;
         let src = self.read_operand(bus, insn, 1, size)?;
         let carry = match insn.mnemonic() {
-            Mnemonic::Adc | Mnemonic::Sbb => self.flag(CF),
+            Mnemonic::Adc | Mnemonic::Sbb => self.carry(),
             _ => false,
         };
         let (op, res) = match insn.mnemonic() {
@@ -119,7 +145,7 @@ impl Cpu {
                 self.set_lazy(FlagOp::Sub, size, 0, dst, res);
             }
             mnemonic => {
-                let carry = self.flag(CF);
+                let carry = self.carry();
                 let (op, res) = if mnemonic == Mnemonic::Inc {
                     (FlagOp::Inc, dst.wrapping_add(1) & mask)
                 } else {

@@ -16,6 +16,13 @@ fn is_segment(register: Register) -> bool {
 }
 
 impl Cpu {
+    /// MOV between general-purpose registers, memory and immediates.
+    pub(super) fn exec_plain_move(&mut self, bus: &mut dyn CpuBus, insn: &Instruction) -> Exec {
+        let size = Self::operand_size(insn, 0);
+        let value = self.read_operand(bus, insn, 1, size)?;
+        self.write_operand(bus, insn, 0, size, value)
+    }
+
     pub(super) fn exec_move(&mut self, bus: &mut dyn CpuBus, insn: &Instruction) -> Exec {
         match insn.mnemonic() {
             Mnemonic::Mov | Mnemonic::Movnti => {

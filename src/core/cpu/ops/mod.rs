@@ -20,6 +20,63 @@ use super::Exit;
 /// Result of executing one instruction.
 pub(crate) type Exec = Result<(), Exit>;
 
+/// Location of a general-purpose register: GPR index, bit offset (8 for AH-BH) and
+/// size in bytes. The size is 0 for registers that are not GPRs.
+#[derive(Clone, Copy)]
+struct RegisterInfo {
+    index: u8,
+    shift: u8,
+    size: u8,
+}
+
+/// Register layout indexed by `iced_x86::Register as usize`, built at compile time.
+static REGISTERS: [RegisterInfo; 256] = register_table();
+
+const fn register_table() -> [RegisterInfo; 256] {
+    let mut table = [RegisterInfo {
+        index: 0,
+        shift: 0,
+        size: 0,
+    }; 256];
+    let mut r = 1;
+    while r <= 68 {
+        table[r] = match r {
+            1..=4 => RegisterInfo {
+                index: (r - 1) as u8,
+                shift: 0,
+                size: 1,
+            },
+            5..=8 => RegisterInfo {
+                index: (r - 5) as u8,
+                shift: 8,
+                size: 1,
+            },
+            9..=20 => RegisterInfo {
+                index: (r - 5) as u8,
+                shift: 0,
+                size: 1,
+            },
+            21..=36 => RegisterInfo {
+                index: (r - 21) as u8,
+                shift: 0,
+                size: 2,
+            },
+            37..=52 => RegisterInfo {
+                index: (r - 37) as u8,
+                shift: 0,
+                size: 4,
+            },
+            _ => RegisterInfo {
+                index: (r - 53) as u8,
+                shift: 0,
+                size: 8,
+            },
+        };
+        r += 1;
+    }
+    table
+}
+
 /// Returns the size in bytes of a general-purpose or segment register.
 #[inline]
 pub(crate) fn register_size(register: Register) -> u8 {
@@ -43,34 +100,32 @@ pub(crate) fn segment_index(register: Register) -> usize {
 
 impl Cpu {
     /// Reads a general-purpose or segment register.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn reg(&self, register: Register) -> u64 {
-        let r = register as usize;
-        match r {
-            1..=4 => self.gpr[r - 1] & 0xff,
-            5..=8 => (self.gpr[r - 5] >> 8) & 0xff,
-            9..=20 => self.gpr[r - 9 + 4] & 0xff,
-            21..=36 => self.gpr[r - 21] & 0xffff,
-            37..=52 => self.gpr[r - 37] & 0xffff_ffff,
-            53..=68 => self.gpr[r - 53],
-            71..=76 => u64::from(self.seg[r - 71].selector),
-            _ => 0,
+        let info = REGISTERS[register as usize];
+        if info.size == 0 {
+            return match register as usize {
+                r @ 71..=76 => u64::from(self.seg[r - 71].selector),
+                _ => 0,
+            };
         }
+        (self.gpr[info.index as usize] >> info.shift) & size_mask(info.size)
     }
 
     /// Writes a general-purpose register: 8- and 16-bit writes merge, 32-bit writes
     /// zero the upper half, as in 64-bit mode.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn set_reg(&mut self, register: Register, value: u64) {
-        let r = register as usize;
-        match r {
-            1..=4 => self.gpr[r - 1] = (self.gpr[r - 1] & !0xff) | (value & 0xff),
-            5..=8 => self.gpr[r - 5] = (self.gpr[r - 5] & !0xff00) | ((value & 0xff) << 8),
-            9..=20 => self.gpr[r - 5] = (self.gpr[r - 5] & !0xff) | (value & 0xff),
-            21..=36 => self.gpr[r - 21] = (self.gpr[r - 21] & !0xffff) | (value & 0xffff),
-            37..=52 => self.gpr[r - 37] = value & 0xffff_ffff,
-            53..=68 => self.gpr[r - 53] = value,
-            _ => {}
+        let info = REGISTERS[register as usize];
+        let slot = &mut self.gpr[info.index as usize & 15];
+        match info.size {
+            0 => {}
+            4 => *slot = value & 0xffff_ffff,
+            8 => *slot = value,
+            size => {
+                let mask = size_mask(size) << info.shift;
+                *slot = (*slot & !mask) | ((value << info.shift) & mask);
+            }
         }
     }
 
@@ -120,8 +175,22 @@ impl Cpu {
     }
 
     /// Reads operand `n` (register, memory or immediate) of `size` bytes.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn read_operand(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        insn: &Instruction,
+        n: u32,
+        size: u8,
+    ) -> Result<u64, Exit> {
+        if insn.op_kind(n) == OpKind::Register {
+            return Ok(self.reg(insn.op_register(n)));
+        }
+        self.read_operand_slow(bus, insn, n, size)
+    }
+
+    #[inline(never)]
+    fn read_operand_slow(
         &mut self,
         bus: &mut dyn CpuBus,
         insn: &Instruction,
@@ -139,8 +208,24 @@ impl Cpu {
     }
 
     /// Writes operand `n` (register or memory) of `size` bytes.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn write_operand(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        insn: &Instruction,
+        n: u32,
+        size: u8,
+        value: u64,
+    ) -> Exec {
+        if insn.op_kind(n) == OpKind::Register {
+            self.set_reg(insn.op_register(n), value);
+            return Ok(());
+        }
+        self.write_operand_slow(bus, insn, n, size, value)
+    }
+
+    #[inline(never)]
+    fn write_operand_slow(
         &mut self,
         bus: &mut dyn CpuBus,
         insn: &Instruction,
@@ -178,202 +263,6 @@ impl Cpu {
         }
     }
 
-    /// Executes one decoded instruction; RIP still points at it and `next_rip` past it.
-    pub(crate) fn execute(&mut self, bus: &mut dyn CpuBus, insn: &Instruction) -> Exec {
-        if insn.has_lock_prefix() && !lockable(insn) {
-            return Err(Exception::ud().into());
-        }
-        use Mnemonic as M;
-        match insn.mnemonic() {
-            M::Add | M::Or | M::Adc | M::Sbb | M::And | M::Sub | M::Xor | M::Cmp | M::Test => {
-                self.exec_binary(bus, insn)
-            }
-            M::Inc | M::Dec | M::Neg | M::Not => self.exec_unary(bus, insn),
-            M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => {
-                self.exec_shift(bus, insn)
-            }
-            M::Shld | M::Shrd => self.exec_double_shift(bus, insn),
-            M::Mul | M::Imul | M::Div | M::Idiv => self.exec_multiply(bus, insn),
-            M::Bt | M::Bts | M::Btr | M::Btc => self.exec_bit_test(bus, insn),
-            M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt | M::Popcnt => self.exec_bit_scan(bus, insn),
-            M::Xadd | M::Cmpxchg | M::Cmpxchg8b | M::Cmpxchg16b => {
-                self.exec_exchange_arith(bus, insn)
-            }
-            M::Cbw | M::Cwde | M::Cdqe | M::Cwd | M::Cdq | M::Cqo => self.exec_convert(insn),
-            M::Clc | M::Stc | M::Cmc | M::Cld | M::Std | M::Lahf | M::Sahf => {
-                self.exec_flag_op(insn)
-            }
-            M::Aaa | M::Aas | M::Daa | M::Das | M::Aam | M::Aad => self.exec_bcd(bus, insn),
-            M::Bswap => self.exec_bswap(insn),
-
-            M::Mov | M::Movzx | M::Movsx | M::Movsxd | M::Lea | M::Xchg | M::Movnti | M::Xlatb => {
-                self.exec_move(bus, insn)
-            }
-            M::Push | M::Pop | M::Pushf | M::Popf | M::Pushfd | M::Popfd | M::Pushfq | M::Popfq => {
-                self.exec_stack(bus, insn)
-            }
-            M::Pusha | M::Pushad | M::Popa | M::Popad | M::Enter | M::Leave => {
-                self.exec_stack_frame(bus, insn)
-            }
-            M::Lds | M::Les | M::Lfs | M::Lgs | M::Lss => self.exec_load_far_pointer(bus, insn),
-            M::Nop
-            | M::Pause
-            | M::Lfence
-            | M::Mfence
-            | M::Sfence
-            | M::Prefetchnta
-            | M::Prefetcht0
-            | M::Prefetcht1
-            | M::Prefetcht2
-            | M::Prefetchw
-            | M::Endbr32
-            | M::Endbr64 => Ok(()),
-            M::Cmove
-            | M::Cmovne
-            | M::Cmovb
-            | M::Cmovae
-            | M::Cmovbe
-            | M::Cmova
-            | M::Cmovl
-            | M::Cmovge
-            | M::Cmovle
-            | M::Cmovg
-            | M::Cmovs
-            | M::Cmovns
-            | M::Cmovo
-            | M::Cmovno
-            | M::Cmovp
-            | M::Cmovnp => self.exec_cmov(bus, insn),
-            M::Sete
-            | M::Setne
-            | M::Setb
-            | M::Setae
-            | M::Setbe
-            | M::Seta
-            | M::Setl
-            | M::Setge
-            | M::Setle
-            | M::Setg
-            | M::Sets
-            | M::Setns
-            | M::Seto
-            | M::Setno
-            | M::Setp
-            | M::Setnp => self.exec_setcc(bus, insn),
-
-            M::Jmp | M::Call | M::Ret | M::Retf => self.exec_branch(bus, insn),
-            M::Je
-            | M::Jne
-            | M::Jb
-            | M::Jae
-            | M::Jbe
-            | M::Ja
-            | M::Jl
-            | M::Jge
-            | M::Jle
-            | M::Jg
-            | M::Js
-            | M::Jns
-            | M::Jo
-            | M::Jno
-            | M::Jp
-            | M::Jnp => self.exec_jcc(insn),
-            M::Loop | M::Loope | M::Loopne | M::Jcxz | M::Jecxz | M::Jrcxz => self.exec_loop(insn),
-            M::Int | M::Int3 | M::Into | M::Int1 | M::Iret | M::Iretd | M::Iretq | M::Hlt => {
-                self.exec_interrupt_op(bus, insn)
-            }
-
-            M::Movsb
-            | M::Movsw
-            | M::Movsd
-            | M::Movsq
-            | M::Stosb
-            | M::Stosw
-            | M::Stosd
-            | M::Stosq
-            | M::Lodsb
-            | M::Lodsw
-            | M::Lodsd
-            | M::Lodsq
-            | M::Cmpsb
-            | M::Cmpsw
-            | M::Cmpsd
-            | M::Cmpsq
-            | M::Scasb
-            | M::Scasw
-            | M::Scasd
-            | M::Scasq
-            | M::Insb
-            | M::Insw
-            | M::Insd
-            | M::Outsb
-            | M::Outsw
-            | M::Outsd
-                if is_string_form(insn) =>
-            {
-                self.exec_string(bus, insn)
-            }
-
-            M::In | M::Out => self.exec_port_io(bus, insn),
-            M::Cli | M::Sti => self.exec_interrupt_flag(insn),
-            M::Cpuid | M::Rdtsc | M::Rdtscp | M::Rdmsr | M::Wrmsr | M::Rdpmc => {
-                self.exec_identification(bus, insn)
-            }
-            M::Lgdt
-            | M::Lidt
-            | M::Sgdt
-            | M::Sidt
-            | M::Lldt
-            | M::Sldt
-            | M::Ltr
-            | M::Str
-            | M::Lmsw
-            | M::Smsw
-            | M::Lar
-            | M::Lsl
-            | M::Verr
-            | M::Verw => self.exec_descriptor_table(bus, insn),
-            M::Clts
-            | M::Invlpg
-            | M::Wbinvd
-            | M::Invd
-            | M::Clflush
-            | M::Clflushopt
-            | M::Ud0
-            | M::Ud1
-            | M::Ud2 => self.exec_cache_control(bus, insn),
-            M::Syscall
-            | M::Sysret
-            | M::Sysretq
-            | M::Sysenter
-            | M::Sysexit
-            | M::Sysexitq
-            | M::Swapgs => self.exec_fast_system_call(bus, insn),
-
-            M::Fninit
-            | M::Fnstcw
-            | M::Fldcw
-            | M::Fnstsw
-            | M::Fnclex
-            | M::Wait
-            | M::Fxsave
-            | M::Fxsave64
-            | M::Fxrstor
-            | M::Fxrstor64
-            | M::Ldmxcsr
-            | M::Stmxcsr
-            | M::Emms => self.exec_x87(bus, insn),
-
-            mnemonic => {
-                if self.exec_sse(bus, insn)? {
-                    return Ok(());
-                }
-                self.report_unimplemented(mnemonic);
-                Err(Exception::ud().into())
-            }
-        }
-    }
-
     fn report_unimplemented(&mut self, mnemonic: Mnemonic) {
         if self.unimplemented_reports < 32 {
             self.unimplemented_reports += 1;
@@ -384,6 +273,225 @@ impl Cpu {
             );
         }
     }
+}
+
+/// The function that executes one instruction, chosen once when it is decoded.
+pub(crate) type Handler = fn(&mut Cpu, &mut dyn CpuBus, &Instruction) -> Exec;
+
+/// Returns the handler of the family that executes `insn`.
+pub(crate) fn handler(insn: &Instruction) -> Handler {
+    if insn.has_lock_prefix() && !lockable(insn) {
+        return |_, _, _| Err(Exception::ud().into());
+    }
+    use Mnemonic as M;
+    match insn.mnemonic() {
+        M::Add | M::Or | M::Adc | M::Sbb | M::And | M::Sub | M::Xor | M::Cmp | M::Test => {
+            |cpu, bus, insn| cpu.exec_binary(bus, insn)
+        }
+        M::Inc | M::Dec | M::Neg | M::Not => |cpu, bus, insn| cpu.exec_unary(bus, insn),
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => {
+            |cpu, bus, insn| cpu.exec_shift(bus, insn)
+        }
+        M::Shld | M::Shrd => |cpu, bus, insn| cpu.exec_double_shift(bus, insn),
+        M::Mul | M::Imul | M::Div | M::Idiv => |cpu, bus, insn| cpu.exec_multiply(bus, insn),
+        M::Bt | M::Bts | M::Btr | M::Btc => |cpu, bus, insn| cpu.exec_bit_test(bus, insn),
+        M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt | M::Popcnt => {
+            |cpu, bus, insn| cpu.exec_bit_scan(bus, insn)
+        }
+        M::Xadd | M::Cmpxchg | M::Cmpxchg8b | M::Cmpxchg16b => {
+            |cpu, bus, insn| cpu.exec_exchange_arith(bus, insn)
+        }
+        M::Cbw | M::Cwde | M::Cdqe | M::Cwd | M::Cdq | M::Cqo => {
+            |cpu, _bus, insn| cpu.exec_convert(insn)
+        }
+        M::Clc | M::Stc | M::Cmc | M::Cld | M::Std | M::Lahf | M::Sahf => {
+            |cpu, _bus, insn| cpu.exec_flag_op(insn)
+        }
+        M::Aaa | M::Aas | M::Daa | M::Das | M::Aam | M::Aad => {
+            |cpu, bus, insn| cpu.exec_bcd(bus, insn)
+        }
+        M::Bswap => |cpu, _bus, insn| cpu.exec_bswap(insn),
+
+        M::Mov if !moves_special_register(insn) => |cpu, bus, insn| cpu.exec_plain_move(bus, insn),
+        M::Mov | M::Movzx | M::Movsx | M::Movsxd | M::Lea | M::Xchg | M::Movnti | M::Xlatb => {
+            |cpu, bus, insn| cpu.exec_move(bus, insn)
+        }
+        M::Push | M::Pop | M::Pushf | M::Popf | M::Pushfd | M::Popfd | M::Pushfq | M::Popfq => {
+            |cpu, bus, insn| cpu.exec_stack(bus, insn)
+        }
+        M::Pusha | M::Pushad | M::Popa | M::Popad | M::Enter | M::Leave => {
+            |cpu, bus, insn| cpu.exec_stack_frame(bus, insn)
+        }
+        M::Lds | M::Les | M::Lfs | M::Lgs | M::Lss => {
+            |cpu, bus, insn| cpu.exec_load_far_pointer(bus, insn)
+        }
+        M::Nop
+        | M::Pause
+        | M::Lfence
+        | M::Mfence
+        | M::Sfence
+        | M::Prefetchnta
+        | M::Prefetcht0
+        | M::Prefetcht1
+        | M::Prefetcht2
+        | M::Prefetchw
+        | M::Endbr32
+        | M::Endbr64 => |_, _, _| Ok(()),
+        M::Cmove
+        | M::Cmovne
+        | M::Cmovb
+        | M::Cmovae
+        | M::Cmovbe
+        | M::Cmova
+        | M::Cmovl
+        | M::Cmovge
+        | M::Cmovle
+        | M::Cmovg
+        | M::Cmovs
+        | M::Cmovns
+        | M::Cmovo
+        | M::Cmovno
+        | M::Cmovp
+        | M::Cmovnp => |cpu, bus, insn| cpu.exec_cmov(bus, insn),
+        M::Sete
+        | M::Setne
+        | M::Setb
+        | M::Setae
+        | M::Setbe
+        | M::Seta
+        | M::Setl
+        | M::Setge
+        | M::Setle
+        | M::Setg
+        | M::Sets
+        | M::Setns
+        | M::Seto
+        | M::Setno
+        | M::Setp
+        | M::Setnp => |cpu, bus, insn| cpu.exec_setcc(bus, insn),
+
+        M::Jmp | M::Call | M::Ret | M::Retf => |cpu, bus, insn| cpu.exec_branch(bus, insn),
+        M::Je
+        | M::Jne
+        | M::Jb
+        | M::Jae
+        | M::Jbe
+        | M::Ja
+        | M::Jl
+        | M::Jge
+        | M::Jle
+        | M::Jg
+        | M::Js
+        | M::Jns
+        | M::Jo
+        | M::Jno
+        | M::Jp
+        | M::Jnp => |cpu, _bus, insn| cpu.exec_jcc(insn),
+        M::Loop | M::Loope | M::Loopne | M::Jcxz | M::Jecxz | M::Jrcxz => {
+            |cpu, _bus, insn| cpu.exec_loop(insn)
+        }
+        M::Int | M::Int3 | M::Into | M::Int1 | M::Iret | M::Iretd | M::Iretq | M::Hlt => {
+            |cpu, bus, insn| cpu.exec_interrupt_op(bus, insn)
+        }
+
+        M::Movsb
+        | M::Movsw
+        | M::Movsd
+        | M::Movsq
+        | M::Stosb
+        | M::Stosw
+        | M::Stosd
+        | M::Stosq
+        | M::Lodsb
+        | M::Lodsw
+        | M::Lodsd
+        | M::Lodsq
+        | M::Cmpsb
+        | M::Cmpsw
+        | M::Cmpsd
+        | M::Cmpsq
+        | M::Scasb
+        | M::Scasw
+        | M::Scasd
+        | M::Scasq
+        | M::Insb
+        | M::Insw
+        | M::Insd
+        | M::Outsb
+        | M::Outsw
+        | M::Outsd
+            if is_string_form(insn) =>
+        {
+            |cpu, bus, insn| cpu.exec_string(bus, insn)
+        }
+
+        M::In | M::Out => |cpu, bus, insn| cpu.exec_port_io(bus, insn),
+        M::Cli | M::Sti => |cpu, _bus, insn| cpu.exec_interrupt_flag(insn),
+        M::Cpuid | M::Rdtsc | M::Rdtscp | M::Rdmsr | M::Wrmsr | M::Rdpmc => {
+            |cpu, bus, insn| cpu.exec_identification(bus, insn)
+        }
+        M::Lgdt
+        | M::Lidt
+        | M::Sgdt
+        | M::Sidt
+        | M::Lldt
+        | M::Sldt
+        | M::Ltr
+        | M::Str
+        | M::Lmsw
+        | M::Smsw
+        | M::Lar
+        | M::Lsl
+        | M::Verr
+        | M::Verw => |cpu, bus, insn| cpu.exec_descriptor_table(bus, insn),
+        M::Clts
+        | M::Invlpg
+        | M::Wbinvd
+        | M::Invd
+        | M::Clflush
+        | M::Clflushopt
+        | M::Ud0
+        | M::Ud1
+        | M::Ud2 => |cpu, bus, insn| cpu.exec_cache_control(bus, insn),
+        M::Syscall
+        | M::Sysret
+        | M::Sysretq
+        | M::Sysenter
+        | M::Sysexit
+        | M::Sysexitq
+        | M::Swapgs => |cpu, bus, insn| cpu.exec_fast_system_call(bus, insn),
+
+        M::Fninit
+        | M::Fnstcw
+        | M::Fldcw
+        | M::Fnstsw
+        | M::Fnclex
+        | M::Wait
+        | M::Fxsave
+        | M::Fxsave64
+        | M::Fxrstor
+        | M::Fxrstor64
+        | M::Ldmxcsr
+        | M::Stmxcsr
+        | M::Emms => |cpu, bus, insn| cpu.exec_x87(bus, insn),
+
+        _ => |cpu, bus, insn| {
+            if cpu.exec_sse(bus, insn)? {
+                return Ok(());
+            }
+            cpu.report_unimplemented(insn.mnemonic());
+            Err(Exception::ud().into())
+        },
+    }
+}
+
+/// Returns whether a MOV reads or writes a segment, control or debug register.
+fn moves_special_register(insn: &Instruction) -> bool {
+    (0..2).any(|n| {
+        let register = insn.op_register(n);
+        insn.op_kind(n) == OpKind::Register
+            && (register.is_segment_register() || register.is_cr() || register.is_dr())
+    })
 }
 
 /// Returns whether a string mnemonic is the string instruction, not an SSE homonym

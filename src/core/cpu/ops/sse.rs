@@ -117,16 +117,19 @@ fn min_max<T: PartialOrd + Copy>(a: T, b: T, max: bool) -> T {
 }
 
 fn compare<T: PartialOrd>(a: T, b: T, predicate: u8) -> bool {
-    let unordered = a.partial_cmp(&b).is_none();
+    use std::cmp::Ordering::{Equal, Less};
+    let ordering = a.partial_cmp(&b);
+    let less = ordering == Some(Less);
+    let less_equal = matches!(ordering, Some(Less | Equal));
     match predicate & 7 {
-        0 => a == b,
-        1 => a < b,
-        2 => a <= b,
-        3 => unordered,
-        4 => a != b,
-        5 => !(a < b),
-        6 => !(a <= b),
-        _ => !unordered,
+        0 => ordering == Some(Equal),
+        1 => less,
+        2 => less_equal,
+        3 => ordering.is_none(),
+        4 => ordering != Some(Equal),
+        5 => !less,
+        6 => !less_equal,
+        _ => ordering.is_some(),
     }
 }
 
@@ -140,15 +143,12 @@ fn float_to_int(value: f64, size: u8, rounding: u32) -> u64 {
         _ => value.trunc(),
     };
     if size == 4 {
-        if rounded.is_nan() || rounded >= 2147483648.0 || rounded < -2147483648.0 {
+        if !(-2147483648.0..2147483648.0).contains(&rounded) {
             0x8000_0000
         } else {
             rounded as i32 as u32 as u64
         }
-    } else if rounded.is_nan()
-        || rounded >= 9.223372036854775807e18
-        || rounded < -9.223372036854775808e18
-    {
+    } else if !(-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&rounded) {
         0x8000_0000_0000_0000
     } else {
         rounded as i64 as u64
@@ -196,9 +196,12 @@ fn apply64(op: FloatOp, a: f64, b: f64) -> f64 {
     }
 }
 
+/// A lane operation of an element-wise instruction.
+type LaneOp = fn(u64, u64) -> u64;
+
 /// Element-wise integer and logic operations: (lane bits, function).
-fn integer_op(mnemonic: M) -> Option<(u32, fn(u64, u64) -> u64)> {
-    let op: (u32, fn(u64, u64) -> u64) = match mnemonic {
+fn integer_op(mnemonic: M) -> Option<(u32, LaneOp)> {
+    let op: (u32, LaneOp) = match mnemonic {
         M::Paddb => (8, |a, b| a.wrapping_add(b)),
         M::Paddw => (16, |a, b| a.wrapping_add(b)),
         M::Paddd => (32, |a, b| a.wrapping_add(b)),

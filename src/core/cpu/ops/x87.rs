@@ -6,6 +6,7 @@
 use iced_x86::{Code, Instruction, Mnemonic, OpKind};
 
 use super::{segment_index, Exec};
+use crate::core::cpu::access::Privilege;
 use crate::core::cpu::bus::CpuBus;
 use crate::core::cpu::exceptions::Exception;
 use crate::core::cpu::state::{Cpu, Mode, CR0_EM, CR0_MP, CR0_TS, CR4_OSFXSR, X87};
@@ -135,28 +136,11 @@ impl Cpu {
             for (i, xmm) in self.xmm[..xmm_count].iter().enumerate() {
                 area[160 + i * 16..176 + i * 16].copy_from_slice(&xmm.to_le_bytes());
             }
-            // Written in page-sized pieces so that write_linear's page split applies.
-            for chunk in 0..2 {
-                let at = linear.wrapping_add(chunk * 256);
-                self.write_linear(
-                    bus,
-                    at,
-                    &area[chunk as usize * 256..][..256],
-                    super::super::access::Privilege::Current,
-                )?;
-            }
+            self.write_linear(bus, linear, &area, Privilege::Current)?;
             return Ok(());
         }
 
-        for chunk in 0..2u64 {
-            let at = linear.wrapping_add(chunk * 256);
-            self.read_linear(
-                bus,
-                at,
-                &mut area[chunk as usize * 256..][..256],
-                super::super::access::Privilege::Current,
-            )?;
-        }
+        self.read_linear(bus, linear, &mut area, Privilege::Current)?;
         let u16_at = |i: usize| u16::from_le_bytes([area[i], area[i + 1]]);
         let u32_at = |i: usize| u32::from_le_bytes(area[i..i + 4].try_into().expect("4 bytes"));
         let u64_at = |i: usize| u64::from_le_bytes(area[i..i + 8].try_into().expect("8 bytes"));

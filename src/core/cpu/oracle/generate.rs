@@ -22,8 +22,8 @@ use iced_x86::{
 };
 
 use super::state::{
-    UserState, CODE_ADDR, DATA_ADDR, DATA_SIZE, FIXED_RFLAGS, MXCSR_DEFAULT, RCX, RDI, RSI, RSP,
-    USER_RFLAGS_MASK,
+    UserState, CODE_ADDR, DATA_ADDR, DATA_SIZE, FIXED_RFLAGS, MXCSR_DEFAULT, RBP, RCX, RDI, RSI,
+    RSP, USER_RFLAGS_MASK,
 };
 
 /// A small, fast, seedable pseudo-random generator (SplitMix64), so that a seed
@@ -91,9 +91,12 @@ pub enum Class {
     SetCc,
     /// CMOVcc.
     CmovCc,
+    /// Register-only sequences of flag producers (ALU, INC/DEC, NEG/NOT) and consumers
+    /// (ADC, SBB, SETcc, CMOVcc).
+    FlagChain,
     /// Jcc (short and near), JRCXZ, LOOP, LOOPE, LOOPNE along flag-dependent paths.
     Jcc,
-    /// CMPXCHG, XADD, XCHG, with and without LOCK.
+    /// CMPXCHG, CMPXCHG8B, CMPXCHG16B, XADD, XCHG, with and without LOCK.
     Atomic,
     /// BSWAP of 32- and 64-bit registers.
     Bswap,
@@ -103,7 +106,7 @@ pub enum Class {
     Lea,
     /// MOVS, STOS, LODS, CMPS, SCAS with and without REP/REPE/REPNE, DF both ways.
     String,
-    /// PUSH, POP, PUSHF, POPF sequences.
+    /// PUSH, POP, PUSHF, POPF, ENTER, LEAVE sequences.
     Stack,
     /// LAHF, SAHF.
     FlagsAh,
@@ -117,7 +120,7 @@ pub enum Class {
 
 impl Class {
     /// Every class, in the order the harness runs them.
-    pub const ALL: [Class; 23] = [
+    pub const ALL: [Class; 24] = [
         Class::Alu,
         Class::IncDec,
         Class::NegNot,
@@ -130,6 +133,7 @@ impl Class {
         Class::BitCount,
         Class::SetCc,
         Class::CmovCc,
+        Class::FlagChain,
         Class::Jcc,
         Class::Atomic,
         Class::Bswap,
@@ -158,6 +162,7 @@ impl Class {
             Class::BitCount => "bit-count",
             Class::SetCc => "setcc",
             Class::CmovCc => "cmovcc",
+            Class::FlagChain => "flag-chain",
             Class::Jcc => "jcc-loop",
             Class::Atomic => "cmpxchg-xadd-xchg",
             Class::Bswap => "bswap",
@@ -172,20 +177,9 @@ impl Class {
         }
     }
 
-    /// Returns the host CPU features that the class needs and this host lacks, by their
-    /// `is_x86_feature_detected!` names; empty when the class can run.
-    pub fn missing_host_features(self) -> Vec<&'static str> {
-        let needed: &[&'static str] = match self {
-            Class::BitCount => &["popcnt", "lzcnt", "bmi1"],
-            Class::Sse => &["sse"],
-            Class::Sse2 => &["sse2"],
-            _ => &[],
-        };
-        needed
-            .iter()
-            .copied()
-            .filter(|feature| !host_has_feature(feature))
-            .collect()
+    /// Returns whether the class is built by hand rather than from iced-x86's tables.
+    pub fn is_hand_built(self) -> bool {
+        matches!(self, Class::Jcc | Class::String | Class::Stack)
     }
 
     /// Returns the mnemonics from which the class's encodings are taken, or an empty list
@@ -212,7 +206,16 @@ impl Class {
                 Cmovo, Cmovno, Cmovb, Cmovae, Cmove, Cmovne, Cmovbe, Cmova, Cmovs, Cmovns, Cmovp,
                 Cmovnp, Cmovl, Cmovge, Cmovle, Cmovg,
             ],
-            Class::Atomic => &[Cmpxchg, Xadd, Xchg],
+            // Every producer here defines all flags that a consumer reads: AND, OR, XOR
+            // and TEST leave only AF undefined, which no consumer reads. Shifts, BT and
+            // MUL, whose CF or OF may be undefined, stay out.
+            Class::FlagChain => &[
+                Add, Or, Adc, Sbb, And, Sub, Xor, Cmp, Test, Inc, Dec, Neg, Not, Seto, Setno, Setb,
+                Setae, Sete, Setne, Setbe, Seta, Sets, Setns, Setp, Setnp, Setl, Setge, Setle,
+                Setg, Cmovo, Cmovno, Cmovb, Cmovae, Cmove, Cmovne, Cmovbe, Cmova, Cmovs, Cmovns,
+                Cmovp, Cmovnp, Cmovl, Cmovge, Cmovle, Cmovg,
+            ],
+            Class::Atomic => &[Cmpxchg, Cmpxchg8b, Cmpxchg16b, Xadd, Xchg],
             Class::Bswap => &[Bswap],
             Class::Extend => &[Movsx, Movzx, Movsxd],
             Class::Lea => &[Lea],
@@ -403,19 +406,60 @@ struct Draft {
 pub struct Generator {
     rng: Rng,
     codes: HashMap<Class, Vec<Code>>,
+    /// Encodings per class left out because the host CPU lacks a feature they need.
+    host_dropped: HashMap<Class, usize>,
 }
 
 impl Generator {
-    /// Creates a generator whose cases depend only on `seed`.
+    /// Creates a generator whose cases depend only on `seed` and on the features of the
+    /// host CPU: encodings that need a feature the host lacks are left out.
     pub fn new(seed: u64) -> Self {
         let mut codes = HashMap::new();
+        let mut host_dropped = HashMap::new();
         for class in Class::ALL {
-            codes.insert(class, candidate_codes(class));
+            let candidates = candidate_codes(class);
+            let count = candidates.len();
+            let supported: Vec<Code> = candidates
+                .into_iter()
+                .filter(|code| {
+                    code.cpuid_features()
+                        .iter()
+                        .all(|feature| host_supports(*feature))
+                })
+                .collect();
+            host_dropped.insert(class, count - supported.len());
+            codes.insert(class, supported);
         }
         Self {
             rng: Rng::new(seed),
             codes,
+            host_dropped,
         }
+    }
+
+    /// Returns how many encodings of `class` were left out because the host CPU lacks a
+    /// feature that they need.
+    pub fn host_dropped(&self, class: Class) -> usize {
+        self.host_dropped.get(&class).copied().unwrap_or(0)
+    }
+
+    /// Keeps only the encodings for which `keep` returns true, for example those whose
+    /// CPUID features the emulator advertises, and returns how many were dropped per
+    /// class.
+    pub fn retain_codes(&mut self, keep: impl Fn(Code) -> bool) -> HashMap<Class, usize> {
+        let mut dropped = HashMap::new();
+        for (class, codes) in &mut self.codes {
+            let before = codes.len();
+            codes.retain(|code| keep(*code));
+            dropped.insert(*class, before - codes.len());
+        }
+        dropped
+    }
+
+    /// Returns whether the generator can build cases of `class`: hand-built classes
+    /// always, table-driven ones while any of their encodings remain.
+    pub fn can_generate(&self, class: Class) -> bool {
+        class.is_hand_built() || !self.codes(class).is_empty()
     }
 
     /// Returns the iced-x86 encodings from which `class` draws its instructions; empty
@@ -425,13 +469,23 @@ impl Generator {
     }
 
     /// Generates one case of `class`.
+    ///
+    /// # Panics
+    ///
+    /// Panics if [`Generator::can_generate`] returns false for `class`.
     pub fn generate(&mut self, class: Class) -> Case {
+        assert!(
+            self.can_generate(class),
+            "class {} has no encodings left",
+            class.name()
+        );
         loop {
             let mut input = self.random_state();
             let code = match class {
                 Class::Jcc => Some(self.branch_snippet(&mut input)),
                 Class::String => Some(self.string_snippet(&mut input)),
                 Class::Stack => self.stack_snippet(&mut input),
+                Class::FlagChain => self.flag_chain_snippet(&mut input),
                 _ => self.single_instruction(class, &mut input),
             };
             if let Some(code) = code {
@@ -564,6 +618,20 @@ impl Generator {
         encode(&draft.instruction)
     }
 
+    /// Builds two to five register-only instructions that produce and consume flags,
+    /// so that flags pass from one instruction to the next inside the emulator (which
+    /// evaluates them lazily) rather than only at the end of the snippet.
+    fn flag_chain_snippet(&mut self, state: &mut UserState) -> Option<Vec<u8>> {
+        let codes = self.codes.get(&Class::FlagChain)?.clone();
+        let mut code = Vec::new();
+        for _ in 0..2 + self.rng.below(4) {
+            let chosen = self.rng.pick(&codes);
+            let draft = self.draft(Class::FlagChain, chosen, state)?;
+            code.extend(encode(&draft.instruction)?);
+        }
+        Some(code)
+    }
+
     /// Chooses operands for `code` from its operand kinds; returns `None` for a kind
     /// that the generator does not handle.
     fn draft(&mut self, class: Class, code: Code, state: &mut UserState) -> Option<Draft> {
@@ -609,7 +677,7 @@ impl Generator {
                 | OpCodeOperandKind::r32_or_mem
                 | OpCodeOperandKind::r64_or_mem
                 | OpCodeOperandKind::xmm_or_mem => {
-                    if self.rng.chance(1, 2) {
+                    if class != Class::FlagChain && self.rng.chance(1, 2) {
                         let plan = self.plan_memory(class, op_code.memory_size().size());
                         set_memory(&mut instruction, operand, &plan);
                         memory = Some(plan);
@@ -624,7 +692,7 @@ impl Generator {
                         set_register(&mut instruction, operand, register);
                     }
                 }
-                OpCodeOperandKind::mem => {
+                OpCodeOperandKind::mem if class != Class::FlagChain => {
                     let plan = self.plan_memory(class, op_code.memory_size().size().max(1));
                     set_memory(&mut instruction, operand, &plan);
                     memory = Some(plan);
@@ -857,6 +925,31 @@ impl Generator {
                 };
                 write_register(state, accumulator, value);
             }
+            Class::Atomic
+                if matches!(
+                    instruction.mnemonic(),
+                    Mnemonic::Cmpxchg8b | Mnemonic::Cmpxchg16b
+                ) && self.rng.chance(1, 2) =>
+            {
+                // Let EDX:EAX (RDX:RAX) match the memory operand, so that the exchange
+                // happens, unless the operand lies outside the data area.
+                let plan = draft.memory?;
+                let start = plan.address.checked_sub(DATA_ADDR)? as usize;
+                let half = plan.size / 2;
+                if let Some(bytes) = state.data.get(start..start + plan.size) {
+                    let mut low = [0u8; 8];
+                    let mut high = [0u8; 8];
+                    low[..half].copy_from_slice(&bytes[..half]);
+                    high[..half].copy_from_slice(&bytes[half..]);
+                    let (low_register, high_register) = if half == 8 {
+                        (Register::RAX, Register::RDX)
+                    } else {
+                        (Register::EAX, Register::EDX)
+                    };
+                    write_register(state, low_register, u64::from_le_bytes(low));
+                    write_register(state, high_register, u64::from_le_bytes(high));
+                }
+            }
             _ => {}
         }
         Some(())
@@ -1011,12 +1104,14 @@ impl Generator {
         code
     }
 
-    /// Builds one to three PUSH/POP/PUSHF/POPF instructions. POPF only pops a value that
+    /// Builds one to three PUSH/POP/PUSHF/POPF/ENTER/LEAVE instructions. POPF only pops a value that
     /// sets nothing but the arithmetic flags and DF: the input's stack top, or a value
-    /// that PUSHF just stored.
+    /// that PUSHF of at least the same size just stored. Anything else could set AC or
+    /// TF, which would trap in the native run.
     fn stack_snippet(&mut self, state: &mut UserState) -> Option<Vec<u8>> {
         let mut code = Vec::new();
-        let mut top_is_flags = true;
+        // Bytes of RFLAGS image on top of the stack: 8 for the prepared input.
+        let mut flags_on_top = 8;
         let flags = (self.rng.next_u64() & USER_RFLAGS_MASK) | FIXED_RFLAGS;
         let top = (state.gprs[RSP] - DATA_ADDR) as usize;
         state.data[top..top + 8].copy_from_slice(&flags.to_le_bytes());
@@ -1025,6 +1120,16 @@ impl Generator {
         // Planned up front so that no POP overwrites its address registers.
         let plan = self.plan_memory(Class::Stack, 8);
         let mut memory = None;
+
+        // ENTER with a nesting level and LEAVE dereference RBP, so RBP starts as a frame
+        // pointer above RSP unless the memory operand uses it. RBP stays valid until a
+        // POP or LEAVE loads it from the stack.
+        let frame_register_free = plan.base != Register::RBP && plan.index != Register::RBP;
+        let mut frame_valid = frame_register_free;
+        if frame_register_free {
+            state.gprs[RBP] = state.gprs[RSP] + 8 * self.rng.below(32);
+        }
+
         for step in 0..steps {
             // POP RSP only as the first step, where it loads the flags value stored
             // above: a later one would load pushed data, and pushes through such a wild
@@ -1039,8 +1144,9 @@ impl Generator {
                 }
             };
             let rex_b = if register >= 8 { Some(0x41u8) } else { None };
-            let mut pushed_flags = false;
-            match self.rng.below(9) {
+            let mut pushed_flags = 0;
+            let pops_frame_register = register == RBP as u8;
+            match self.rng.below(11) {
                 0 => {
                     code.extend(rex_b);
                     code.push(0x50 | (register & 7));
@@ -1048,6 +1154,7 @@ impl Generator {
                 1 => {
                     code.extend(rex_b);
                     code.push(0x58 | (register & 7));
+                    frame_valid &= !pops_frame_register;
                 }
                 2 => {
                     code.push(0x66);
@@ -1058,6 +1165,7 @@ impl Generator {
                     code.push(0x66);
                     code.extend(rex_b);
                     code.push(0x58 | (register & 7));
+                    frame_valid &= !pops_frame_register;
                 }
                 4 => match self.rng.below(3) {
                     0 => code.extend_from_slice(&[0x6A, self.random_gpr_value() as u8]),
@@ -1071,14 +1179,15 @@ impl Generator {
                     }
                 },
                 5 => {
+                    pushed_flags = 8;
                     if self.rng.chance(1, 2) {
                         code.push(0x66);
+                        pushed_flags = 2;
                     }
                     code.push(0x9C);
-                    pushed_flags = true;
                 }
-                6 if top_is_flags => {
-                    if self.rng.chance(1, 4) {
+                6 if flags_on_top >= 2 => {
+                    if flags_on_top == 2 || self.rng.chance(1, 4) {
                         code.push(0x66);
                     }
                     code.push(0x9D);
@@ -1096,12 +1205,31 @@ impl Generator {
                     code.extend(encode(&instruction)?);
                     memory = Some(plan);
                 }
+                9 if frame_valid => {
+                    // leave: RSP = RBP, then RBP = a qword of data.
+                    code.push(0xC9);
+                    frame_valid = false;
+                }
+                10 if frame_valid || frame_register_free => {
+                    // enter size, level: nesting levels above 0 copy frame pointers
+                    // from [RBP - 8], [RBP - 16], ..., so they need a valid RBP.
+                    let size = self.rng.below(64) as u16;
+                    let level = if frame_valid {
+                        self.rng.below(4) as u8
+                    } else {
+                        0
+                    };
+                    code.push(0xC8);
+                    code.extend_from_slice(&size.to_le_bytes());
+                    code.push(level);
+                    frame_valid = true;
+                }
                 _ => {
                     code.push(0x9C);
-                    pushed_flags = true;
+                    pushed_flags = 8;
                 }
             }
-            top_is_flags = pushed_flags;
+            flags_on_top = pushed_flags;
         }
         if let Some(plan) = memory {
             let draft = Draft {
@@ -1114,15 +1242,24 @@ impl Generator {
     }
 }
 
-/// Returns whether the host CPU has `feature`, one of the names that
-/// [`Class::missing_host_features`] uses.
-fn host_has_feature(feature: &str) -> bool {
+/// Returns whether the host CPU has `feature`. Features that no generated class uses
+/// count as missing.
+pub fn host_supports(feature: CpuidFeature) -> bool {
     match feature {
-        "popcnt" => std::arch::is_x86_feature_detected!("popcnt"),
-        "lzcnt" => std::arch::is_x86_feature_detected!("lzcnt"),
-        "bmi1" => std::arch::is_x86_feature_detected!("bmi1"),
-        "sse" => std::arch::is_x86_feature_detected!("sse"),
-        "sse2" => std::arch::is_x86_feature_detected!("sse2"),
+        // The x86-64 baseline includes every 8086-486 instruction and CMOV.
+        CpuidFeature::INTEL8086
+        | CpuidFeature::INTEL186
+        | CpuidFeature::INTEL386
+        | CpuidFeature::INTEL486
+        | CpuidFeature::X64
+        | CpuidFeature::CMOV
+        | CpuidFeature::CX8 => true,
+        CpuidFeature::CMPXCHG16B => std::arch::is_x86_feature_detected!("cmpxchg16b"),
+        CpuidFeature::SSE => std::arch::is_x86_feature_detected!("sse"),
+        CpuidFeature::SSE2 => std::arch::is_x86_feature_detected!("sse2"),
+        CpuidFeature::POPCNT => std::arch::is_x86_feature_detected!("popcnt"),
+        CpuidFeature::LZCNT => std::arch::is_x86_feature_detected!("lzcnt"),
+        CpuidFeature::BMI1 => std::arch::is_x86_feature_detected!("bmi1"),
         _ => false,
     }
 }
@@ -1529,6 +1666,71 @@ mod tests {
                     case.disassembly()
                 );
             }
+        }
+    }
+
+    /// Returns the mnemonics that `count` cases of `class` contain, with how often.
+    fn mnemonic_counts(class: Class, count: usize) -> HashMap<Mnemonic, usize> {
+        let mut generator = Generator::new(3);
+        let mut counts = HashMap::new();
+        for _ in 0..count {
+            for instruction in generator.generate(class).instructions() {
+                *counts.entry(instruction.mnemonic()).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn stack_class_reaches_enter_and_leave() {
+        let counts = mnemonic_counts(Class::Stack, 500);
+        for mnemonic in [
+            Mnemonic::Enter,
+            Mnemonic::Leave,
+            Mnemonic::Popfq,
+            Mnemonic::Pushfq,
+            Mnemonic::Push,
+            Mnemonic::Pop,
+        ] {
+            assert!(
+                counts.contains_key(&mnemonic),
+                "{mnemonic:?} never generated: {counts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn jcc_class_reaches_loops_and_jrcxz() {
+        let counts = mnemonic_counts(Class::Jcc, 500);
+        for mnemonic in [
+            Mnemonic::Loop,
+            Mnemonic::Loope,
+            Mnemonic::Loopne,
+            Mnemonic::Jrcxz,
+            Mnemonic::Jecxz,
+            Mnemonic::Cmp,
+        ] {
+            assert!(
+                counts.contains_key(&mnemonic),
+                "{mnemonic:?} never generated: {counts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn string_class_reaches_every_operation() {
+        let counts = mnemonic_counts(Class::String, 500);
+        for mnemonic in [
+            Mnemonic::Movsq,
+            Mnemonic::Stosb,
+            Mnemonic::Lodsw,
+            Mnemonic::Cmpsd,
+            Mnemonic::Scasb,
+        ] {
+            assert!(
+                counts.contains_key(&mnemonic),
+                "{mnemonic:?} never generated: {counts:?}"
+            );
         }
     }
 }

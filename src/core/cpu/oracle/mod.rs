@@ -4,12 +4,15 @@
 //! - [`state`]: [`UserState`] (GPRs, user RFLAGS bits, XMM, MXCSR, a data area at a fixed
 //!   address) and the address layout both sides share.
 //! - [`native`]: [`run_native`], which executes a snippet in a forked child.
+//! - [`emulator`]: [`run_emulated`], which executes a snippet on the emulator in 64-bit
+//!   user mode.
 //! - [`generate`]: a seeded generator of random snippets and states per instruction class.
 //! - [`compare`]: the comparison of a native and an emulated output state.
 //! - [`undefined`]: the flags and registers that the architecture leaves undefined after
 //!   an instruction, which a comparison must ignore.
 
 pub mod compare;
+pub mod emulator;
 pub mod generate;
 pub mod native;
 pub mod state;
@@ -18,6 +21,7 @@ pub mod undefined;
 use std::io;
 use std::time::Duration;
 
+pub use emulator::run_emulated;
 pub use native::{run_native, run_native_with_timeout};
 pub use state::{Fault, UserState};
 
@@ -43,9 +47,25 @@ pub enum OracleError {
     /// The input's data area does not have the fixed size.
     #[error("data area is {len} bytes, expected exactly {expected}")]
     DataSize { len: usize, expected: usize },
+    /// The emulator stopped with an error, such as an unimplemented instruction.
+    #[error("emulator failed")]
+    Emulator(#[source] crate::core::cpu::CpuError),
+    /// The emulator panicked, which guest input must never make it do.
+    #[error("emulator panicked: {message}")]
+    EmulatorPanicked { message: String },
+    /// The emulator retired the maximum number of instructions without reaching the end
+    /// of the snippet.
+    #[error("emulator ran {max} instructions without reaching the end of the snippet (rip {rip:#x}); check branch targets")]
+    EmulatorRunaway { max: u64, rip: u64 },
+    /// The emulator stopped in a way that a user-mode snippet cannot cause.
+    #[error("emulator stopped unexpectedly: {reason} at rip {rip:#x}")]
+    EmulatorStopped { reason: &'static str, rip: u64 },
     /// fork failed.
     #[error("failed to fork the oracle child")]
     Fork(#[source] io::Error),
+    /// Building or reading the emulator's guest memory failed.
+    #[error("emulator guest memory access failed: {0}")]
+    GuestMemory(String),
     /// The input's MXCSR sets bits that this CPU reserves; FXRSTOR would raise #GP.
     #[error("MXCSR {mxcsr:#x} sets bits outside the host's MXCSR_MASK {mask:#x}")]
     InvalidMxcsr { mxcsr: u32, mask: u32 },

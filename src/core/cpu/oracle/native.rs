@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::state::{
-    Fault, UserState, CODE_ADDR, CODE_CAPACITY, DATA_ADDR, DATA_SIZE, MXCSR_DEFAULT,
+    Fault, UserState, CODE_ADDR, CODE_CAPACITY, DATA_ADDR, DATA_SIZE, FIXED_RFLAGS, MXCSR_DEFAULT,
 };
 use super::OracleError;
 
@@ -115,9 +115,9 @@ const _: () = assert!(REPORT_FXSAVE % 16 == 0 && FXSAVE_IN % 16 == 0);
 
 // The exit stub. The snippet's trailer jumps here with the snippet's final registers. It
 // stores the GPRs first with plain MOVs, which change no flag, then RFLAGS through a
-// scratch stack in the control block, then the SSE state. It restores the stack that
-// `enter` left, clears DF and resets MXCSR as the Rust ABI requires, and calls
-// `child_finish`, which never returns.
+// scratch stack in the control block, then the SSE state. It resets RFLAGS (a POPF in
+// the snippet may have set AC or TF) and MXCSR, restores the stack that `enter` left,
+// and calls `child_finish`, which never returns.
 std::arch::global_asm!(
     ".globl monstervm_oracle_exit_stub",
     ".p2align 4",
@@ -141,9 +141,10 @@ std::arch::global_asm!(
     "mov rsp, {scratch_top}",
     "pushfq",
     "pop qword ptr [{rflags}]",
+    "push {fixed_rflags}",
+    "popfq",
     "fxsave [{fxsave}]",
     "ldmxcsr [{mxcsr_default}]",
-    "cld",
     "mov rsp, qword ptr [{host_rsp}]",
     "and rsp, -16",
     "call {finish}",
@@ -154,6 +155,7 @@ std::arch::global_asm!(
     scratch_top = const SCRATCH_TOP,
     mxcsr_default = const MXCSR_DEFAULT_SLOT,
     host_rsp = const HOST_RSP,
+    fixed_rflags = const FIXED_RFLAGS,
     finish = sym child_finish,
 );
 

@@ -53,6 +53,8 @@ pub const GPR_NAMES: [&str; 16] = [
 pub const RCX: usize = 1;
 /// Index of RSP in [`UserState::gprs`].
 pub const RSP: usize = 4;
+/// Index of RBP in [`UserState::gprs`].
+pub const RBP: usize = 5;
 /// Index of RSI in [`UserState::gprs`].
 pub const RSI: usize = 6;
 /// Index of RDI in [`UserState::gprs`].
@@ -174,8 +176,9 @@ impl fmt::Debug for UserState {
     }
 }
 
-/// Prints the registers, flags, MXCSR, the fault if any and the nonzero 16-byte lines of
-/// the data area.
+/// Prints the registers, flags, MXCSR, the nonzero XMM registers and the fault if any.
+/// The data area is left out because it is 1,024 lines long; [`UserState::data_lines`]
+/// prints parts of it.
 impl fmt::Display for UserState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (row, names) in GPR_NAMES.chunks(4).enumerate() {
@@ -199,16 +202,27 @@ impl fmt::Display for UserState {
         if let Some(fault) = &self.fault {
             writeln!(f, "fault: {fault}")?;
         }
-        for (line, bytes) in self.data.chunks(16).enumerate() {
-            if bytes.iter().any(|byte| *byte != 0) {
-                write!(f, "data {:#x}:", DATA_ADDR + (line as u64) * 16)?;
-                for byte in bytes {
-                    write!(f, " {byte:02x}")?;
-                }
-                writeln!(f)?;
-            }
-        }
         Ok(())
+    }
+}
+
+impl UserState {
+    /// Formats the 16-byte lines of the data area that contain a byte of `range`
+    /// (offsets from [`DATA_ADDR`]), one line each with its address.
+    pub fn data_lines(&self, range: std::ops::Range<usize>) -> String {
+        let mut text = String::new();
+        let first = range.start / 16;
+        let last = range.end.div_ceil(16).min(self.data.len() / 16);
+        for line in first..last {
+            let bytes = &self.data[line * 16..line * 16 + 16];
+            let hex: Vec<String> = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+            text.push_str(&format!(
+                "data {:#x}: {}\n",
+                DATA_ADDR + (line as u64) * 16,
+                hex.join(" ")
+            ));
+        }
+        text
     }
 }
 

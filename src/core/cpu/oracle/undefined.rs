@@ -198,8 +198,9 @@ fn operand_value(instruction: &Instruction, operand: u32, before: &UserState) ->
     }
 }
 
-/// Returns the data-area offset and size of the instruction's memory operand.
-fn memory_range(instruction: &Instruction, before: &UserState) -> Option<(usize, usize)> {
+/// Returns the data-area offset and size of the instruction's memory operand when it
+/// executes in state `before`, or `None` without one or outside the data area.
+pub fn memory_range(instruction: &Instruction, before: &UserState) -> Option<(usize, usize)> {
     let operand = (0..instruction.op_count())
         .find(|&operand| instruction.op_kind(operand) == OpKind::Memory)?;
     let address = instruction.virtual_address(operand, 0, |register, _, _| {

@@ -1,0 +1,105 @@
+//! Decoded-instruction cache: self-modifying code, DMA invalidation, cross-page
+//! instructions, and a speed measurement.
+
+use std::time::Instant;
+
+use super::Machine;
+use crate::core::cpu::CpuEvent;
+
+#[test]
+fn self_modifying_code_is_seen() {
+    // The loop body runs twice; between the runs the code rewrites the immediate of
+    // `patched` from 1 to 2.
+    let body = r#"
+start:
+    xor ebx, ebx
+    mov ecx, 2
+again:
+patched:
+    mov eax, 1
+    add ebx, eax
+    mov byte [rel patched + 1], 2
+    dec ecx
+    jnz again
+    hlt
+"#;
+    let mut m = Machine::long_mode(body);
+    assert_eq!(m.run(1000), CpuEvent::Halted);
+    assert_eq!(
+        m.cpu.gpr[3], 3,
+        "first pass adds 1, second pass adds the patched 2"
+    );
+}
+
+#[test]
+fn dma_invalidation_through_code_watch() {
+    let body = r#"
+start:
+    mov eax, 1
+    jmp start
+"#;
+    let mut m = Machine::long_mode(body);
+    assert_eq!(m.run(100), CpuEvent::BudgetExhausted);
+    assert_eq!(m.cpu.gpr[0], 1);
+
+    // A device rewrites the immediate behind the CPU's back: `mov eax, imm32` is B8 imm32.
+    let code = super::assemble(&format!("{}\n{body}", super::PRELUDE));
+    let offset = code
+        .windows(5)
+        .position(|w| w == [0xb8, 1, 0, 0, 0])
+        .unwrap() as u64;
+    let address = super::ORG + offset + 1;
+    m.load(address, &[7]);
+    m.cpu.code_watch().invalidate(address, 1);
+    assert_eq!(m.run(100), CpuEvent::BudgetExhausted);
+    assert_eq!(m.cpu.gpr[0], 7);
+}
+
+#[test]
+fn instruction_crossing_pages_decodes() {
+    // `mov rax, imm64` (10 bytes) starting 3 bytes before a page boundary.
+    let body = r#"
+start:
+    jmp near 0x10ffd
+times 0xffd - ($ - $$) nop
+    mov rax, 0x1122334455667788
+    hlt
+"#;
+    let mut m = Machine::long_mode(body);
+    assert_eq!(m.run(100), CpuEvent::Halted);
+    assert_eq!(m.cpu.gpr[0], 0x1122_3344_5566_7788);
+
+    // A fault on the second page reports the fetch's linear address.
+    let mut m = Machine::long_mode(body);
+    m.set_pte(0x11000, 0);
+    assert_eq!(m.run(100), CpuEvent::Halted);
+    assert_eq!(m.vector(), 14);
+    assert_eq!(m.cr2(), 0x11000);
+}
+
+/// Prints the emulator's speed on a register loop (no assertion on time).
+#[test]
+fn register_loop_speed() {
+    let body = r#"
+start:
+    mov ecx, 2000000
+    xor eax, eax
+again:
+    add eax, ecx
+    xor edx, eax
+    dec ecx
+    jnz again
+    hlt
+"#;
+    let mut m = Machine::long_mode(body);
+    let started = Instant::now();
+    assert_eq!(m.run(u64::MAX), CpuEvent::Halted);
+    let elapsed = started.elapsed().as_secs_f64();
+    let instructions = m.cpu.instructions();
+    assert!(instructions > 8_000_000);
+    println!(
+        "register loop: {instructions} instructions in {elapsed:.3} s = {:.1} MIPS (decode cache misses {})",
+        instructions as f64 / elapsed / 1e6,
+        m.cpu.decode_cache.misses
+    );
+}
