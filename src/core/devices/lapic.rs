@@ -356,6 +356,11 @@ impl Lapic {
         self.nmi_pending
     }
 
+    /// Returns true if `vector` is requested in IRR and not yet taken by the CPU.
+    pub fn is_requested(&self, vector: u8) -> bool {
+        self.irr.contains(vector)
+    }
+
     /// Takes a pending NMI (from LINT1, the ICR or an IOAPIC message).
     pub fn take_nmi(&mut self) -> bool {
         std::mem::take(&mut self.nmi_pending)
