@@ -706,7 +706,7 @@ impl Lapic {
             self.timer_divide = value;
             return;
         }
-        // Restart the count at the new rate from where it stands, so that the ticks
+        // Restart the count at the new rate from its current value, so that the ticks
         // already counted stay counted.
         let counted = self.timer_initial - self.timer_current_count(now_ns);
         self.timer_divide = value;
