@@ -5,6 +5,7 @@
 //! the emulator's CPU and guest boot), `hypervisor` (backends behind one set of traits),
 //! `storage`, `network`, `security`, `guest` (building the test guest) and `utils`.
 
+pub mod api;
 pub mod cli;
 pub mod core;
 pub mod guest;

@@ -6,9 +6,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use serde_json::json;
 
+use super::output::OutputFormat;
 use crate::storage::qcow2::{
     CheckReport, CompressionType, CreateOptions, Qcow2, RepairMode, Snapshot,
 };
@@ -44,12 +45,6 @@ enum DiskCommand {
     Snapshot(SnapshotArgs),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum OutputFormat {
-    Human,
-    Json,
-}
-
 #[derive(Args, Debug)]
 struct CreateArgs {
     /// Image format: raw or qcow2.
@@ -79,8 +74,8 @@ struct InfoArgs {
     /// Image format; detected from the file when omitted.
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "human")]
+    /// Set from the global --output option.
+    #[arg(skip)]
     output: OutputFormat,
     /// Image to inspect.
     image: PathBuf,
@@ -94,8 +89,8 @@ struct CheckArgs {
     /// Image format; detected from the file when omitted.
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "human")]
+    /// Set from the global --output option.
+    #[arg(skip)]
     output: OutputFormat,
     /// Suppress messages.
     #[arg(short = 'q')]
@@ -162,8 +157,8 @@ struct SnapshotArgs {
     /// Delete snapshot NAME (id or name).
     #[arg(short = 'd', value_name = "NAME", group = "action")]
     delete: Option<String>,
-    /// Output format of the list.
-    #[arg(long, value_enum, default_value = "human")]
+    /// Set from the global --output option.
+    #[arg(skip)]
     output: OutputFormat,
     /// Suppress messages.
     #[arg(short = 'q')]
@@ -173,15 +168,16 @@ struct SnapshotArgs {
     words: Vec<String>,
 }
 
-/// Runs a `monstervm disk` command and returns the process exit status.
-pub fn run(args: DiskArgs) -> anyhow::Result<i32> {
+/// Runs a `monstervm disk` command with the global `--output` format and returns the
+/// process exit status.
+pub fn run(args: DiskArgs, output: OutputFormat) -> anyhow::Result<i32> {
     match args.command {
         DiskCommand::Create(args) => create(args),
-        DiskCommand::Info(args) => info(args),
-        DiskCommand::Check(args) => check(args),
+        DiskCommand::Info(args) => info(InfoArgs { output, ..args }),
+        DiskCommand::Check(args) => check(CheckArgs { output, ..args }),
         DiskCommand::Convert(args) => convert(args),
         DiskCommand::Resize(args) => resize(args),
-        DiskCommand::Snapshot(args) => snapshot(args),
+        DiskCommand::Snapshot(args) => snapshot(SnapshotArgs { output, ..args }),
     }
 }
 

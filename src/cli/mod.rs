@@ -1,14 +1,31 @@
 //! The `monstervm` command line.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub mod disk;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
+use crate::api::VmAction;
+use crate::core::vm::builder::{build_vm, BuiltVm, GuestKind};
+use crate::core::vm::console::ConsoleInput;
+use crate::core::vm::{StopReason, VmExit};
 use crate::hypervisor::BackendChoice;
 use crate::utils::config::VmConfig;
 use crate::utils::logger;
+
+pub mod console;
+pub mod lifecycle;
+pub mod output;
+pub mod state;
+pub mod terminal;
+pub mod vmm;
+
+use output::OutputFormat;
+use state::StateDir;
 
 /// Exit status for success, including a guest that powered off.
 pub const EXIT_OK: i32 = 0;
@@ -16,6 +33,20 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILURE: i32 = 1;
 /// Exit status for invalid command-line usage (as clap reports it).
 pub const EXIT_USAGE: i32 = 2;
+/// Exit status when the named VM does not exist.
+pub const EXIT_NOT_FOUND: i32 = 3;
+/// Exit status when the VM's state does not allow the command (already exists, already
+/// running, not running, already paused, ...).
+pub const EXIT_CONFLICT: i32 = 4;
+/// Exit status when a VM did not become ready in time.
+pub const EXIT_TIMEOUT: i32 = 5;
+
+/// Environment variable read by `start` and `vmm` for the API's TCP address.
+pub const API_LISTEN_ENV: &str = "MONSTERVM_API_LISTEN";
+/// Environment variable read by `start` and `vmm` for the API's bearer token.
+pub const API_TOKEN_ENV: &str = "MONSTERVM_API_TOKEN";
+/// Shortest bearer token accepted, in bytes.
+pub const MIN_TOKEN_BYTES: usize = 16;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -28,6 +59,16 @@ struct Cli {
     #[arg(long, global = true, default_value = "warn", env = "MONSTERVM_LOG")]
     log_level: String,
 
+    /// Folder holding the VMs made by `create` [default: $XDG_STATE_HOME/monstervm or
+    /// ~/.local/state/monstervm].
+    #[arg(long, global = true, value_name = "DIR", env = state::STATE_DIR_ENV)]
+    state_dir: Option<PathBuf>,
+
+    /// Output of commands that print data: aligned tables, or JSON for scripts. No short
+    /// form, because `disk create` and `disk convert` take qemu-img's `-o OPTS`.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -36,8 +77,149 @@ struct Cli {
 enum Command {
     /// Boot a VM in the foreground with its serial console on this terminal.
     Run(RunArgs),
+    /// Store a VM definition in the state directory.
+    Create(CreateArgs),
+    /// Launch the VM's VMM process in the background and wait until the VM runs.
+    Start(StartArgs),
+    /// Stop a running VM: ask through its API, then kill its VMM after --timeout.
+    Stop(StopArgs),
+    /// Pause a running VM's vCPUs.
+    Pause(NameArg),
+    /// Resume a paused VM.
+    Resume(NameArg),
+    /// List the VMs in the state directory with their state.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show a VM's definition, state, counters and files.
+    Inspect(NameArg),
+    /// Remove a VM and its files from the state directory.
+    #[command(visible_alias = "rm")]
+    Delete(DeleteArgs),
+    /// Print a VM's serial log (or its VMM's log with --vmm).
+    Logs(LogsArgs),
+    /// Attach this terminal to a running VM's serial console; Ctrl-] detaches.
+    Console(NameArg),
+    /// The VMM process of one VM, as `start` spawns it.
+    #[command(hide = true)]
+    Vmm(VmmArgs),
+    /// Build or fetch test guests.
+    #[command(subcommand)]
+    Guest(GuestCommand),
     /// Create, inspect, check, convert, resize and snapshot disk images.
     Disk(disk::DiskArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NameArg {
+    /// Name of the VM.
+    pub name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// Name of the VM: letters, digits, '-', '_' and '.', at most 64 characters.
+    pub name: String,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+/// The API's TCP listener options, shared by `start` and `vmm`.
+#[derive(Args, Debug)]
+pub struct TcpApiArgs {
+    /// Also serve the API on this TCP address (for example 127.0.0.1:8080); needs
+    /// --api-token.
+    #[arg(long, value_name = "ADDR", env = API_LISTEN_ENV, requires = "api_token")]
+    pub api_listen: Option<SocketAddr>,
+    /// Bearer token that TCP clients must send, at least 16 characters.
+    #[arg(long, value_name = "TOKEN", env = API_TOKEN_ENV, hide_env_values = true)]
+    pub api_token: Option<String>,
+}
+
+impl TcpApiArgs {
+    fn to_tcp_api(&self) -> anyhow::Result<Option<vmm::TcpApi>> {
+        let (Some(addr), Some(token)) = (self.api_listen, &self.api_token) else {
+            return Ok(None);
+        };
+        if token.len() < MIN_TOKEN_BYTES || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            anyhow::bail!(
+                "invalid --api-token: give at least {MIN_TOKEN_BYTES} printable ASCII characters without spaces"
+            );
+        }
+        Ok(Some(vmm::TcpApi {
+            addr,
+            token: token.clone(),
+        }))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    /// Name of the VM.
+    pub name: String,
+    /// Seconds to wait for the VM to run before killing its VMM and failing.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub tcp: TcpApiArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct StopArgs {
+    /// Name of the VM.
+    pub name: String,
+    /// Seconds to wait after the stop request before killing the VMM with SIGKILL.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
+    /// Kill the VMM with SIGKILL at once.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    /// Name of the VM.
+    pub name: String,
+    /// Kill the VM first if it is running.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// Name of the VM.
+    pub name: String,
+    /// Keep printing what is appended, until interrupted.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Print the VMM's own log instead of the guest's serial output.
+    #[arg(long)]
+    pub vmm: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VmmArgs {
+    /// Name of the VM.
+    pub name: String,
+    #[command(flatten)]
+    pub tcp: TcpApiArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum GuestCommand {
+    /// Download Debian's cloud kernel and BusyBox and write DIR/vmlinuz and
+    /// DIR/initramfs.img.
+    Fetch(GuestFetchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GuestFetchArgs {
+    /// Folder for vmlinuz and initramfs.img, created if missing.
+    #[arg(long, value_name = "DIR", default_value = "guest")]
+    pub dir: PathBuf,
+    /// Use the linux-image-<version>-cloud-amd64 and busybox-static .deb files in FOLDER
+    /// instead of downloading them with apt-get.
+    #[arg(long, value_name = "FOLDER")]
+    pub debs: Option<PathBuf>,
 }
 
 /// Options shared by `run` and `create`.
@@ -113,23 +295,142 @@ pub fn main() -> i32 {
     };
     logger::init(&cli.log_level);
 
-    let result = match cli.command {
-        Command::Run(args) => run(args),
-        Command::Disk(args) => disk::run(args),
-    };
+    let result = dispatch(cli);
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("monstervm: error: {e:#}");
-            EXIT_FAILURE
+            lifecycle::exit_code(&e)
         }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    let format = cli.output;
+    let command = match cli.command {
+        Command::Run(args) => return run(args),
+        Command::Guest(GuestCommand::Fetch(args)) => return guest_fetch(args, format),
+        Command::Disk(args) => return disk::run(args, format),
+        command => command,
+    };
+    let state = StateDir::resolve(cli.state_dir.as_deref())?;
+    match command {
+        Command::Run(_) | Command::Guest(_) | Command::Disk(_) => unreachable!("handled above"),
+        Command::Create(args) => {
+            let mut config = args.vm.to_config()?;
+            config.name = args.name;
+            config.validate()?;
+            lifecycle::create(&state, &config, format)
+        }
+        Command::Start(args) => {
+            // The VMM logs starts, stops and errors at info level unless told otherwise.
+            let log_level = if cli.log_level == "warn" {
+                "info".to_string()
+            } else {
+                cli.log_level.clone()
+            };
+            let options = lifecycle::StartOptions {
+                wait: Duration::from_secs(args.timeout),
+                tcp: args.tcp.to_tcp_api()?,
+                log_level,
+            };
+            lifecycle::start(&state, &args.name, options, format)
+        }
+        Command::Stop(args) => lifecycle::stop(
+            &state,
+            &args.name,
+            Duration::from_secs(args.timeout),
+            args.force,
+            format,
+        ),
+        Command::Pause(args) => lifecycle::act(&state, &args.name, VmAction::Pause, format),
+        Command::Resume(args) => lifecycle::act(&state, &args.name, VmAction::Resume, format),
+        Command::List => lifecycle::list(&state, format),
+        Command::Inspect(args) => lifecycle::inspect(&state, &args.name, format),
+        Command::Delete(args) => lifecycle::delete(&state, &args.name, args.force, format),
+        Command::Logs(args) => lifecycle::logs(&state, &args.name, args.vmm, args.follow),
+        Command::Console(args) => {
+            let vm = state.existing_vm(&args.name)?;
+            if !vm.is_locked()? {
+                return Err(lifecycle::LifecycleError::NotRunning { name: args.name }.into());
+            }
+            console::attach(&vm)?;
+            Ok(EXIT_OK)
+        }
+        Command::Vmm(args) => vmm::run(&state, &args.name, args.tcp.to_tcp_api()?),
     }
 }
 
 fn run(args: RunArgs) -> anyhow::Result<i32> {
     let config = args.vm.to_config()?;
-    anyhow::bail!(
-        "running VM {} is not implemented yet; the boot path is being built",
-        config.name
-    )
+    let BuiltVm {
+        mut vm,
+        serial,
+        backend,
+        guest,
+    } = build_vm(&config, Box::new(terminal::ConsoleOutput))?;
+
+    let raw_mode = terminal::RawModeGuard::enable(terminal::stdin_fd());
+    let guest_name = match &guest {
+        GuestKind::Embedded => "the embedded guest".to_string(),
+        GuestKind::Linux { version } => format!(
+            "Linux {}",
+            version.as_deref().unwrap_or("(unknown version)")
+        ),
+    };
+    tracing::info!(vm = %config.name, guest = %guest_name, backend = %backend.kind, "booting");
+    if raw_mode.is_some() {
+        eprint!(
+            "monstervm: booting {guest_name} on the {} backend; press Ctrl-] to quit\r\n",
+            backend.kind
+        );
+    }
+
+    let input = ConsoleInput::new(serial);
+    let input_control = vm.control().clone();
+    let quit_control = vm.control().clone();
+    terminal::spawn_stdin_reader(
+        raw_mode.is_some(),
+        move |bytes| {
+            input.send(bytes, &|| input_control.stop_reason().is_some());
+        },
+        move || quit_control.request_stop(StopReason::UserStop),
+    )?;
+
+    let result = vm.run();
+    drop(raw_mode);
+    let exit = result?;
+    let message = match exit {
+        VmExit::PowerOff => "the guest powered off",
+        VmExit::Reset => "the guest reset the machine",
+        VmExit::Halted => "the guest halted its CPU with interrupts disabled",
+        VmExit::UserStop => "stopped at the user's request",
+    };
+    eprintln!("monstervm: {message}");
+    Ok(EXIT_OK)
+}
+
+fn guest_fetch(args: GuestFetchArgs, format: OutputFormat) -> anyhow::Result<i32> {
+    // The fetch runs tools in other working directories, so relative paths must be
+    // resolved against this one first.
+    let dir = std::path::absolute(&args.dir)
+        .with_context(|| format!("invalid --dir {}", args.dir.display()))?;
+    let options = crate::guest::FetchOptions {
+        dir,
+        debs: args.debs,
+    };
+    let guest = crate::guest::fetch_guest(&options, &mut |line| eprintln!("{line}"))?;
+    match format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&guest)?),
+        OutputFormat::Table => {
+            println!("kernel:    {}", guest.kernel.display());
+            println!("initramfs: {}", guest.initramfs.display());
+            println!(
+                "boot it with: monstervm run --kernel {} --initrd {}",
+                guest.kernel.display(),
+                guest.initramfs.display()
+            );
+        }
+    }
+    Ok(EXIT_OK)
 }

@@ -1,6 +1,9 @@
 //! Hypervisor backends behind one set of traits: KVM, the built-in emulator, and
 //! Hypervisor.framework on macOS.
 
+#[cfg(target_os = "linux")]
+pub mod emulator;
+pub mod kvm;
 pub mod traits;
 
 use std::fmt;
@@ -10,10 +13,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use traits::{
-    CpuState, DescriptorTable, IoHandler, IrqChip, Segment, Vcpu, VcpuExit, VcpuKicker, VcpuStats,
+    CpuState, DescriptorTable, FpuState, IoHandler, IrqChip, Segment, Vcpu, VcpuExit, VcpuKicker,
+    VcpuStats,
 };
-
-use crate::core::devices::BusDevice;
 
 /// Errors raised by a backend.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,8 @@ pub enum HypervisorError {
     Unsupported { what: String },
     #[error("interrupt line {gsi} is out of range (0 to {max})")]
     InvalidIrq { gsi: u32, max: u32 },
+    #[error("KVM speed probe failed (--backend emulator or --backend kvm skips it): {reason}")]
+    ProbeFailed { reason: String },
     #[error("vCPU {id} failed: {reason}\n{state}")]
     VcpuFailed {
         id: u32,
@@ -90,11 +94,13 @@ impl fmt::Display for BackendChoice {
     }
 }
 
-/// A port-I/O or MMIO range claimed by a device that a backend brings with it.
-pub struct PlatformDevice {
-    pub name: &'static str,
-    pub range: crate::core::devices::BusRange,
-    pub device: Arc<std::sync::Mutex<dyn BusDevice>>,
+/// Devices that a backend emulates in user space, by bus.
+#[derive(Default)]
+pub struct PlatformDevices {
+    /// Devices on the port-I/O bus.
+    pub pio: Vec<crate::core::devices::WindowedDevice>,
+    /// Devices on the MMIO bus.
+    pub mmio: Vec<crate::core::devices::WindowedDevice>,
 }
 
 /// One VM of a backend: owns the vCPUs' shared state and the interrupt controllers.
@@ -107,8 +113,48 @@ pub trait HypervisorVm: Send + Sync {
 
     /// Devices that this backend emulates in user space and the VM must put on its buses
     /// (the PIC, PIT and IOAPIC on the emulator; nothing on KVM, which has them in-kernel).
-    fn platform_devices(&self) -> Vec<PlatformDevice>;
+    fn platform_devices(&self) -> PlatformDevices;
 
     /// Creates vCPU `id` with the CPUID table that this backend implements.
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>, HypervisorError>;
+}
+
+/// The backend chosen for a VM and why, for the log and `monstervm inspect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSelection {
+    pub kind: BackendKind,
+    pub reason: String,
+}
+
+/// Resolves `choice` to a backend. `auto` runs the KVM speed probe and picks KVM only
+/// where it runs guests at hardware speed; a KVM that emulates instructions in software,
+/// or none at all, gives the emulator.
+pub fn select_backend(choice: BackendChoice) -> Result<BackendSelection, HypervisorError> {
+    match choice {
+        BackendChoice::Emulator => Ok(BackendSelection {
+            kind: BackendKind::Emulator,
+            reason: "requested with --backend emulator".to_string(),
+        }),
+        BackendChoice::Kvm => {
+            kvm::open_kvm()?;
+            Ok(BackendSelection {
+                kind: BackendKind::Kvm,
+                reason: "requested with --backend kvm".to_string(),
+            })
+        }
+        BackendChoice::Auto => match kvm::probe_hardware_speed() {
+            Ok(probe) if probe.hardware_speed => Ok(BackendSelection {
+                kind: BackendKind::Kvm,
+                reason: probe.to_string(),
+            }),
+            Ok(probe) => Ok(BackendSelection {
+                kind: BackendKind::Emulator,
+                reason: format!("{probe}; the built-in emulator is faster here"),
+            }),
+            Err(e) => Ok(BackendSelection {
+                kind: BackendKind::Emulator,
+                reason: format!("KVM is unusable ({e})"),
+            }),
+        },
+    }
 }

@@ -51,6 +51,16 @@ pub trait IrqChip: Send + Sync {
         self.set_irq(gsi, true)?;
         self.set_irq(gsi, false)
     }
+
+    /// Delivers a message-signalled interrupt: the 32-bit `data` written to `address`
+    /// (0xFEExxxxx on x86, where address bits 19:12 select the destination APIC and data
+    /// bits 7:0 the vector).
+    fn signal_msi(&self, address: u64, data: u32) -> Result<(), HypervisorError> {
+        let _ = (address, data);
+        Err(HypervisorError::Unsupported {
+            what: "message-signalled interrupts".to_string(),
+        })
+    }
 }
 
 /// Makes a running vCPU return from `Vcpu::run` with `VcpuExit::Kicked` soon.
@@ -148,6 +158,42 @@ pub struct CpuState {
     pub efer: u64,
     /// Model-specific registers beyond EFER, as (index, value) pairs.
     pub msrs: Vec<(u32, u64)>,
+    /// XMM0-XMM15, each as (low, high) 64-bit halves.
+    #[serde(default)]
+    pub xmm: [[u64; 2]; 16],
+    #[serde(default)]
+    pub mxcsr: u32,
+    /// x87 state as FXSAVE stores it.
+    #[serde(default)]
+    pub fpu: FpuState,
+    /// Debug registers DR0-DR7 (DR4 and DR5 unused).
+    #[serde(default)]
+    pub dr: [u64; 8],
+    /// Interrupts are blocked for one instruction (after STI, MOV SS or POP SS).
+    #[serde(default)]
+    pub interrupt_shadow: bool,
+    /// The vCPU is stopped in HLT until an interrupt arrives.
+    #[serde(default)]
+    pub halted: bool,
+}
+
+/// x87 FPU registers in the layout of the FXSAVE area.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FpuState {
+    /// Control word.
+    pub fcw: u16,
+    /// Status word.
+    pub fsw: u16,
+    /// Abridged tag word: bit i set when physical register i holds a value.
+    pub ftw: u8,
+    /// Opcode of the last non-control x87 instruction.
+    pub fop: u16,
+    /// Address of the last non-control x87 instruction.
+    pub fip: u64,
+    /// Address of the last x87 memory operand.
+    pub fdp: u64,
+    /// ST0-ST7 as 80-bit values in the low 10 bytes of (low, high) 64-bit halves.
+    pub st: [[u64; 2]; 8],
 }
 
 /// Names of the general-purpose registers in encoding order, for register dumps.

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use super::BusDevice;
+use super::{BusDevice, DeviceWindow};
 
 /// Errors raised while building a bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -41,6 +41,8 @@ impl BusRange {
 struct Entry {
     name: String,
     range: BusRange,
+    /// Device offset of the range's first address.
+    offset: u64,
     device: Arc<Mutex<dyn BusDevice>>,
 }
 
@@ -61,6 +63,31 @@ impl Bus {
         &mut self,
         name: &str,
         range: BusRange,
+        device: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), BusError> {
+        self.insert_at_offset(name, range, 0, device)
+    }
+
+    /// Adds every window of a device that responds at several disjoint ranges (the PIC at
+    /// 0x20 and 0xA0, the i8042 at 0x60 and 0x64), all sharing `device`.
+    pub fn insert_windows(
+        &mut self,
+        windows: &[DeviceWindow],
+        device: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), BusError> {
+        for window in windows {
+            self.insert_at_offset(window.name, window.range, window.offset, device.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Adds `device` at `range` so that the range's first address reaches the device at
+    /// `offset` rather than at 0.
+    pub fn insert_at_offset(
+        &mut self,
+        name: &str,
+        range: BusRange,
+        offset: u64,
         device: Arc<Mutex<dyn BusDevice>>,
     ) -> Result<(), BusError> {
         if range.len == 0 || range.base.checked_add(range.len - 1).is_none() {
@@ -94,6 +121,7 @@ impl Bus {
             Entry {
                 name: name.to_string(),
                 range,
+                offset,
                 device,
             },
         );
@@ -103,7 +131,7 @@ impl Bus {
     fn find(&self, addr: u64) -> Option<(&Entry, u64)> {
         let (_, entry) = self.entries.range(..=addr).next_back()?;
         let offset = addr - entry.range.base;
-        (offset < entry.range.len).then_some((entry, offset))
+        (offset < entry.range.len).then_some((entry, entry.offset.wrapping_add(offset)))
     }
 
     /// Reads from the device at `addr`; returns false, leaving `data` unchanged, if no
@@ -185,6 +213,26 @@ mod tests {
         assert_eq!(data, [0x55, 0x55]);
         assert!(!bus.read(0x0f, &mut data));
         assert!(!bus.write(0x14, &[1]));
+    }
+
+    #[test]
+    fn windows_share_one_device() {
+        let probe = Arc::new(Mutex::new(Probe::default()));
+        let windows = [
+            DeviceWindow::new("low", 0x20, 2, 0),
+            DeviceWindow::new("high", 0xa0, 2, 2),
+        ];
+        let mut bus = Bus::new();
+        bus.insert_windows(&windows, probe.clone()).unwrap();
+
+        let mut data = [0u8; 1];
+        assert!(bus.read(0xa1, &mut data));
+        assert_eq!(data, [3]);
+        assert!(bus.read(0x21, &mut data));
+        assert_eq!(data, [1]);
+        assert!(bus.write(0xa0, &[7]));
+        assert_eq!(probe.lock().unwrap().last_write, Some((2, vec![7])));
+        assert!(!bus.read(0x22, &mut data));
     }
 
     #[test]

@@ -1,0 +1,299 @@
+//! [`VmHandle`] over the VM's [`VmControl`] and its serial hub: what the VMM process serves.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::api::handle::{
+    ActionError, ExitCounts, SerialCounters, VmAction, VmHandle, VmInfo, VmMetrics, VmState,
+};
+use crate::api::serial::{SerialHub, SerialSubscription};
+use crate::core::vm::{StopReason, VmControl, VmIo};
+use crate::hypervisor::VcpuStats;
+
+/// Writes host bytes into the guest's serial input (the 16550 receive buffer).
+pub type SerialInput = Arc<dyn Fn(&[u8]) + Send + Sync>;
+/// Reads every vCPU's counters while the vCPUs run.
+pub type StatsReader = Arc<dyn Fn() -> Vec<VcpuStats> + Send + Sync>;
+
+/// The parts of one boot of the VM that the handle drives. A reset replaces them.
+#[derive(Clone)]
+pub struct Boot {
+    pub control: Arc<VmControl>,
+    pub io: Arc<VmIo>,
+    pub serial_input: SerialInput,
+    /// `None` when the backend keeps its counters inside the vCPU threads.
+    pub stats: Option<StatsReader>,
+    /// Backend name reported by `GET /vm`.
+    pub backend: String,
+}
+
+/// Fixed facts about the VM that the handle reports.
+pub struct VmIdentity {
+    pub name: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+}
+
+/// The VMM's [`VmHandle`]: actions go to the current boot's [`VmControl`].
+pub struct ControlHandle {
+    identity: VmIdentity,
+    started: Instant,
+    serial: SerialHub,
+    boot: Mutex<Option<Boot>>,
+    boots: AtomicU32,
+    /// Set by a stop that arrives while no boot is attached, so the VMM does not boot again.
+    stop_requested: AtomicBool,
+    reset_requested: AtomicBool,
+}
+
+impl ControlHandle {
+    pub fn new(identity: VmIdentity, serial: SerialHub) -> ControlHandle {
+        ControlHandle {
+            identity,
+            started: Instant::now(),
+            serial,
+            boot: Mutex::new(None),
+            boots: AtomicU32::new(0),
+            stop_requested: AtomicBool::new(false),
+            reset_requested: AtomicBool::new(false),
+        }
+    }
+
+    /// Makes `boot` the target of actions. Returns false, and applies a pending stop to
+    /// `boot`, when a stop arrived while the VM was being built.
+    pub fn attach(&self, boot: Boot) -> bool {
+        let mut current = self.boot.lock().unwrap_or_else(|e| e.into_inner());
+        self.boots.fetch_add(1, Ordering::Relaxed);
+        let stop = self.stop_requested.load(Ordering::SeqCst);
+        if stop {
+            boot.control.request_stop(StopReason::UserStop);
+        }
+        *current = Some(boot);
+        !stop
+    }
+
+    /// Detaches the finished boot and returns whether an API reset asked to boot again.
+    pub fn detach(&self) -> bool {
+        let mut current = self.boot.lock().unwrap_or_else(|e| e.into_inner());
+        *current = None;
+        let reset = self.reset_requested.swap(false, Ordering::SeqCst);
+        reset && !self.stop_requested.load(Ordering::SeqCst)
+    }
+
+    /// Returns the serial hub that this handle's consoles read from.
+    pub fn serial(&self) -> &SerialHub {
+        &self.serial
+    }
+
+    fn current(&self) -> Option<Boot> {
+        self.boot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn state_of(&self, boot: Option<&Boot>) -> VmState {
+        match boot {
+            _ if self.stop_requested.load(Ordering::SeqCst) => VmState::Stopping,
+            None => VmState::Starting,
+            Some(boot) if boot.control.stop_reason().is_some() => VmState::Stopping,
+            Some(boot) if boot.control.is_paused() => VmState::Paused,
+            Some(_) => VmState::Running,
+        }
+    }
+
+    fn reject(&self, action: VmAction, state: VmState) -> ActionError {
+        ActionError {
+            name: self.identity.name.clone(),
+            action,
+            state,
+        }
+    }
+}
+
+impl VmHandle for ControlHandle {
+    fn info(&self) -> VmInfo {
+        let boot = self.current();
+        VmInfo {
+            name: self.identity.name.clone(),
+            state: self.state_of(boot.as_ref()),
+            backend: boot.map(|b| b.backend).unwrap_or_default(),
+            vcpus: self.identity.vcpus,
+            memory_mib: self.identity.memory_mib,
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            boots: self.boots.load(Ordering::Relaxed),
+        }
+    }
+
+    fn action(&self, action: VmAction) -> Result<(), ActionError> {
+        // The lock keeps `attach` from slipping a new boot in between the check and the act.
+        let current = self.boot.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self.state_of(current.as_ref());
+        let name = &self.identity.name;
+        match (action, state, current.as_ref()) {
+            (VmAction::Stop, VmState::Stopping, _) => Ok(()),
+            (VmAction::Stop, _, boot) => {
+                tracing::info!(vm = %name, "stop requested through the API");
+                self.stop_requested.store(true, Ordering::SeqCst);
+                if let Some(boot) = boot {
+                    // NOTE: this ends the vCPUs at once. A guest-visible power-button
+                    // event (ACPI) would let the guest shut down cleanly first.
+                    boot.control.request_stop(StopReason::UserStop);
+                }
+                Ok(())
+            }
+            (VmAction::Pause, VmState::Running, Some(boot)) => {
+                tracing::info!(vm = %name, "pause requested through the API");
+                boot.control.pause();
+                Ok(())
+            }
+            (VmAction::Resume, VmState::Paused, Some(boot)) => {
+                tracing::info!(vm = %name, "resume requested through the API");
+                boot.control.resume();
+                Ok(())
+            }
+            (VmAction::Reset, VmState::Running | VmState::Paused, Some(boot)) => {
+                tracing::info!(vm = %name, "reset requested through the API");
+                self.reset_requested.store(true, Ordering::SeqCst);
+                boot.control.request_stop(StopReason::Reset);
+                Ok(())
+            }
+            (action, state, _) => Err(self.reject(action, state)),
+        }
+    }
+
+    fn metrics(&self) -> VmMetrics {
+        let boot = self.current();
+        let stats = boot
+            .as_ref()
+            .and_then(|b| b.stats.as_ref())
+            .map(|read| read());
+        let exits = stats.as_ref().map(|all| ExitCounts {
+            pio: all.iter().map(|s| s.pio_exits).sum(),
+            mmio: all.iter().map(|s| s.mmio_exits).sum(),
+            halt: all.iter().map(|s| s.halt_exits).sum(),
+        });
+        let instructions = stats.map(|all| all.iter().map(|s| s.instructions).sum());
+        VmMetrics {
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            memory_mib: self.identity.memory_mib,
+            exits,
+            instructions,
+            unclaimed_io_accesses: boot.map_or(0, |b| b.io.unclaimed_accesses()),
+            serial: SerialCounters {
+                bytes_out: self.serial.bytes_out(),
+                bytes_in: self.serial.bytes_in(),
+                viewers: self.serial.viewers(),
+            },
+        }
+    }
+
+    fn subscribe_serial(&self) -> SerialSubscription {
+        self.serial.subscribe()
+    }
+
+    fn send_serial(&self, bytes: &[u8]) {
+        self.serial.record_input(bytes.len());
+        if let Some(boot) = self.current() {
+            (boot.serial_input)(bytes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn handle() -> ControlHandle {
+        let identity = VmIdentity {
+            name: "t".into(),
+            vcpus: 1,
+            memory_mib: 16,
+        };
+        ControlHandle::new(identity, SerialHub::new(None).unwrap())
+    }
+
+    fn boot(received: Arc<AtomicUsize>) -> Boot {
+        Boot {
+            control: VmControl::new(),
+            io: Arc::new(VmIo::default()),
+            serial_input: Arc::new(move |bytes: &[u8]| {
+                received.fetch_add(bytes.len(), Ordering::SeqCst);
+            }),
+            stats: None,
+            backend: "emulator".into(),
+        }
+    }
+
+    #[test]
+    fn pause_resume_follow_state() {
+        let handle = handle();
+        let boot = boot(Arc::default());
+        let control = boot.control.clone();
+        assert!(handle.attach(boot));
+
+        handle.action(VmAction::Pause).unwrap();
+        assert!(control.is_paused());
+        assert_eq!(handle.info().state, VmState::Paused);
+        let error = handle.action(VmAction::Pause).unwrap_err();
+        assert_eq!(error.state, VmState::Paused);
+
+        handle.action(VmAction::Resume).unwrap();
+        assert_eq!(handle.info().state, VmState::Running);
+        assert!(handle.action(VmAction::Resume).is_err());
+    }
+
+    #[test]
+    fn stop_is_idempotent() {
+        let handle = handle();
+        let boot = boot(Arc::default());
+        let control = boot.control.clone();
+        handle.attach(boot);
+
+        handle.action(VmAction::Stop).unwrap();
+        handle.action(VmAction::Stop).unwrap();
+
+        assert_eq!(control.stop_reason(), Some(StopReason::UserStop));
+        assert_eq!(handle.info().state, VmState::Stopping);
+        assert!(handle.action(VmAction::Pause).is_err());
+        assert!(!handle.detach());
+    }
+
+    #[test]
+    fn stop_before_attach_stops_next_boot() {
+        let handle = handle();
+        assert_eq!(handle.info().state, VmState::Starting);
+        handle.action(VmAction::Stop).unwrap();
+
+        let boot = boot(Arc::default());
+        let control = boot.control.clone();
+        assert!(!handle.attach(boot));
+        assert_eq!(control.stop_reason(), Some(StopReason::UserStop));
+    }
+
+    #[test]
+    fn reset_requests_another_boot() {
+        let handle = handle();
+        let boot = boot(Arc::default());
+        let control = boot.control.clone();
+        handle.attach(boot);
+
+        handle.action(VmAction::Reset).unwrap();
+
+        assert_eq!(control.stop_reason(), Some(StopReason::Reset));
+        assert!(handle.detach());
+        assert!(!handle.detach(), "a reset request is used once");
+    }
+
+    #[test]
+    fn serial_input_reaches_boot() {
+        let handle = handle();
+        let received = Arc::new(AtomicUsize::new(0));
+        handle.attach(boot(received.clone()));
+
+        handle.send_serial(b"ls\n");
+
+        assert_eq!(received.load(Ordering::SeqCst), 3);
+        assert_eq!(handle.metrics().serial.bytes_in, 3);
+    }
+}

@@ -1,0 +1,280 @@
+//! The per-VM HTTP API: axum routes over a [`VmHandle`].
+//!
+//! | method | path | body | answer |
+//! | --- | --- | --- | --- |
+//! | GET | `/vm` | | [`VmInfo`](crate::api::VmInfo) |
+//! | PUT | `/vm/actions` | `{"action": "pause"\|"resume"\|"stop"\|"reset"}` | 204 |
+//! | GET | `/vm/metrics` | | [`VmMetrics`](crate::api::VmMetrics) |
+//! | GET | `/vm/console` | WebSocket upgrade | binary frames both ways |
+//! | GET | `/openapi.json` | | OpenAPI 3.0 document |
+//!
+//! Every error is JSON `{"error": "..."}` with a 4xx or 5xx status. The Unix socket needs no
+//! credentials because its file mode admits only the owner. A TCP listener requires
+//! `Authorization: Bearer TOKEN` on every request.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::sync::{broadcast, watch};
+
+use crate::api::handle::{VmAction, VmHandle, VmInfo, VmMetrics};
+use crate::api::openapi;
+
+/// Largest request body accepted, in bytes; an action request is about 20 bytes.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Largest WebSocket message a console viewer may send, in bytes.
+pub const MAX_CONSOLE_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// A JSON error response: `{"error": message}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(serde_json::json!({ "error": self.message }));
+        (self.status, body).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> ApiError {
+        let status = rejection.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("request body exceeds the {MAX_BODY_BYTES}-byte limit")
+        } else {
+            // axum's text names the JSON path of the bad field, for example
+            // "action: unknown variant `explode`, expected one of ...".
+            rejection.body_text()
+        };
+        ApiError::new(status, message)
+    }
+}
+
+/// Body of `PUT /vm/actions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionRequest {
+    pub action: VmAction,
+}
+
+#[derive(Clone)]
+struct ApiState {
+    handle: Arc<dyn VmHandle>,
+    /// Becomes true when the VM has ended, so console sessions close and the server drains.
+    shutdown: watch::Receiver<bool>,
+    vm_name: Arc<str>,
+}
+
+/// Builds the API routes for `handle`. When `token` is set, every request must carry it as
+/// a bearer token. Console sessions end when `shutdown` becomes true.
+pub fn router(
+    handle: Arc<dyn VmHandle>,
+    shutdown: watch::Receiver<bool>,
+    token: Option<String>,
+) -> Router {
+    let vm_name: Arc<str> = handle.info().name.into();
+    let state = ApiState {
+        handle,
+        shutdown,
+        vm_name: vm_name.clone(),
+    };
+    let mut router = Router::new()
+        .route("/vm", get(get_vm))
+        .route("/vm/actions", put(put_action))
+        .route("/vm/metrics", get(get_metrics))
+        .route("/vm/console", get(get_console))
+        .route("/openapi.json", get(get_openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(vm_name.clone(), log_errors))
+        .with_state(state);
+    if let Some(token) = token {
+        let token: Arc<str> = token.into();
+        router = router.layer(middleware::from_fn_with_state(token, require_token));
+    }
+    router
+}
+
+async fn get_vm(State(state): State<ApiState>) -> Json<VmInfo> {
+    Json(state.handle.info())
+}
+
+async fn get_metrics(State(state): State<ApiState>) -> Json<VmMetrics> {
+    Json(state.handle.metrics())
+}
+
+async fn get_openapi() -> Json<serde_json::Value> {
+    Json(openapi::document())
+}
+
+async fn put_action(
+    State(state): State<ApiState>,
+    body: Result<Json<ActionRequest>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Json(request) = body?;
+    state
+        .handle
+        .action(request.action)
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no such API path: {}; GET /openapi.json lists the routes",
+            request.uri().path()
+        ),
+    )
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "method {} is not allowed on {}; GET /openapi.json lists the routes",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+/// Logs every error response with the VM name, so that `vmm.log` shows rejected requests.
+async fn log_errors(State(vm): State<Arc<str>>, request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let status = response.status();
+    if status.is_server_error() {
+        tracing::error!(vm = %vm, %method, %path, %status, "API request failed");
+    } else if status.is_client_error() {
+        tracing::info!(vm = %vm, %method, %path, %status, "API request rejected");
+    }
+    response
+}
+
+async fn require_token(State(token): State<Arc<str>>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match presented {
+        Some(presented) if tokens_match(presented.as_bytes(), token.as_bytes()) => {
+            next.run(request).await
+        }
+        _ => {
+            tracing::info!(path = %request.uri().path(), "API request without a valid bearer token rejected");
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token in the Authorization header",
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        }
+    }
+}
+
+/// Compares in time that depends only on the lengths, so that a client cannot find the
+/// token byte by byte from response times.
+fn tokens_match(presented: &[u8], expected: &[u8]) -> bool {
+    if presented.len() != expected.len() {
+        return false;
+    }
+    presented
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+async fn get_console(State(state): State<ApiState>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade
+        .max_message_size(MAX_CONSOLE_MESSAGE_BYTES)
+        .on_upgrade(move |socket| serve_console(socket, state))
+}
+
+/// Streams serial output to one viewer and forwards its input until either side closes or
+/// the VM ends.
+async fn serve_console(socket: WebSocket, state: ApiState) {
+    let (history, mut live, _viewer) = state.handle.subscribe_serial().into_parts();
+    let (mut sender, mut receiver) = socket.split();
+    let mut shutdown = state.shutdown.clone();
+    tracing::debug!(vm = %state.vm_name, "console viewer attached");
+
+    if !history.is_empty() && sender.send(Message::Binary(history.into())).await.is_err() {
+        return;
+    }
+    let mut lost_chunks = 0u64;
+    loop {
+        tokio::select! {
+            output = live.recv() => match output {
+                Ok(bytes) => {
+                    if sender.send(Message::Binary(bytes)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(count)) => lost_chunks += count,
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            input = receiver.next() => match input {
+                Some(Ok(Message::Binary(bytes))) => state.handle.send_serial(&bytes),
+                Some(Ok(Message::Text(text))) => state.handle.send_serial(text.as_bytes()),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Err(error)) => {
+                    tracing::info!(vm = %state.vm_name, %error, "console connection failed");
+                    break;
+                }
+            },
+            // The guard that wait_for returns is not Send, so drop it inside the future.
+            _ = async { shutdown.wait_for(|ended| *ended).await.map(|_| ()) } => {
+                let _ = sender.send(Message::Close(None)).await;
+                break;
+            }
+        }
+    }
+    if lost_chunks > 0 {
+        tracing::warn!(vm = %state.vm_name, lost_chunks, "slow console viewer lost serial output");
+    }
+    tracing::debug!(vm = %state.vm_name, "console viewer detached");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(tokens_match(b"secret", b"secret"));
+        assert!(!tokens_match(b"secreT", b"secret"));
+        assert!(!tokens_match(b"secret1", b"secret"));
+        assert!(!tokens_match(b"", b"secret"));
+    }
+}

@@ -1,0 +1,707 @@
+//! The commands that manage VMs in the state directory: create, start, stop, pause,
+//! resume, list, inspect, delete and logs.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::api::{ApiClient, ClientError, VmAction, VmInfo, VmMetrics, VmState};
+use crate::cli::output::{self, format_duration, OutputFormat, Table};
+use crate::cli::state::{StateDir, StateError, VmDir, LOCK_FD_ENV};
+use crate::cli::vmm::TcpApi;
+use crate::utils::config::VmConfig;
+
+/// Interval between checks while waiting for a VMM to start or exit.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How long `stop` waits for the kernel to reap a VMM after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// Failures with their own exit status (see `docs/cli.md`).
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("VM {name} is already running (pid {pid})")]
+    AlreadyRunning { name: String, pid: String },
+    #[error("VM {name} is not running: start it with `monstervm start {name}`")]
+    NotRunning { name: String },
+    #[error("VM {name} is running: stop it first, or pass --force to kill it")]
+    StillRunning { name: String },
+    #[error("VM {name} failed to start: {reason}")]
+    StartFailed { name: String, reason: String },
+    #[error("VM {name} did not become ready within {secs} s and was killed; see {log}")]
+    StartTimeout {
+        name: String,
+        secs: u64,
+        log: PathBuf,
+    },
+    #[error("VMM of VM {name} (pid {pid}) was still alive {secs} s after SIGKILL")]
+    KillFailed { name: String, pid: u32, secs: u64 },
+}
+
+/// Returns the exit status for `error`, as documented in `docs/cli.md`.
+pub fn exit_code(error: &anyhow::Error) -> i32 {
+    use crate::cli::{EXIT_CONFLICT, EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_TIMEOUT};
+    if let Some(error) = error.downcast_ref::<LifecycleError>() {
+        return match error {
+            LifecycleError::AlreadyRunning { .. }
+            | LifecycleError::NotRunning { .. }
+            | LifecycleError::StillRunning { .. } => EXIT_CONFLICT,
+            LifecycleError::StartTimeout { .. } => EXIT_TIMEOUT,
+            LifecycleError::StartFailed { .. } | LifecycleError::KillFailed { .. } => EXIT_FAILURE,
+        };
+    }
+    if let Some(error) = error.downcast_ref::<StateError>() {
+        return match error {
+            StateError::NotFound { .. } => EXIT_NOT_FOUND,
+            StateError::AlreadyExists { .. } | StateError::Locked { .. } => EXIT_CONFLICT,
+            _ => EXIT_FAILURE,
+        };
+    }
+    if let Some(ClientError::Status { status, .. }) = error.downcast_ref::<ClientError>() {
+        if *status == axum::http::StatusCode::CONFLICT {
+            return EXIT_CONFLICT;
+        }
+    }
+    EXIT_FAILURE
+}
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime needs no resources that can run out")
+        .block_on(future)
+}
+
+/// State shown by `list` and `inspect`: the VMM's own states plus those seen from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DisplayState {
+    /// No VMM runs and the last run ended cleanly (or there was none).
+    Stopped,
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    /// No VMM runs and the last run ended in failure; `last_error` says why.
+    Crashed,
+    /// A VMM holds the lock but its API does not answer.
+    Unresponsive,
+    /// The definition in `vm.toml` cannot be loaded.
+    Invalid,
+}
+
+impl DisplayState {
+    fn as_str(self) -> &'static str {
+        match self {
+            DisplayState::Stopped => "stopped",
+            DisplayState::Starting => "starting",
+            DisplayState::Running => "running",
+            DisplayState::Paused => "paused",
+            DisplayState::Stopping => "stopping",
+            DisplayState::Crashed => "crashed",
+            DisplayState::Unresponsive => "unresponsive",
+            DisplayState::Invalid => "invalid",
+        }
+    }
+}
+
+impl From<VmState> for DisplayState {
+    fn from(state: VmState) -> DisplayState {
+        match state {
+            VmState::Starting => DisplayState::Starting,
+            VmState::Running => DisplayState::Running,
+            VmState::Paused => DisplayState::Paused,
+            VmState::Stopping => DisplayState::Stopping,
+        }
+    }
+}
+
+/// One VM as `list` prints it. Field names are stable for scripts.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmStatus {
+    pub name: String,
+    pub state: DisplayState,
+    /// VMM process ID while one runs.
+    pub pid: Option<u32>,
+    /// Backend in use while running; the configured choice (`auto`, `kvm`, `emulator`)
+    /// otherwise.
+    pub backend: Option<String>,
+    pub vcpus: Option<u8>,
+    pub memory_mib: Option<u64>,
+    pub uptime_secs: Option<f64>,
+    /// Why the last run failed, or why the VM cannot be inspected now.
+    pub last_error: Option<String>,
+    #[serde(skip)]
+    config: Option<VmConfig>,
+    #[serde(skip)]
+    info: Option<VmInfo>,
+}
+
+/// Finds out whether VM `vm` runs, asking its API when a VMM holds the lock. A VMM found
+/// dead without having cleaned up is recorded as crashed and its stale files are removed.
+pub fn observe(vm: &VmDir) -> Result<VmStatus, StateError> {
+    let config = vm.load_config();
+    let mut status = VmStatus {
+        name: vm.name().to_string(),
+        state: DisplayState::Stopped,
+        pid: None,
+        backend: None,
+        vcpus: None,
+        memory_mib: None,
+        uptime_secs: None,
+        last_error: None,
+        config: None,
+        info: None,
+    };
+    match config {
+        Ok(config) => {
+            status.backend = Some(config.backend.to_string());
+            status.vcpus = Some(config.vcpus);
+            status.memory_mib = Some(config.memory_mib);
+            status.config = Some(config);
+        }
+        Err(error) => {
+            status.state = DisplayState::Invalid;
+            status.last_error = Some(error.to_string());
+            return Ok(status);
+        }
+    }
+
+    if vm.is_locked()? {
+        status.pid = vm.read_pid();
+        match block_on(ApiClient::unix(&vm.socket_path()).info()) {
+            Ok(info) => {
+                status.state = info.state.into();
+                status.pid = Some(info.pid);
+                if !info.backend.is_empty() {
+                    status.backend = Some(info.backend.clone());
+                }
+                status.uptime_secs = Some(info.uptime_secs);
+                status.info = Some(info);
+            }
+            Err(_) if !vm.socket_path().exists() => status.state = DisplayState::Starting,
+            Err(error) => {
+                status.state = DisplayState::Unresponsive;
+                status.last_error = Some(error.to_string());
+            }
+        }
+        return Ok(status);
+    }
+
+    if let Some(pid) = vm.read_pid() {
+        // The lock is free but the pid file remains: the VMM died without cleaning up.
+        // Taking the lock keeps a concurrent `start` from losing its fresh files.
+        if let Ok(_lock) = vm.try_lock() {
+            if vm.read_last_error().is_none() {
+                vm.write_last_error(&format!(
+                    "VMM process {pid} ended without cleaning up: it was killed or crashed; see {}",
+                    vm.vmm_log_path().display()
+                ))?;
+            }
+            vm.remove_runtime_files()?;
+            tracing::info!(vm = %vm.name(), pid, "removed the files of a dead VMM");
+        }
+    }
+    if let Some(error) = vm.read_last_error() {
+        status.state = DisplayState::Crashed;
+        status.last_error = Some(error);
+    }
+    Ok(status)
+}
+
+/// `monstervm create`.
+pub fn create(state: &StateDir, config: &VmConfig, format: OutputFormat) -> anyhow::Result<i32> {
+    let vm = state.create_vm(config)?;
+    tracing::info!(vm = %config.name, path = %vm.path().display(), "VM created");
+
+    #[derive(Serialize)]
+    struct Created<'a> {
+        name: &'a str,
+        path: String,
+    }
+    let created = Created {
+        name: &config.name,
+        path: vm.path().display().to_string(),
+    };
+    output::print(format, &created, |c| {
+        format!("Created VM {} in {}\n", c.name, c.path)
+    });
+    Ok(crate::cli::EXIT_OK)
+}
+
+/// Options of `monstervm start`.
+pub struct StartOptions {
+    pub wait: Duration,
+    pub tcp: Option<TcpApi>,
+    pub log_level: String,
+}
+
+/// `monstervm start`: spawns the VMM detached and waits until its API reports the VM
+/// running.
+pub fn start(
+    state: &StateDir,
+    name: &str,
+    options: StartOptions,
+    format: OutputFormat,
+) -> anyhow::Result<i32> {
+    let vm = state.existing_vm(name)?;
+    vm.load_config()?;
+    vm.check_socket_path()?;
+    let lock = vm.try_lock().map_err(|error| match error {
+        StateError::Locked { name } => anyhow::Error::new(LifecycleError::AlreadyRunning {
+            name,
+            pid: vm
+                .read_pid()
+                .map_or("unknown".into(), |pid| pid.to_string()),
+        }),
+        other => other.into(),
+    })?;
+
+    let log_path = vm.vmm_log_path();
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("failed to open {}", log_path.display()))?;
+    let executable = std::env::current_exe().context("failed to find the monstervm executable")?;
+    let mut command = Command::new(executable);
+    command
+        .arg("--state-dir")
+        .arg(state.root())
+        .arg("--log-level")
+        .arg(&options.log_level)
+        .arg("vmm")
+        .arg(name)
+        .env(LOCK_FD_ENV, lock.raw_fd().to_string())
+        .env_remove(crate::cli::API_LISTEN_ENV)
+        .env_remove(crate::cli::API_TOKEN_ENV)
+        .stdin(Stdio::null())
+        .stdout(
+            log.try_clone()
+                .context("failed to duplicate the log descriptor")?,
+        )
+        .stderr(log);
+    if let Some(tcp) = &options.tcp {
+        // The token travels in the environment so that `ps` does not show it.
+        command
+            .env(crate::cli::API_LISTEN_ENV, tcp.addr.to_string())
+            .env(crate::cli::API_TOKEN_ENV, &tcp.token);
+    }
+    let lock_fd = lock.raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and calls only setsid and
+    // fcntl, which are async-signal-safe, on a descriptor that is open in the parent.
+    unsafe {
+        command.pre_exec(move || {
+            // A new session detaches the VMM from this terminal, so that closing the
+            // terminal or pressing Ctrl-C in it does not reach the VM.
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Keep the locked descriptor open across exec: the VMM inherits the lock.
+            if libc::fcntl(lock_fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+
+    let started = Instant::now();
+    let mut child = command.spawn().context("failed to spawn the VMM process")?;
+    // The child's copy of the descriptor now holds the lock on its own.
+    drop(lock);
+    tracing::info!(vm = %name, pid = child.id(), "VMM spawned");
+
+    let client = ApiClient::unix(&vm.socket_path());
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .context("failed to check the VMM process")?
+        {
+            let reason = vm.read_last_error().unwrap_or_else(|| {
+                format!("the VMM exited with {status}; see {}", log_path.display())
+            });
+            return Err(LifecycleError::StartFailed {
+                name: name.to_string(),
+                reason,
+            }
+            .into());
+        }
+        if let Ok(info) = block_on(client.info()) {
+            if info.state != VmState::Starting {
+                break;
+            }
+        }
+        if started.elapsed() > options.wait {
+            let _ = child.kill();
+            let _ = child.wait();
+            if let Ok(_lock) = vm.try_lock() {
+                vm.remove_runtime_files()?;
+            }
+            return Err(LifecycleError::StartTimeout {
+                name: name.to_string(),
+                secs: options.wait.as_secs(),
+                log: log_path,
+            }
+            .into());
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+
+    #[derive(Serialize)]
+    struct Started<'a> {
+        name: &'a str,
+        pid: u32,
+        startup_secs: f64,
+    }
+    let report = Started {
+        name,
+        pid: child.id(),
+        startup_secs: started.elapsed().as_secs_f64(),
+    };
+    output::print(format, &report, |r| {
+        format!(
+            "Started VM {} (pid {}) in {:.3} s\n",
+            r.name, r.pid, r.startup_secs
+        )
+    });
+    Ok(crate::cli::EXIT_OK)
+}
+
+/// Returns an error unless a VMM of `vm` runs.
+fn require_running(vm: &VmDir) -> anyhow::Result<()> {
+    if !vm.is_locked()? {
+        // Records a crash, if that is why it is not running.
+        observe(vm)?;
+        return Err(LifecycleError::NotRunning {
+            name: vm.name().to_string(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Waits until no process holds `vm`'s lock; returns false on timeout.
+fn wait_for_exit(vm: &VmDir, timeout: Duration) -> Result<bool, StateError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !vm.is_locked()? {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Returns true if process `pid` runs `monstervm ... vmm NAME`, so that a reused process
+/// ID never gets killed.
+fn is_vmm_of(pid: u32, name: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.windows(2)
+        .any(|pair| pair[0] == b"vmm" && pair[1] == name.as_bytes())
+}
+
+/// `monstervm stop`: asks the VM to stop through the API, then kills its VMM with SIGKILL
+/// if it is still alive after `timeout`, or at once with `force`.
+pub fn stop(
+    state: &StateDir,
+    name: &str,
+    timeout: Duration,
+    force: bool,
+    format: OutputFormat,
+) -> anyhow::Result<i32> {
+    let vm = state.existing_vm(name)?;
+    require_running(&vm)?;
+    let started = Instant::now();
+
+    let mut killed = false;
+    let mut exited = false;
+    if !force {
+        match block_on(ApiClient::unix(&vm.socket_path()).action(VmAction::Stop)) {
+            Ok(()) => exited = wait_for_exit(&vm, timeout)?,
+            Err(error) => {
+                tracing::warn!(vm = %name, %error, "stop through the API failed; killing the VMM")
+            }
+        }
+    }
+    if !exited {
+        let pid = vm
+            .read_pid()
+            .context("the VMM holds the lock but wrote no pid file")?;
+        if is_vmm_of(pid, name) {
+            tracing::info!(vm = %name, pid, "killing the VMM with SIGKILL");
+            // SAFETY: kill has no memory-safety preconditions; `pid` was checked above to
+            // be this VM's VMM.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            killed = true;
+        }
+        if !wait_for_exit(&vm, KILL_WAIT)? {
+            return Err(LifecycleError::KillFailed {
+                name: name.to_string(),
+                pid,
+                secs: KILL_WAIT.as_secs(),
+            }
+            .into());
+        }
+        // A killed VMM leaves its files behind; it was stopped on request, not crashed.
+        if let Ok(_lock) = vm.try_lock() {
+            vm.remove_runtime_files()?;
+        }
+    }
+
+    #[derive(Serialize)]
+    struct Stopped<'a> {
+        name: &'a str,
+        killed: bool,
+        stop_secs: f64,
+    }
+    let report = Stopped {
+        name,
+        killed,
+        stop_secs: started.elapsed().as_secs_f64(),
+    };
+    output::print(format, &report, |r| {
+        let how = if r.killed { " (killed)" } else { "" };
+        format!("Stopped VM {}{how} in {:.3} s\n", r.name, r.stop_secs)
+    });
+    Ok(crate::cli::EXIT_OK)
+}
+
+/// `monstervm pause` and `monstervm resume`.
+pub fn act(
+    state: &StateDir,
+    name: &str,
+    action: VmAction,
+    format: OutputFormat,
+) -> anyhow::Result<i32> {
+    let vm = state.existing_vm(name)?;
+    require_running(&vm)?;
+    let client = ApiClient::unix(&vm.socket_path());
+    block_on(client.action(action))?;
+    let info = block_on(client.info())?;
+
+    #[derive(Serialize)]
+    struct Acted<'a> {
+        name: &'a str,
+        state: VmState,
+    }
+    let report = Acted {
+        name,
+        state: info.state,
+    };
+    output::print(format, &report, |r| {
+        format!("VM {} is {}\n", r.name, r.state)
+    });
+    Ok(crate::cli::EXIT_OK)
+}
+
+fn dash<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+/// `monstervm list`.
+pub fn list(state: &StateDir, format: OutputFormat) -> anyhow::Result<i32> {
+    let mut statuses = Vec::new();
+    for name in state.vm_names()? {
+        statuses.push(observe(&state.vm(&name)?)?);
+    }
+    output::print(format, &statuses, |statuses| {
+        let mut table = Table::new(&[
+            "NAME", "STATE", "PID", "BACKEND", "VCPUS", "MEMORY", "UPTIME", "ERROR",
+        ]);
+        for s in statuses {
+            // Only the first line of a multi-line error fits in a table row.
+            let error = s.last_error.as_deref().and_then(|e| e.lines().next());
+            table.push(vec![
+                s.name.clone(),
+                s.state.as_str().to_string(),
+                dash(s.pid),
+                dash(s.backend.as_deref()),
+                dash(s.vcpus),
+                dash(s.memory_mib.map(|m| format!("{m} MiB"))),
+                dash(s.uptime_secs.map(format_duration)),
+                dash(error),
+            ]);
+        }
+        table.render()
+    });
+    Ok(crate::cli::EXIT_OK)
+}
+
+/// Paths of one VM's files, as `inspect` prints them.
+#[derive(Serialize)]
+struct VmPaths {
+    dir: String,
+    config: String,
+    api_socket: String,
+    serial_log: String,
+    vmm_log: String,
+}
+
+#[derive(Serialize)]
+struct Inspection {
+    #[serde(flatten)]
+    status: VmStatus,
+    config: Option<VmConfig>,
+    runtime: Option<VmInfo>,
+    metrics: Option<VmMetrics>,
+    paths: VmPaths,
+}
+
+/// `monstervm inspect`.
+pub fn inspect(state: &StateDir, name: &str, format: OutputFormat) -> anyhow::Result<i32> {
+    let vm = state.existing_vm(name)?;
+    let status = observe(&vm)?;
+    let metrics = match status.info {
+        Some(_) => block_on(ApiClient::unix(&vm.socket_path()).metrics()).ok(),
+        None => None,
+    };
+    let report = Inspection {
+        config: status.config.clone(),
+        runtime: status.info.clone(),
+        status,
+        metrics,
+        paths: VmPaths {
+            dir: vm.path().display().to_string(),
+            config: vm.config_path().display().to_string(),
+            api_socket: vm.socket_path().display().to_string(),
+            serial_log: vm.serial_log_path().display().to_string(),
+            vmm_log: vm.vmm_log_path().display().to_string(),
+        },
+    };
+    output::print(format, &report, render_inspection);
+    Ok(crate::cli::EXIT_OK)
+}
+
+fn render_inspection(report: &Inspection) -> String {
+    let status = &report.status;
+    let mut fields = vec![
+        ("name", status.name.clone()),
+        ("state", status.state.as_str().to_string()),
+        ("pid", dash(status.pid)),
+        ("backend", dash(status.backend.as_deref())),
+        ("vcpus", dash(status.vcpus)),
+        (
+            "memory",
+            dash(status.memory_mib.map(|m| format!("{m} MiB"))),
+        ),
+        ("uptime", dash(status.uptime_secs.map(format_duration))),
+    ];
+    if let Some(config) = &report.config {
+        fields.push(("kernel", dash(config.kernel.as_ref().map(|p| p.display()))));
+        fields.push(("initrd", dash(config.initrd.as_ref().map(|p| p.display()))));
+        fields.push(("cmdline", config.effective_cmdline().to_string()));
+    }
+    if let Some(info) = &report.runtime {
+        fields.push(("boots", info.boots.to_string()));
+    }
+    if let Some(metrics) = &report.metrics {
+        let exits = metrics
+            .exits
+            .as_ref()
+            .map(|e| format!("pio {} / mmio {} / halt {}", e.pio, e.mmio, e.halt));
+        fields.push(("exits", dash(exits)));
+        fields.push(("instructions", dash(metrics.instructions)));
+        fields.push((
+            "serial",
+            format!(
+                "{} bytes out / {} bytes in / {} viewers",
+                metrics.serial.bytes_out, metrics.serial.bytes_in, metrics.serial.viewers
+            ),
+        ));
+    }
+    fields.push(("last_error", dash(status.last_error.as_deref())));
+    fields.push(("dir", report.paths.dir.clone()));
+    fields.push(("api_socket", report.paths.api_socket.clone()));
+    fields.push(("serial_log", report.paths.serial_log.clone()));
+    fields.push(("vmm_log", report.paths.vmm_log.clone()));
+    output::render_fields(&fields)
+}
+
+/// `monstervm delete`.
+pub fn delete(
+    state: &StateDir,
+    name: &str,
+    force: bool,
+    format: OutputFormat,
+) -> anyhow::Result<i32> {
+    let vm = state.existing_vm(name)?;
+    let lock = match vm.try_lock() {
+        Ok(lock) => lock,
+        Err(StateError::Locked { .. }) if force => {
+            stop(state, name, Duration::ZERO, true, OutputFormat::Table)?;
+            vm.try_lock()?
+        }
+        Err(StateError::Locked { .. }) => {
+            return Err(LifecycleError::StillRunning {
+                name: name.to_string(),
+            }
+            .into())
+        }
+        Err(other) => return Err(other.into()),
+    };
+    std::fs::remove_dir_all(vm.path())
+        .with_context(|| format!("failed to remove {}", vm.path().display()))?;
+    drop(lock);
+    tracing::info!(vm = %name, "VM deleted");
+
+    #[derive(Serialize)]
+    struct Deleted<'a> {
+        name: &'a str,
+    }
+    output::print(format, &Deleted { name }, |d| {
+        format!("Deleted VM {}\n", d.name)
+    });
+    Ok(crate::cli::EXIT_OK)
+}
+
+/// `monstervm logs`: prints the serial log (or the VMM's log), then with `follow` keeps
+/// printing what is appended until interrupted.
+pub fn logs(state: &StateDir, name: &str, vmm_log: bool, follow: bool) -> anyhow::Result<i32> {
+    let vm = state.existing_vm(name)?;
+    let path = if vmm_log {
+        vm.vmm_log_path()
+    } else {
+        vm.serial_log_path()
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut offset = 0u64;
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        match std::fs::File::open(&path) {
+            Ok(mut file) => {
+                let size = file.metadata()?.len();
+                if size < offset {
+                    // The log was rotated or truncated: start again from its beginning.
+                    offset = 0;
+                }
+                file.seek(SeekFrom::Start(offset))?;
+                loop {
+                    let count = file.read(&mut buffer)?;
+                    if count == 0 {
+                        break;
+                    }
+                    stdout.write_all(&buffer[..count])?;
+                    offset += count as u64;
+                }
+                stdout.flush()?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("failed to read {}", path.display())),
+        }
+        if !follow {
+            return Ok(crate::cli::EXIT_OK);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,157 @@
+//! The serial console on the user's terminal.
+//!
+//! When stdin is a TTY it is put in raw mode, so every key reaches the guest, and
+//! [`ESCAPE_KEY`] ends the VM. When stdin is a pipe or a file, bytes pass through as they
+//! come and end of input leaves the VM running, so scripts and tests can drive the guest.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
+
+/// Ctrl-] (0x1d), the key that ends `monstervm run` from a raw-mode terminal, as in telnet
+/// and `virsh console`.
+pub const ESCAPE_KEY: u8 = 0x1d;
+
+/// Restores the terminal's settings when dropped.
+pub struct RawModeGuard {
+    fd: RawFd,
+    saved: libc::termios,
+}
+
+impl RawModeGuard {
+    /// Puts `fd` in raw mode if it is a TTY; returns `None` for pipes and files.
+    pub fn enable(fd: RawFd) -> Option<RawModeGuard> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(fd) } != 1 {
+            return None;
+        }
+
+        // SAFETY: termios is plain old data, so all zeros is a valid value to fill.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `saved` is a valid termios for tcgetattr to write.
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "failed to read terminal settings; console stays in line mode");
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw only modifies the struct it is given.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // Keep output post-processing so that host-side messages still start at column 0.
+        raw.c_oflag |= libc::OPOST;
+        // SAFETY: `raw` is a fully initialised termios from tcgetattr.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "failed to set raw mode; console stays in line mode");
+            return None;
+        }
+        Some(RawModeGuard { fd, saved })
+    }
+}
+
+impl Drop for RawModeGuard {
+    fn drop(&mut self) {
+        // SAFETY: `saved` came from tcgetattr on the same descriptor.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// What the input thread does with a chunk of bytes read from stdin.
+pub enum InputAction<'a> {
+    /// Send these bytes to the guest.
+    Forward(&'a [u8]),
+    /// Send these bytes, then end the VM: the escape key was pressed.
+    ForwardThenQuit(&'a [u8]),
+}
+
+/// Splits `chunk` at the escape key when the terminal is in raw mode.
+pub fn scan_input(chunk: &[u8], raw_mode: bool) -> InputAction<'_> {
+    if raw_mode {
+        if let Some(pos) = chunk.iter().position(|&b| b == ESCAPE_KEY) {
+            return InputAction::ForwardThenQuit(&chunk[..pos]);
+        }
+    }
+    InputAction::Forward(chunk)
+}
+
+/// Reads stdin on a thread of its own and hands each chunk to `forward`; calls `quit`
+/// when the escape key is pressed in raw mode. End of input stops the thread only.
+pub fn spawn_stdin_reader<F, Q>(raw_mode: bool, mut forward: F, quit: Q) -> std::io::Result<()>
+where
+    F: FnMut(&[u8]) + Send + 'static,
+    Q: FnOnce() + Send + 'static,
+{
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let stdin = std::io::stdin();
+            let mut stdin = stdin.lock();
+            let mut buffer = [0u8; 256];
+            loop {
+                let n = match stdin.read(&mut buffer) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "failed to read stdin; console input stops");
+                        return;
+                    }
+                };
+                match scan_input(&buffer[..n], raw_mode) {
+                    InputAction::Forward(bytes) => forward(bytes),
+                    InputAction::ForwardThenQuit(bytes) => {
+                        forward(bytes);
+                        quit();
+                        return;
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+/// The guest's serial output on stdout, flushed at every write so that each character
+/// appears as the guest sends it.
+pub struct ConsoleOutput;
+
+impl std::io::Write for ConsoleOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(buf)?;
+        stdout.flush()?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().lock().flush()
+    }
+}
+
+/// Returns stdin's descriptor.
+pub fn stdin_fd() -> RawFd {
+    std::io::stdin().as_raw_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_key_splits_input_in_raw_mode() {
+        match scan_input(b"ls\x1dmore", true) {
+            InputAction::ForwardThenQuit(bytes) => assert_eq!(bytes, b"ls"),
+            InputAction::Forward(_) => panic!("escape key was not detected"),
+        }
+    }
+
+    #[test]
+    fn escape_key_passes_through_from_pipes() {
+        match scan_input(b"ls\x1d", false) {
+            InputAction::Forward(bytes) => assert_eq!(bytes, b"ls\x1d"),
+            InputAction::ForwardThenQuit(_) => panic!("pipes have no escape key"),
+        }
+    }
+
+    #[test]
+    fn pipe_is_not_raw() {
+        let (read_end, _write_end) = std::io::pipe().unwrap();
+        assert!(RawModeGuard::enable(read_end.as_raw_fd()).is_none());
+    }
+}

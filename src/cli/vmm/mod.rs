@@ -1,0 +1,231 @@
+//! The VMM process of one VM: `monstervm vmm NAME`, which `monstervm start` spawns.
+//!
+//! The process holds the VM's lock for its whole life, runs the VM on a thread of its own
+//! and serves the API on `api.sock` (and on TCP when asked) until the VM ends. On a clean
+//! exit it removes its pid file and sockets; when the VM fails it records why in
+//! `last_error`. A process that dies without cleaning up is what `list` shows as crashed.
+
+pub mod builder;
+pub mod test_double;
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{oneshot, watch};
+
+use crate::api::control::Boot;
+use crate::api::server;
+use crate::api::{ControlHandle, SerialHub, VmAction, VmHandle, VmIdentity};
+use crate::cli::state::{StateDir, VmDir, LOCK_FD_ENV};
+use crate::core::vm::VmExit;
+use crate::utils::config::VmConfig;
+use builder::{BuildError, BuiltVm};
+
+/// How long the API keeps serving open connections after the VM ends.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the API listens besides its Unix socket.
+#[derive(Debug, Clone)]
+pub struct TcpApi {
+    pub addr: SocketAddr,
+    pub token: String,
+}
+
+/// Runs the VMM of VM `name` and returns the process exit status.
+pub fn run(state: &StateDir, name: &str, tcp: Option<TcpApi>) -> anyhow::Result<i32> {
+    let vm_dir = state.existing_vm(name)?;
+    let _lock = match std::env::var(LOCK_FD_ENV) {
+        Ok(fd) => {
+            let fd = fd
+                .parse()
+                .with_context(|| format!("{LOCK_FD_ENV}={fd:?} is not a descriptor number"))?;
+            vm_dir.adopt_lock(fd)?
+        }
+        Err(_) => vm_dir.try_lock()?,
+    };
+    let config = vm_dir.load_config()?;
+    vm_dir.check_socket_path()?;
+
+    // Anything here is left over from a VMM that died: the lock proves none runs now.
+    vm_dir.remove_runtime_files()?;
+    vm_dir.remove_file(&vm_dir.last_error_path())?;
+    vm_dir.write_pid(std::process::id())?;
+    record_panics(&vm_dir);
+    tracing::info!(vm = %name, pid = std::process::id(), "VMM starting");
+
+    let result = serve(&vm_dir, &config, tcp);
+
+    let code = match &result {
+        Ok(exit) => {
+            tracing::info!(vm = %name, ?exit, "VMM stopped");
+            crate::cli::EXIT_OK
+        }
+        Err(error) => {
+            tracing::error!(vm = %name, error = %format!("{error:#}"), "VMM failed");
+            // A message already there came from the panic hook in this run and is the
+            // more precise one.
+            if vm_dir.read_last_error().is_none() {
+                if let Err(write_error) = vm_dir.write_last_error(&format!("{error:#}")) {
+                    tracing::error!(vm = %name, error = %write_error, "failed to record the last error");
+                }
+            }
+            crate::cli::EXIT_FAILURE
+        }
+    };
+    if let Err(error) = vm_dir.remove_runtime_files() {
+        tracing::error!(vm = %name, %error, "failed to remove runtime files");
+    }
+    Ok(code)
+}
+
+/// Writes a panic's message to `last_error` before the default hook prints it.
+fn record_panics(vm_dir: &VmDir) {
+    let vm_dir = vm_dir.clone();
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let _ = vm_dir.write_last_error(&format!("VMM panicked: {info}"));
+        default_hook(info);
+    }));
+}
+
+/// Serves the API while the VM runs; returns how the VM ended.
+fn serve(vm_dir: &VmDir, config: &VmConfig, tcp: Option<TcpApi>) -> anyhow::Result<VmExit> {
+    let serial_log = vm_dir.serial_log_path();
+    let hub = SerialHub::new(Some(&serial_log))
+        .with_context(|| format!("failed to open serial log {}", serial_log.display()))?;
+    let identity = VmIdentity {
+        name: config.name.clone(),
+        vcpus: config.vcpus,
+        memory_mib: config.memory_mib,
+    };
+    let handle = Arc::new(ControlHandle::new(identity, hub));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+
+    runtime.block_on(async {
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let socket_path = vm_dir.socket_path();
+        let unix = UnixListener::bind(&socket_path)
+            .with_context(|| format!("failed to bind API socket {}", socket_path.display()))?;
+        std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("failed to restrict {}", socket_path.display()))?;
+
+        let mut servers = Vec::new();
+        let router = server::router(handle.clone(), shutdown_rx.clone(), None);
+        servers.push(tokio::spawn(
+            axum::serve(unix, router)
+                .with_graceful_shutdown(ended(shutdown_rx.clone()))
+                .into_future(),
+        ));
+        if let Some(tcp) = tcp {
+            let listener = TcpListener::bind(tcp.addr)
+                .await
+                .with_context(|| format!("failed to listen on {}", tcp.addr))?;
+            let local = listener.local_addr()?;
+            let addr_path = vm_dir.api_addr_path();
+            std::fs::write(&addr_path, format!("{local}\n"))
+                .with_context(|| format!("failed to write {}", addr_path.display()))?;
+            tracing::info!(vm = %config.name, addr = %local, "API listening on TCP");
+            let router = server::router(handle.clone(), shutdown_rx.clone(), Some(tcp.token));
+            servers.push(tokio::spawn(
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(ended(shutdown_rx.clone()))
+                    .into_future(),
+            ));
+        }
+
+        let (done_tx, mut done_rx) = oneshot::channel();
+        let vm_thread = {
+            let config = config.clone();
+            let handle = handle.clone();
+            std::thread::Builder::new()
+                .name("vm".into())
+                .spawn(move || {
+                    let result = run_boots(&config, &handle);
+                    let _ = done_tx.send(());
+                    result
+                })
+                .context("failed to spawn the VM thread")?
+        };
+
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = &mut done_rx => break,
+                _ = terminate.recv() => request_stop(&*handle, "SIGTERM"),
+                _ = interrupt.recv() => request_stop(&*handle, "SIGINT"),
+            }
+        }
+
+        let _ = shutdown_tx.send(true);
+        for server in servers {
+            match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(error))) => tracing::error!(vm = %config.name, %error, "API server failed"),
+                Ok(Err(error)) => tracing::error!(vm = %config.name, %error, "API server task failed"),
+                Err(_) => tracing::warn!(vm = %config.name, "API clients still connected after the VM ended; closing them"),
+            }
+        }
+        match vm_thread.join() {
+            Ok(result) => result,
+            Err(_) => anyhow::bail!("the VM thread panicked; see vmm.log"),
+        }
+    })
+}
+
+async fn ended(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|ended| *ended).await;
+}
+
+fn request_stop(handle: &dyn VmHandle, signal: &str) {
+    tracing::info!(vm = %handle.info().name, signal, "stopping the VM on a signal");
+    // A stop is allowed in every state, so this cannot fail.
+    let _ = handle.action(VmAction::Stop);
+}
+
+fn build(config: &VmConfig, handle: &ControlHandle) -> Result<BuiltVm, BuildError> {
+    let serial_out = handle.serial().sink();
+    if test_double::requested() {
+        tracing::warn!(vm = %config.name, "building the lifecycle TEST DOUBLE instead of a real VM");
+        return test_double::build(config, serial_out);
+    }
+    builder::build_vm(config, serial_out)
+}
+
+/// Builds and runs the VM, and builds it again after each API reset.
+fn run_boots(config: &VmConfig, handle: &ControlHandle) -> anyhow::Result<VmExit> {
+    loop {
+        let BuiltVm {
+            mut vm,
+            backend,
+            serial_input,
+            stats,
+        } = build(config, handle)?;
+        handle.attach(Boot {
+            control: vm.control().clone(),
+            io: vm.io().clone(),
+            serial_input,
+            stats,
+            backend,
+        });
+
+        let exit = vm.run();
+        let boot_again = handle.detach();
+        match exit {
+            Ok(VmExit::Reset) if boot_again => {
+                tracing::info!(vm = %config.name, "booting again after an API reset");
+            }
+            Ok(exit) => return Ok(exit),
+            Err(error) => return Err(error.into()),
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! The CPU's path to memory: segmentation, translation through the TLB or a page walk,
+//! and physical accesses to RAM or MMIO.
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::bus::CpuBus;
+use super::exceptions::{Exception, PF_ID, PF_P, PF_RSVD, PF_US, PF_WR};
+use super::mmu::{self, Access, PagingMode, PagingRegisters, WalkError};
+use super::msr::is_canonical;
+use super::state::{Cpu, Mode, CR0_PG, EFER_NXE, FS, GS, SS};
+use super::Exit;
+
+/// Who performs an access, for the user/supervisor page check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Privilege {
+    /// The current privilege level decides (CPL 3 is user).
+    Current,
+    /// A supervisor access whatever the CPL: descriptor tables, the TSS, and the
+    /// kernel stack during interrupt delivery.
+    Supervisor,
+    /// A user access (interrupt delivery onto a CPL 3 stack).
+    User,
+}
+
+impl Cpu {
+    pub(crate) fn paging_registers(&self) -> PagingRegisters {
+        PagingRegisters {
+            cr0: self.cr0,
+            cr3: self.cr3,
+            cr4: self.cr4,
+            efer: self.efer,
+        }
+    }
+
+    /// Returns the linear address of `offset` in segment `seg`, or #GP/#SS for a
+    /// non-canonical address in 64-bit mode.
+    ///
+    /// NOTE: segment limits and access rights are not checked for data accesses.
+    #[inline]
+    pub(crate) fn linear(&self, seg: usize, offset: u64) -> Result<u64, Exception> {
+        if self.mode() == Mode::Long64 {
+            let linear = if seg == FS || seg == GS {
+                self.seg[seg].base.wrapping_add(offset)
+            } else {
+                offset
+            };
+            if !is_canonical(linear) {
+                return Err(if seg == SS {
+                    Exception::ss(0)
+                } else {
+                    Exception::gp(0)
+                });
+            }
+            Ok(linear)
+        } else {
+            Ok(self.seg[seg].base.wrapping_add(offset) & 0xffff_ffff)
+        }
+    }
+
+    /// Translates `linear` for `access`, raising #PF on failure.
+    #[inline]
+    pub(crate) fn translate(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        linear: u64,
+        access: Access,
+        privilege: Privilege,
+    ) -> Result<u64, Exception> {
+        if self.cr0 & CR0_PG == 0 {
+            return Ok(linear);
+        }
+        let user = match privilege {
+            Privilege::Current => self.cpl() == 3,
+            Privilege::Supervisor => false,
+            Privilege::User => true,
+        };
+        if let Some(phys) = self.tlb.lookup(linear, access, user) {
+            return Ok(phys);
+        }
+        self.translate_slow(bus, linear, access, user)
+    }
+
+    fn translate_slow(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        linear: u64,
+        access: Access,
+        user: bool,
+    ) -> Result<u64, Exception> {
+        let regs = self.paging_registers();
+        let mut code = 0u32;
+        if access == Access::Write {
+            code |= PF_WR;
+        }
+        if user {
+            code |= PF_US;
+        }
+        if access == Access::Execute && self.efer & EFER_NXE != 0 {
+            code |= PF_ID;
+        }
+        let fault = |cpu: &mut Cpu, code: u32| {
+            cpu.cr2 = linear;
+            Exception::pf(code)
+        };
+        let t = match mmu::walk(bus.memory(), &regs, linear) {
+            Ok(t) => t,
+            Err(WalkError::NonCanonical { .. }) => return Err(Exception::gp(0)),
+            Err(WalkError::NotPresent { .. }) | Err(WalkError::OutsideRam { .. }) => {
+                return Err(fault(self, code));
+            }
+            Err(WalkError::Reserved { .. }) => return Err(fault(self, code | PF_P | PF_RSVD)),
+        };
+        let wp = self.cr0 & super::state::CR0_WP != 0;
+        let allowed = match access {
+            Access::Read => !user || t.user,
+            Access::Write => {
+                if user {
+                    t.user && t.writable
+                } else {
+                    t.writable || !wp
+                }
+            }
+            Access::Execute => !t.no_execute && (!user || t.user),
+        };
+        if !allowed {
+            return Err(fault(self, code | PF_P));
+        }
+        mmu::mark_accessed(bus.memory(), &t, access == Access::Write);
+        let mut cached = t;
+        cached.dirty |= access == Access::Write;
+        if regs.mode() != PagingMode::Disabled {
+            self.tlb.insert(linear, &cached, &regs);
+        }
+        Ok(t.phys)
+    }
+
+    /// Reads guest-physical memory: RAM directly, anything else through MMIO.
+    #[inline]
+    pub(crate) fn phys_read(&mut self, bus: &mut dyn CpuBus, phys: u64, data: &mut [u8]) {
+        if bus.memory().read_slice(data, GuestAddress(phys)).is_err() {
+            bus.mmio_read(phys, data);
+        }
+    }
+
+    /// Writes guest-physical memory and invalidates decoded code on the page.
+    #[inline]
+    pub(crate) fn phys_write(&mut self, bus: &mut dyn CpuBus, phys: u64, data: &[u8]) {
+        if bus.memory().write_slice(data, GuestAddress(phys)).is_ok() {
+            self.code_watch.note_write(phys >> 12);
+        } else {
+            bus.mmio_write(phys, data);
+        }
+    }
+
+    /// Reads `data.len()` bytes (at most 4096) at linear address `linear`.
+    pub(crate) fn read_linear(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        linear: u64,
+        data: &mut [u8],
+        privilege: Privilege,
+    ) -> Result<(), Exception> {
+        let first = (0x1000 - (linear & 0xfff) as usize).min(data.len());
+        let phys = self.translate(bus, linear, Access::Read, privilege)?;
+        if first == data.len() {
+            self.phys_read(bus, phys, data);
+            return Ok(());
+        }
+        let second_linear = self.wrap_linear(linear.wrapping_add(first as u64));
+        let second = self.translate(bus, second_linear, Access::Read, privilege)?;
+        let (head, tail) = data.split_at_mut(first);
+        self.phys_read(bus, phys, head);
+        self.phys_read(bus, second, tail);
+        Ok(())
+    }
+
+    /// Writes `data` (at most 4096 bytes) at linear address `linear`; both pages are
+    /// translated before anything is written, so a #PF leaves memory unchanged.
+    pub(crate) fn write_linear(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        linear: u64,
+        data: &[u8],
+        privilege: Privilege,
+    ) -> Result<(), Exception> {
+        let first = (0x1000 - (linear & 0xfff) as usize).min(data.len());
+        let phys = self.translate(bus, linear, Access::Write, privilege)?;
+        if first == data.len() {
+            self.phys_write(bus, phys, data);
+            return Ok(());
+        }
+        let second_linear = self.wrap_linear(linear.wrapping_add(first as u64));
+        let second = self.translate(bus, second_linear, Access::Write, privilege)?;
+        self.phys_write(bus, phys, &data[..first]);
+        self.phys_write(bus, second, &data[first..]);
+        Ok(())
+    }
+
+    /// Truncates a linear address to 32 bits outside long mode.
+    #[inline]
+    fn wrap_linear(&self, linear: u64) -> u64 {
+        if self.long_mode() {
+            linear
+        } else {
+            linear & 0xffff_ffff
+        }
+    }
+
+    /// Reads a little-endian value of `size` bytes (1, 2, 4 or 8) at `seg:offset`.
+    #[inline]
+    pub(crate) fn read(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        seg: usize,
+        offset: u64,
+        size: u8,
+    ) -> Result<u64, Exit> {
+        let linear = self.linear(seg, offset)?;
+        let mut bytes = [0u8; 8];
+        self.read_linear(bus, linear, &mut bytes[..size as usize], Privilege::Current)?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    /// Writes the low `size` bytes of `value` at `seg:offset`.
+    #[inline]
+    pub(crate) fn write(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        seg: usize,
+        offset: u64,
+        size: u8,
+        value: u64,
+    ) -> Result<(), Exit> {
+        let linear = self.linear(seg, offset)?;
+        let bytes = value.to_le_bytes();
+        self.write_linear(bus, linear, &bytes[..size as usize], Privilege::Current)?;
+        Ok(())
+    }
+
+    /// Reads 16 bytes at `seg:offset`; with `aligned`, a misaligned address raises #GP(0).
+    pub(crate) fn read_u128(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        seg: usize,
+        offset: u64,
+        aligned: bool,
+    ) -> Result<u128, Exit> {
+        let linear = self.linear(seg, offset)?;
+        if aligned && linear & 15 != 0 {
+            return Err(Exception::gp(0).into());
+        }
+        let mut bytes = [0u8; 16];
+        self.read_linear(bus, linear, &mut bytes, Privilege::Current)?;
+        Ok(u128::from_le_bytes(bytes))
+    }
+
+    /// Writes 16 bytes at `seg:offset`; with `aligned`, a misaligned address raises #GP(0).
+    pub(crate) fn write_u128(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        seg: usize,
+        offset: u64,
+        value: u128,
+        aligned: bool,
+    ) -> Result<(), Exit> {
+        let linear = self.linear(seg, offset)?;
+        if aligned && linear & 15 != 0 {
+            return Err(Exception::gp(0).into());
+        }
+        self.write_linear(bus, linear, &value.to_le_bytes(), Privilege::Current)?;
+        Ok(())
+    }
+
+    /// Returns the stack pointer width in bytes: 8 in 64-bit mode, else by SS.B.
+    #[inline]
+    pub(crate) fn stack_width(&self) -> u8 {
+        if self.mode() == Mode::Long64 {
+            8
+        } else if self.seg[SS].db {
+            4
+        } else {
+            2
+        }
+    }
+
+    /// Returns RSP masked to the stack width.
+    #[inline]
+    fn stack_pointer(&self) -> u64 {
+        self.gpr[4] & super::flags::size_mask(self.stack_width())
+    }
+
+    /// Stores `value` as the new stack pointer, keeping the bits above the stack width.
+    #[inline]
+    pub(crate) fn set_stack_pointer(&mut self, value: u64) {
+        let mask = super::flags::size_mask(self.stack_width());
+        self.gpr[4] = (self.gpr[4] & !mask) | (value & mask);
+    }
+
+    /// Pushes the low `size` bytes of `value`; RSP changes only if the write succeeds.
+    #[inline]
+    pub(crate) fn push(&mut self, bus: &mut dyn CpuBus, size: u8, value: u64) -> Result<(), Exit> {
+        let sp = self.stack_pointer().wrapping_sub(u64::from(size))
+            & super::flags::size_mask(self.stack_width());
+        self.write(bus, SS, sp, size, value)?;
+        self.set_stack_pointer(sp);
+        Ok(())
+    }
+
+    /// Pops `size` bytes; RSP changes only if the read succeeds.
+    #[inline]
+    pub(crate) fn pop(&mut self, bus: &mut dyn CpuBus, size: u8) -> Result<u64, Exit> {
+        let value = self.peek(bus, size, 0)?;
+        let sp = self.stack_pointer().wrapping_add(u64::from(size));
+        self.set_stack_pointer(sp);
+        Ok(value)
+    }
+
+    /// Reads `size` bytes at `offset` bytes above the stack pointer without popping.
+    pub(crate) fn peek(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        size: u8,
+        offset: u64,
+    ) -> Result<u64, Exit> {
+        let sp =
+            self.stack_pointer().wrapping_add(offset) & super::flags::size_mask(self.stack_width());
+        self.read(bus, SS, sp, size)
+    }
+
+    /// Reads a system structure (descriptor table, TSS, IDT) at a linear address.
+    pub(crate) fn read_system(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        linear: u64,
+        size: u8,
+    ) -> Result<u64, Exception> {
+        let mut bytes = [0u8; 8];
+        self.read_linear(
+            bus,
+            self.wrap_linear(linear),
+            &mut bytes[..size as usize],
+            Privilege::Supervisor,
+        )?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    /// Writes a system structure field (descriptor accessed and busy bits).
+    pub(crate) fn write_system(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        linear: u64,
+        size: u8,
+        value: u64,
+    ) -> Result<(), Exception> {
+        let bytes = value.to_le_bytes();
+        self.write_linear(
+            bus,
+            self.wrap_linear(linear),
+            &bytes[..size as usize],
+            Privilege::Supervisor,
+        )
+    }
+}

@@ -1,0 +1,180 @@
+//! Decoded-instruction cache, keyed by guest-physical address, and the per-page write
+//! generations that invalidate it.
+//!
+//! Every 4 KiB page of guest RAM has a 32-bit stamp in [`CodeWatch`]. Bit 0 says that
+//! some CPU decoded code from the page; the other bits count writes made while bit 0 was
+//! set. A cached instruction remembers the stamp it was decoded under and is used only
+//! while the stamp is unchanged, so a write to a code page (by the CPU's own stores, by
+//! another CPU or by device DMA through [`CodeWatch::invalidate`]) retires every cached
+//! instruction of that page at the cost of one atomic load per store.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use iced_x86::Instruction;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+
+/// Write stamps of every guest RAM page, shared by all CPUs and DMA-capable devices.
+pub struct CodeWatch {
+    stamps: Box<[AtomicU32]>,
+}
+
+impl CodeWatch {
+    /// Creates stamps for every page up to the last byte of `memory`.
+    pub fn new(memory: &GuestMemoryMmap) -> Self {
+        Self::with_pages((memory.last_addr().0 >> 12) + 1)
+    }
+
+    /// Creates stamps for `pages` pages of 4 KiB starting at guest-physical 0.
+    pub fn with_pages(pages: u64) -> Self {
+        let stamps = (0..pages).map(|_| AtomicU32::new(0)).collect();
+        CodeWatch { stamps }
+    }
+
+    /// Invalidates decoded code in the guest-physical range `[gpa, gpa + len)`.
+    ///
+    /// Devices call this after DMA into guest RAM; it is cheap for pages that hold no
+    /// decoded code and safe to call from any thread.
+    pub fn invalidate(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa >> 12;
+        let last = gpa.saturating_add(len - 1) >> 12;
+        for page in first..=last.min(self.stamps.len() as u64 - 1) {
+            self.note_write(page);
+        }
+    }
+
+    /// Records a write to `page`: bumps its stamp if code was decoded from it.
+    #[inline]
+    pub fn note_write(&self, page: u64) {
+        if let Some(stamp) = self.stamps.get(page as usize) {
+            if stamp.load(Ordering::Relaxed) & 1 != 0 {
+                // Adding one to an odd stamp clears bit 0 and carries into the count.
+                stamp.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Marks `page` as holding decoded code and returns its stamp, or `None` for a page
+    /// outside RAM, whose code is never cached.
+    fn mark_code(&self, page: u64) -> Option<u32> {
+        let stamp = self.stamps.get(page as usize)?;
+        Some(stamp.fetch_or(1, Ordering::AcqRel) | 1)
+    }
+
+    #[inline]
+    fn stamp(&self, page: u64) -> u32 {
+        self.stamps
+            .get(page as usize)
+            .map_or(0, |stamp| stamp.load(Ordering::Acquire))
+    }
+}
+
+/// Number of cache entries; a power of two.
+const CACHE_SIZE: usize = 8192;
+
+#[derive(Clone, Copy, Default)]
+struct Entry {
+    /// `phys << 2 | bits / 32` (1, 2 or 3 for 16, 32 and 64-bit code); zero when empty.
+    tag: u64,
+    stamp: u32,
+    instruction: Instruction,
+}
+
+/// A direct-mapped cache of decoded instructions that lie within one page.
+pub struct DecodeCache {
+    entries: Box<[Entry]>,
+    pub(crate) hits: u64,
+    pub(crate) misses: u64,
+}
+
+impl Default for DecodeCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[inline]
+fn tag(phys: u64, bits: u32) -> u64 {
+    phys << 2 | u64::from(bits / 32 + 1)
+}
+
+#[inline]
+fn slot(phys: u64) -> usize {
+    (phys ^ (phys >> 13)) as usize & (CACHE_SIZE - 1)
+}
+
+impl DecodeCache {
+    /// Creates an empty cache.
+    pub fn new() -> Self {
+        DecodeCache {
+            entries: vec![Entry::default(); CACHE_SIZE].into_boxed_slice(),
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// Returns the instruction decoded at `phys` for `bits`-bit code, if still valid.
+    #[inline]
+    pub fn get(&mut self, watch: &CodeWatch, phys: u64, bits: u32) -> Option<&Instruction> {
+        let entry = &self.entries[slot(phys)];
+        if entry.tag == tag(phys, bits) && entry.stamp == watch.stamp(phys >> 12) {
+            self.hits += 1;
+            Some(&self.entries[slot(phys)].instruction)
+        } else {
+            self.misses += 1;
+            None
+        }
+    }
+
+    /// Starts caching the code page of `phys`; returns the stamp to pass to `insert`.
+    ///
+    /// Call this before reading the instruction bytes, so that a write racing with the
+    /// read changes the stamp and the entry is never used.
+    pub fn begin_decode(&self, watch: &CodeWatch, phys: u64) -> Option<u32> {
+        watch.mark_code(phys >> 12)
+    }
+
+    /// Stores `instruction`, decoded at `phys` under `stamp`.
+    pub fn insert(&mut self, phys: u64, bits: u32, stamp: u32, instruction: &Instruction) {
+        self.entries[slot(phys)] = Entry {
+            tag: tag(phys, bits),
+            stamp,
+            instruction: *instruction,
+        };
+    }
+
+    /// Drops every entry.
+    pub fn clear(&mut self) {
+        self.entries.fill(Entry::default());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_to_code_page_invalidates() {
+        let watch = CodeWatch::with_pages(4);
+        let mut cache = DecodeCache::new();
+        let instruction = Instruction::default();
+        let stamp = cache.begin_decode(&watch, 0x1010).unwrap();
+        cache.insert(0x1010, 64, stamp, &instruction);
+        assert!(cache.get(&watch, 0x1010, 64).is_some());
+        assert!(cache.get(&watch, 0x1010, 32).is_none(), "other code size");
+
+        watch.invalidate(0x1fff, 1);
+        assert!(cache.get(&watch, 0x1010, 64).is_none());
+    }
+
+    #[test]
+    fn write_to_data_page_keeps_stamp() {
+        let watch = CodeWatch::with_pages(4);
+        let before = watch.stamp(2);
+        watch.invalidate(0x2000, 0x1000);
+        assert_eq!(watch.stamp(2), before);
+        watch.invalidate(0x3000, u64::MAX);
+    }
+}

@@ -1,0 +1,204 @@
+//! The x86-64 emulator's CPU core: architectural state, decoding with iced-x86, a
+//! decoded-instruction cache, the MMU with a software TLB, exception and interrupt
+//! delivery, and the interpreter.
+//!
+//! The CPU reaches the machine only through [`CpuBus`]. A backend calls [`Cpu::run`]
+//! with an instruction budget and gets back why it stopped:
+//!
+//! ```text
+//! Cpu::run ── step ──┬─ interrupt pending and IF=1, no shadow ─> deliver through IDT
+//!                    ├─ fetch: TLB/walk ─> DecodeCache (phys, code size) ─> iced-x86
+//!                    └─ execute (ops/*) ─┬─ Ok: RIP = next_rip, count instruction
+//!                                        ├─ Exception: RIP kept, deliver (#DF, triple)
+//!                                        └─ HLT / triple fault ─> CpuEvent
+//! ```
+
+mod access;
+pub mod bus;
+pub mod cpuid;
+pub mod decode_cache;
+pub mod exceptions;
+pub mod flags;
+pub mod mmu;
+pub mod msr;
+mod ops;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod oracle;
+pub mod segments;
+pub mod state;
+
+#[cfg(test)]
+mod tests;
+
+use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
+
+pub use bus::CpuBus;
+pub use decode_cache::CodeWatch;
+pub use exceptions::Exception;
+pub use state::{Cpu, CpuConfig, Mode};
+
+use access::Privilege;
+use exceptions::Source;
+use mmu::Access;
+
+/// Why [`Cpu::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuEvent {
+    /// The instruction budget ran out; call `run` again to continue.
+    BudgetExhausted,
+    /// The CPU executed HLT (RIP is past it) or is still halted: it resumes when
+    /// `CpuBus::interrupt_pending` is true and EFLAGS.IF is set.
+    Halted,
+    /// The guest triple-faulted: the machine must reset.
+    Shutdown,
+}
+
+/// Failures that stop emulation because the guest needs something this CPU lacks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CpuError {
+    #[error("guest at rip {rip:#x} uses {feature}, which the emulator does not implement")]
+    Unsupported { feature: &'static str, rip: u64 },
+}
+
+/// How an instruction ended other than normally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// The instruction faulted: deliver the exception with RIP at the instruction.
+    Exception(Exception),
+    /// HLT: stop with RIP past the instruction.
+    Halt,
+    /// Triple fault.
+    Shutdown,
+    /// Emulation cannot continue.
+    Error(CpuError),
+}
+
+impl From<Exception> for Exit {
+    fn from(exception: Exception) -> Self {
+        Exit::Exception(exception)
+    }
+}
+
+impl Cpu {
+    /// Runs at most `max_instructions` instructions, taking interrupts from `bus` at
+    /// instruction boundaries.
+    ///
+    /// Guest exceptions are delivered to the guest; the `Err` case is only for features
+    /// the emulator lacks, and leaves RIP at the instruction that needed them.
+    pub fn run(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        max_instructions: u64,
+    ) -> Result<CpuEvent, CpuError> {
+        let mut budget = max_instructions;
+        loop {
+            if self.halted {
+                if self.flags & flags::IF != 0 && bus.interrupt_pending() {
+                    self.halted = false;
+                } else {
+                    return Ok(CpuEvent::Halted);
+                }
+            }
+            if budget == 0 {
+                return Ok(CpuEvent::BudgetExhausted);
+            }
+            budget -= 1;
+            match self.step(bus) {
+                Ok(()) => {}
+                Err(Exit::Halt) => {
+                    self.halted = true;
+                    return Ok(CpuEvent::Halted);
+                }
+                Err(Exit::Shutdown) => return Ok(CpuEvent::Shutdown),
+                Err(Exit::Error(error)) => return Err(error),
+                Err(Exit::Exception(exception)) => {
+                    unreachable!("step delivers exceptions, got {exception:?}")
+                }
+            }
+        }
+    }
+
+    /// Takes a pending interrupt, or executes one instruction and delivers its exception.
+    fn step(&mut self, bus: &mut dyn CpuBus) -> Result<(), Exit> {
+        if !self.interrupt_shadow && self.flags & flags::IF != 0 && bus.interrupt_pending() {
+            if let Some(vector) = bus.acknowledge_interrupt() {
+                return self.interrupt(bus, vector, Source::External, self.rip);
+            }
+        }
+        self.interrupt_shadow = false;
+        let single_step = self.flags & flags::TF != 0;
+        let start = self.rip;
+        let result = self.fetch(bus).and_then(|instruction| {
+            self.next_rip = start.wrapping_add(instruction.len() as u64);
+            self.execute(bus, &instruction)
+        });
+        match result {
+            Ok(()) => {
+                self.rip = self.next_rip;
+                self.instructions += 1;
+                if single_step {
+                    self.dr[6] |= 1 << 14;
+                    return self.interrupt(bus, exceptions::DB, Source::Trap, self.rip);
+                }
+                Ok(())
+            }
+            Err(Exit::Exception(exception)) => {
+                self.rip = start;
+                self.raise(bus, exception)
+            }
+            Err(Exit::Halt) => {
+                self.rip = self.next_rip;
+                self.instructions += 1;
+                Err(Exit::Halt)
+            }
+            Err(other) => {
+                self.rip = start;
+                Err(other)
+            }
+        }
+    }
+
+    /// Returns the instruction at RIP from the decode cache, decoding it on a miss.
+    fn fetch(&mut self, bus: &mut dyn CpuBus) -> Result<Instruction, Exit> {
+        let bits = self.code_bits();
+        let linear = if bits == 64 {
+            if !msr::is_canonical(self.rip) {
+                return Err(Exception::gp(0).into());
+            }
+            self.rip
+        } else {
+            self.seg[state::CS].base.wrapping_add(self.rip) & 0xffff_ffff
+        };
+        let phys = self.translate(bus, linear, Access::Execute, Privilege::Current)?;
+        if let Some(instruction) = self.decode_cache.get(&self.code_watch, phys, bits) {
+            return Ok(*instruction);
+        }
+
+        let stamp = self.decode_cache.begin_decode(&self.code_watch, phys);
+        let mut bytes = [0u8; 15];
+        let in_page = (0x1000 - (linear & 0xfff) as usize).min(15);
+        self.phys_read(bus, phys, &mut bytes[..in_page]);
+        let mut instruction = Instruction::default();
+        // Decoding at IP 0 makes branch targets and RIP-relative addresses offsets from
+        // the instruction's start, so one cached decode serves every linear alias.
+        let mut decoder = Decoder::with_ip(bits, &bytes[..in_page], 0, DecoderOptions::NONE);
+        decoder.decode_out(&mut instruction);
+        let mut cacheable = stamp.is_some();
+        if decoder.last_error() == DecoderError::NoMoreBytes && in_page < 15 {
+            let next = linear.wrapping_add(in_page as u64);
+            let next = if bits == 64 { next } else { next & 0xffff_ffff };
+            let next_phys = self.translate(bus, next, Access::Execute, Privilege::Current)?;
+            self.phys_read(bus, next_phys, &mut bytes[in_page..]);
+            let mut decoder = Decoder::with_ip(bits, &bytes, 0, DecoderOptions::NONE);
+            decoder.decode_out(&mut instruction);
+            cacheable = false;
+        }
+        if instruction.is_invalid() {
+            return Err(Exception::ud().into());
+        }
+        if let (true, Some(stamp)) = (cacheable, stamp) {
+            self.decode_cache.insert(phys, bits, stamp, &instruction);
+        }
+        Ok(instruction)
+    }
+}

@@ -1,0 +1,68 @@
+//! The host-CPU oracle: runs user-mode instruction snippets natively and on the
+//! emulator from the same state, so that the host CPU checks the emulator.
+//!
+//! - [`state`]: [`UserState`] (GPRs, user RFLAGS bits, XMM, MXCSR, a data area at a fixed
+//!   address) and the address layout both sides share.
+//! - [`native`]: [`run_native`], which executes a snippet in a forked child.
+//! - [`generate`]: a seeded generator of random snippets and states per instruction class.
+//! - [`compare`]: the comparison of a native and an emulated output state.
+//! - [`undefined`]: the flags and registers that the architecture leaves undefined after
+//!   an instruction, which a comparison must ignore.
+
+pub mod compare;
+pub mod generate;
+pub mod native;
+pub mod state;
+pub mod undefined;
+
+use std::io;
+use std::time::Duration;
+
+pub use native::{run_native, run_native_with_timeout};
+pub use state::{Fault, UserState};
+
+/// Errors of the oracle. A snippet that raises an exception is not an error: its output
+/// state carries the [`Fault`].
+#[derive(Debug, thiserror::Error)]
+pub enum OracleError {
+    /// A forked child ended without sending its report.
+    #[error("oracle child {pid} died without a report ({status}); run the snippet under gdb with `set follow-fork-mode child`")]
+    ChildDied { pid: i32, status: String },
+    /// The child could not build the snippet's address space.
+    #[error(
+        "oracle child failed to {step}; check that nothing else maps the oracle's fixed addresses"
+    )]
+    ChildSetup {
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The snippet is longer than the code page allows.
+    #[error("snippet is {len} bytes, more than the maximum {max}")]
+    CodeTooLong { len: usize, max: usize },
+    /// The input's data area does not have the fixed size.
+    #[error("data area is {len} bytes, expected exactly {expected}")]
+    DataSize { len: usize, expected: usize },
+    /// fork failed.
+    #[error("failed to fork the oracle child")]
+    Fork(#[source] io::Error),
+    /// The input's MXCSR sets bits that this CPU reserves; FXRSTOR would raise #GP.
+    #[error("MXCSR {mxcsr:#x} sets bits outside the host's MXCSR_MASK {mask:#x}")]
+    InvalidMxcsr { mxcsr: u32, mask: u32 },
+    /// The child sent a report of unknown kind.
+    #[error("oracle child sent a report of unknown kind {kind}")]
+    MalformedReport { kind: u32 },
+    /// Creating the pipe to the child failed.
+    #[error("failed to create the pipe to the oracle child")]
+    Pipe(#[source] io::Error),
+    /// Reading the child's report failed.
+    #[error("failed to read the oracle child's report")]
+    Read(#[source] io::Error),
+    /// A fault hit the runner's own code, outside the snippet: the snippet jumped away, or
+    /// the input state could not be loaded.
+    #[error("fault outside the snippet: {fault}")]
+    RunnerFault { fault: Fault },
+    /// The child did not finish in time and was killed, so the snippet probably loops.
+    #[error("oracle child {pid} timed out after {timeout:?} and was killed; check the snippet for an endless loop")]
+    TimedOut { pid: i32, timeout: Duration },
+}

@@ -1,0 +1,1 @@
+//! Tests that run assembled guest code on a Cpu.

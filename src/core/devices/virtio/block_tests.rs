@@ -1,0 +1,273 @@
+use std::sync::Mutex;
+
+use super::*;
+use crate::core::devices::virtio::testing::TestQueue;
+use crate::core::memory::create_guest_memory;
+use crate::storage::StorageError;
+
+/// An in-memory disk that records flushes.
+#[derive(Debug)]
+struct MemoryDisk {
+    bytes: Mutex<Vec<u8>>,
+    flushes: AtomicU64,
+    read_only: bool,
+}
+
+impl MemoryDisk {
+    fn new(size: usize, read_only: bool) -> Arc<Self> {
+        let bytes = (0..size).map(|i| (i / 512) as u8).collect();
+        Arc::new(MemoryDisk {
+            bytes: Mutex::new(bytes),
+            flushes: AtomicU64::new(0),
+            read_only,
+        })
+    }
+}
+
+impl BlockBackend for MemoryDisk {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StorageError> {
+        let bytes = self.bytes.lock().unwrap();
+        buf.copy_from_slice(&bytes[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), StorageError> {
+        let mut bytes = self.bytes.lock().unwrap();
+        bytes[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), StorageError> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), StorageError> {
+        self.write_zeroes(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), StorageError> {
+        let mut bytes = self.bytes.lock().unwrap();
+        bytes[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+    fn size(&self) -> u64 {
+        self.bytes.lock().unwrap().len() as u64
+    }
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+#[derive(Default)]
+struct CountingInterrupt(AtomicU64);
+
+impl VirtioInterrupt for CountingInterrupt {
+    fn notify_queue(&self, _queue: u16) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+    fn notify_config(&self) {}
+}
+
+fn header(kind: u32, sector: u64) -> Vec<u8> {
+    let mut bytes = kind.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&0u32.to_le_bytes());
+    bytes.extend_from_slice(&sector.to_le_bytes());
+    bytes
+}
+
+struct Setup {
+    memory: GuestMemoryMmap,
+    disk: Arc<MemoryDisk>,
+    device: VirtioBlock,
+    interrupt: Arc<CountingInterrupt>,
+}
+
+fn setup(read_only: bool) -> Setup {
+    let memory = create_guest_memory(8).unwrap();
+    let disk = MemoryDisk::new(64 * 512, false);
+    let device = VirtioBlock::new("vda", disk.clone(), read_only, "monstervm-disk-0");
+    Setup {
+        memory,
+        disk,
+        device,
+        interrupt: Arc::new(CountingInterrupt::default()),
+    }
+}
+
+fn activate(setup: &mut Setup, queue: &TestQueue) {
+    setup
+        .device
+        .activate(
+            setup.memory.clone(),
+            vec![queue.device_queue()],
+            setup.interrupt.clone(),
+        )
+        .unwrap();
+}
+
+#[test]
+fn read_request_copies_sectors() {
+    let mut s = setup(false);
+    let memory = s.memory.clone();
+    let mut queue = TestQueue::new(&memory, 0x10000, 16);
+    activate(&mut s, &queue);
+
+    let head = queue.buffer(&header(T_IN, 3), 16);
+    let data = queue.buffer(&[], 1024);
+    let status = queue.buffer(&[0xff], 1);
+    queue.submit(&[(head, 16, false), (data, 1024, true), (status, 1, true)]);
+    s.device.queue_notify(0);
+
+    assert_eq!(queue.used_index(), 1);
+    assert_eq!(queue.used_entry(0), (0, 1025));
+    assert_eq!(queue.read(status, 1), vec![S_OK]);
+    let bytes = queue.read(data, 1024);
+    assert!(bytes[..512].iter().all(|&b| b == 3));
+    assert!(bytes[512..].iter().all(|&b| b == 4));
+    assert_eq!(s.interrupt.0.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn write_request_reaches_disk_and_flush_is_forwarded() {
+    let mut s = setup(false);
+    let memory = s.memory.clone();
+    let mut queue = TestQueue::new(&memory, 0x10000, 16);
+    activate(&mut s, &queue);
+
+    let head = queue.buffer(&header(T_OUT, 10), 16);
+    let data = queue.buffer(&[0xab; 512], 512);
+    let status = queue.buffer(&[0xff], 1);
+    queue.submit(&[(head, 16, false), (data, 512, false), (status, 1, true)]);
+
+    let flush = queue.buffer(&header(T_FLUSH, 0), 16);
+    let flush_status = queue.buffer(&[0xff], 1);
+    queue.submit(&[(flush, 16, false), (flush_status, 1, true)]);
+    s.device.queue_notify(0);
+
+    assert_eq!(queue.read(status, 1), vec![S_OK]);
+    assert_eq!(queue.read(flush_status, 1), vec![S_OK]);
+    assert!(s.disk.bytes.lock().unwrap()[10 * 512..11 * 512]
+        .iter()
+        .all(|&b| b == 0xab));
+    assert_eq!(s.disk.flushes.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn read_only_disk_rejects_writes() {
+    let mut s = setup(true);
+    assert_ne!(s.device.features() & F_RO, 0);
+    let memory = s.memory.clone();
+    let mut queue = TestQueue::new(&memory, 0x10000, 16);
+    activate(&mut s, &queue);
+
+    let head = queue.buffer(&header(T_OUT, 0), 16);
+    let data = queue.buffer(&[1; 512], 512);
+    let status = queue.buffer(&[0xff], 1);
+    queue.submit(&[(head, 16, false), (data, 512, false), (status, 1, true)]);
+    s.device.queue_notify(0);
+
+    assert_eq!(queue.read(status, 1), vec![S_IOERR]);
+    assert_eq!(s.disk.bytes.lock().unwrap()[0], 0);
+}
+
+#[test]
+fn out_of_range_and_unaligned_requests_fail() {
+    let mut s = setup(false);
+    let memory = s.memory.clone();
+    let mut queue = TestQueue::new(&memory, 0x10000, 16);
+    activate(&mut s, &queue);
+
+    let mut statuses = Vec::new();
+    for (sector, len) in [(63, 1024), (u64::MAX, 512), (0, 100)] {
+        let head = queue.buffer(&header(T_IN, sector), 16);
+        let data = queue.buffer(&[], len);
+        let status = queue.buffer(&[0xff], 1);
+        queue.submit(&[(head, 16, false), (data, len, true), (status, 1, true)]);
+        statuses.push(status);
+    }
+    s.device.queue_notify(0);
+
+    assert_eq!(queue.used_index(), 3);
+    for status in statuses {
+        assert_eq!(queue.read(status, 1), vec![S_IOERR]);
+    }
+    assert_eq!(s.device.stats().failed_requests.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn get_id_returns_serial_and_unknown_type_is_unsupported() {
+    let mut s = setup(false);
+    let memory = s.memory.clone();
+    let mut queue = TestQueue::new(&memory, 0x10000, 16);
+    activate(&mut s, &queue);
+
+    let head = queue.buffer(&header(T_GET_ID, 0), 16);
+    let id = queue.buffer(&[], 20);
+    let status = queue.buffer(&[0xff], 1);
+    queue.submit(&[(head, 16, false), (id, 20, true), (status, 1, true)]);
+
+    let bad = queue.buffer(&header(99, 0), 16);
+    let bad_status = queue.buffer(&[0xff], 1);
+    queue.submit(&[(bad, 16, false), (bad_status, 1, true)]);
+    s.device.queue_notify(0);
+
+    assert_eq!(&queue.read(id, 16), b"monstervm-disk-0");
+    assert_eq!(queue.read(status, 1), vec![S_OK]);
+    assert_eq!(queue.read(bad_status, 1), vec![S_UNSUPP]);
+}
+
+#[test]
+fn discard_and_write_zeroes_clear_ranges() {
+    let mut s = setup(false);
+    let memory = s.memory.clone();
+    let mut queue = TestQueue::new(&memory, 0x10000, 16);
+    activate(&mut s, &queue);
+
+    let mut range = 5u64.to_le_bytes().to_vec();
+    range.extend_from_slice(&2u32.to_le_bytes());
+    range.extend_from_slice(&0u32.to_le_bytes());
+    let head = queue.buffer(&header(T_WRITE_ZEROES, 0), 16);
+    let segment = queue.buffer(&range, 16);
+    let status = queue.buffer(&[0xff], 1);
+    queue.submit(&[(head, 16, false), (segment, 16, false), (status, 1, true)]);
+    s.device.queue_notify(0);
+
+    assert_eq!(queue.read(status, 1), vec![S_OK]);
+    let bytes = s.disk.bytes.lock().unwrap();
+    assert!(bytes[5 * 512..7 * 512].iter().all(|&b| b == 0));
+    assert!(bytes[7 * 512..8 * 512].iter().all(|&b| b == 7));
+}
+
+#[test]
+fn malformed_chains_are_completed_without_panic() {
+    let mut s = setup(false);
+    let memory = s.memory.clone();
+    let mut queue = TestQueue::new(&memory, 0x10000, 16);
+    activate(&mut s, &queue);
+
+    // No writable status byte.
+    let head = queue.buffer(&header(T_IN, 0), 16);
+    queue.submit(&[(head, 16, false)]);
+    // A buffer outside guest memory.
+    queue.submit(&[(0xffff_0000_0000, 16, false), (0x20000, 1, true)]);
+    // A short header.
+    let short = queue.buffer(&[0; 8], 8);
+    let status = queue.buffer(&[0xff], 1);
+    queue.submit(&[(short, 8, false), (status, 1, true)]);
+    // A descriptor loop: 14 -> 15 -> 14.
+    queue.write_descriptor(14, head, 16, 1, 15);
+    queue.write_descriptor(15, head, 16, 1, 14);
+    queue.publish(14);
+    s.device.queue_notify(0);
+
+    assert_eq!(queue.used_index(), 4);
+    assert_eq!(queue.read(status, 1), vec![S_IOERR]);
+}
+
+#[test]
+fn config_reports_capacity_in_sectors() {
+    let s = setup(false);
+    let mut capacity = [0u8; 8];
+    s.device.read_config(0, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), 64);
+    let mut beyond = [0xffu8; 4];
+    s.device.read_config(0x1000, &mut beyond);
+    assert_eq!(beyond, [0; 4]);
+}
