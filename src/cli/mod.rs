@@ -64,8 +64,9 @@ struct Cli {
     #[arg(long, global = true, value_name = "DIR", env = state::STATE_DIR_ENV)]
     state_dir: Option<PathBuf>,
 
-    /// Output of commands that print data: aligned tables, or JSON for scripts.
-    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
+    /// Output of commands that print data: aligned tables, or JSON for scripts. No short
+    /// form, because `disk create` and `disk convert` take qemu-img's `-o OPTS`.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     output: OutputFormat,
 
     #[command(subcommand)]
