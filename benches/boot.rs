@@ -48,13 +48,20 @@ fn main() {
     let kernel = guest.join("vmlinuz");
     let initrd = guest.join("initramfs.img");
     if !kernel.is_file() || !initrd.is_file() {
-        eprintln!("no guest in {}: run `cargo run --release -- guest fetch` first", guest.display());
+        eprintln!(
+            "no guest in {}: run `cargo run --release -- guest fetch` first",
+            guest.display()
+        );
         std::process::exit(1);
     }
     let qemu = find_qemu();
 
     println!("machine: {} cores, {}", cores(), cpu_model());
-    println!("guest: {} + {}, {MEMORY_MIB} MiB, cmdline {CMDLINE:?}", kernel.display(), initrd.display());
+    println!(
+        "guest: {} + {}, {MEMORY_MIB} MiB, cmdline {CMDLINE:?}",
+        kernel.display(),
+        initrd.display()
+    );
     let mut monstervm_boots = Vec::new();
     let mut qemu_boots = Vec::new();
     for run in 1..=runs {
@@ -77,18 +84,32 @@ fn main() {
     }
 
     let ours = median(monstervm_boots.iter().map(|b| b.seconds).collect());
-    let our_rss = median(monstervm_boots.iter().map(|b| b.vmm_rss_kib as f64).collect());
+    let our_rss = median(
+        monstervm_boots
+            .iter()
+            .map(|b| b.vmm_rss_kib as f64)
+            .collect(),
+    );
     println!();
     println!("| engine | boot to init (median of {runs}) | VMM RSS beyond guest RAM |");
     println!("| --- | --- | --- |");
-    println!("| MonsterVM emulator | {ours:.2} s | {:.1} MiB |", our_rss / 1024.0);
+    println!(
+        "| MonsterVM emulator | {ours:.2} s | {:.1} MiB |",
+        our_rss / 1024.0
+    );
     if !qemu_boots.is_empty() {
         let theirs = median(qemu_boots.iter().map(|b| b.seconds).collect());
         let their_rss = median(qemu_boots.iter().map(|b| b.vmm_rss_kib as f64).collect());
-        println!("| QEMU TCG (-M microvm) | {theirs:.2} s | {:.1} MiB |", their_rss / 1024.0);
+        println!(
+            "| QEMU TCG (-M microvm) | {theirs:.2} s | {:.1} MiB |",
+            their_rss / 1024.0
+        );
         println!();
         println!("boot time ratio MonsterVM / QEMU: {:.2}", ours / theirs);
-        println!("VMM memory ratio MonsterVM / QEMU: {:.2}", our_rss / their_rss);
+        println!(
+            "VMM memory ratio MonsterVM / QEMU: {:.2}",
+            our_rss / their_rss
+        );
     } else {
         println!("QEMU not found: run scripts/qemu-reference.sh or set QEMU_SYSTEM");
     }
@@ -97,7 +118,10 @@ fn main() {
         .filter_map(|b| b.instructions.map(|n| n as f64 / b.seconds / 1e6))
         .collect();
     if !mips.is_empty() {
-        println!("emulator speed over the boot: {:.1} MIPS (median)", median(mips));
+        println!(
+            "emulator speed over the boot: {:.1} MIPS (median)",
+            median(mips)
+        );
     }
 }
 
@@ -119,7 +143,14 @@ fn find_qemu() -> Option<PathBuf> {
 fn boot_monstervm(kernel: &Path, initrd: &Path) -> Boot {
     let mut command = Command::new(env!("CARGO_BIN_EXE_monstervm"));
     command
-        .args(["--log-level", "info", "run", "--backend", "emulator", "--memory"])
+        .args([
+            "--log-level",
+            "info",
+            "run",
+            "--backend",
+            "emulator",
+            "--memory",
+        ])
         .arg(MEMORY_MIB.to_string())
         .args(["--cmdline", CMDLINE, "--kernel"])
         .arg(kernel)
@@ -172,7 +203,13 @@ fn boot_qemu(qemu: &Path, kernel: &Path, initrd: &Path) -> Boot {
 /// Spawns `command`, waits for the init line on stdout and measures the process then.
 fn boot_to_init(
     mut command: Command,
-) -> (f64, u64, std::process::ChildStdin, std::process::Child, std::process::ChildStderr) {
+) -> (
+    f64,
+    u64,
+    std::process::ChildStdin,
+    std::process::Child,
+    std::process::ChildStderr,
+) {
     let started = Instant::now();
     let mut child = command
         .stdin(Stdio::piped())
@@ -190,7 +227,11 @@ fn boot_to_init(
         let mut line = Vec::new();
         let mut sent = false;
         // Keep draining after the init line so the engine never blocks on a full pipe.
-        while reader.read_until(b'\n', &mut line).map(|n| n > 0).unwrap_or(false) {
+        while reader
+            .read_until(b'\n', &mut line)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
             if !sent && String::from_utf8_lossy(&line).contains(INIT_LINE) {
                 let _ = found_tx.send(());
                 sent = true;
@@ -226,7 +267,12 @@ fn vmm_rss_kib(pid: u32, guest_kib: u64) -> u64 {
             }
         }
         if let Some(value) = line.strip_prefix("Rss:") {
-            let kib: u64 = value.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            let kib: u64 = value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
             total += kib;
             if mapping_kib >= guest_kib && kib > guest_rss {
                 guest_rss = kib;
