@@ -243,6 +243,10 @@ fn boot_and_check(file: KernelFile, entry: EntryPreference, budget: Duration) {
         "IRQ 0 override"
     );
     assert!(
+        console.contains("ACPI: PM-Timer IO Port: 0x608"),
+        "PM timer from the FADT"
+    );
+    assert!(
         console.contains("IOAPIC[0]: apic_id 2"),
         "IOAPIC from the MADT"
     );

@@ -39,11 +39,14 @@ struct Failure<'a> {
     mismatches: &'a [Mismatch],
 }
 
+/// Recognizes one kind of failure.
+type Matcher = fn(&Failure) -> bool;
+
 /// Emulator discrepancies that are known and not yet fixed, each with a matcher that
 /// recognizes only that discrepancy. A case that matches counts as "known" and does not
 /// fail the test unless `MONSTERVM_ORACLE_STRICT=1`. Remove an entry once the emulator
 /// is fixed, so that the discrepancy cannot come back unnoticed.
-const KNOWN_DISCREPANCIES: &[(&str, fn(&Failure) -> bool)] = &[
+const KNOWN_DISCREPANCIES: &[(&str, Matcher)] = &[
     (
         "read-modify-write #PF reports a read: the host sets the W bit (1) of the error code",
         |failure| {

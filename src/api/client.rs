@@ -19,19 +19,19 @@ use crate::api::handle::{VmAction, VmInfo, VmMetrics};
 /// Errors raised by [`ApiClient`].
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("failed to connect to the VM API at {endpoint}: {source}")]
+    #[error("failed to connect to the VM API at {endpoint}")]
     Connect {
         endpoint: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("HTTP exchange with the VM API at {endpoint} failed: {source}")]
+    #[error("HTTP exchange with the VM API at {endpoint} failed")]
     Http {
         endpoint: String,
         #[source]
         source: hyper::Error,
     },
-    #[error("WebSocket handshake with the VM API at {endpoint} failed: {source}")]
+    #[error("WebSocket handshake with the VM API at {endpoint} failed")]
     WebSocket {
         endpoint: String,
         #[source]
@@ -41,7 +41,7 @@ pub enum ClientError {
     TimedOut { endpoint: String, secs: u64 },
     #[error("the VM API returned {status}: {message}")]
     Status { status: StatusCode, message: String },
-    #[error("the VM API returned a body that is not the expected JSON: {source}")]
+    #[error("the VM API returned a body that is not the expected JSON")]
     Decode {
         #[source]
         source: serde_json::Error,

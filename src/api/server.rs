@@ -305,6 +305,13 @@ async fn serve_console(socket: WebSocket, state: ApiState) {
             },
             // The guard that wait_for returns is not Send, so drop it inside the future.
             _ = async { shutdown.wait_for(|ended| *ended).await.map(|_| ()) } => {
+                // The guest's last words (such as a power-off message) are already queued,
+                // because the vCPU wrote them before it ended the VM: send them first.
+                while let Ok(bytes) = live.try_recv() {
+                    if sender.send(Message::Binary(bytes)).await.is_err() {
+                        break;
+                    }
+                }
                 let _ = sender.send(Message::Close(None)).await;
                 break;
             }

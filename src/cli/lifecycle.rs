@@ -143,6 +143,18 @@ pub struct VmStatus {
     info: Option<VmInfo>,
 }
 
+/// Joins an error and its sources with ": ", as `{:#}` does for anyhow errors.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Finds out whether VM `vm` runs, asking its API when a VMM holds the lock. A VMM found
 /// dead without having cleaned up is recorded as crashed and its stale files are removed.
 pub fn observe(vm: &VmDir) -> Result<VmStatus, StateError> {
@@ -188,7 +200,7 @@ pub fn observe(vm: &VmDir) -> Result<VmStatus, StateError> {
             Err(_) if !vm.socket_path().exists() => status.state = DisplayState::Starting,
             Err(error) => {
                 status.state = DisplayState::Unresponsive;
-                status.last_error = Some(error.to_string());
+                status.last_error = Some(error_chain(&error));
             }
         }
         return Ok(status);
@@ -455,9 +467,12 @@ pub fn stop_vm(vm: &VmDir, timeout: Duration, force: bool) -> anyhow::Result<Sto
         }
     }
     if !exited {
-        let pid = vm
-            .read_pid()
-            .context("pid file missing although a VMM holds the lock; check the VM folder")?;
+        let pid = vm.read_pid().with_context(|| {
+            format!(
+                "pid file {} is missing although a VMM holds the VM's lock; kill the VMM by hand",
+                vm.pid_path().display()
+            )
+        })?;
         if is_vmm_of(pid, name) {
             tracing::info!(vm = %name, pid, "killing the VMM with SIGKILL");
             // SAFETY: kill has no memory-safety preconditions; `pid` was checked above to

@@ -59,13 +59,14 @@ struct Cli {
     #[arg(long, global = true, default_value = "warn", env = "MONSTERVM_LOG")]
     log_level: String,
 
-    /// Folder holding the VMs made by `create` [default: $XDG_STATE_HOME/monstervm or
+    /// Folder that contains the VMs made by `create` [default: $XDG_STATE_HOME/monstervm or
     /// ~/.local/state/monstervm].
     #[arg(long, global = true, value_name = "DIR", env = state::STATE_DIR_ENV)]
     state_dir: Option<PathBuf>,
 
-    /// Output of commands that print data: aligned tables, or JSON for scripts.
-    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
+    /// Output of commands that print data: aligned tables, or JSON for scripts. No short
+    /// form, because `disk create` and `disk convert` take qemu-img's `-o OPTS`.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     output: OutputFormat,
 
     #[command(subcommand)]
@@ -408,8 +409,22 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         move || quit_control.request_stop(StopReason::UserStop),
     )?;
 
+    let started = std::time::Instant::now();
     let result = vm.run();
     drop(raw_mode);
+    let elapsed = started.elapsed();
+    for (id, stats) in vm.vcpu_stats().iter().enumerate() {
+        tracing::info!(
+            vm = %config.name,
+            vcpu = id,
+            instructions = stats.instructions,
+            pio_exits = stats.pio_exits,
+            mmio_exits = stats.mmio_exits,
+            halt_exits = stats.halt_exits,
+            seconds = elapsed.as_secs_f64(),
+            "vCPU counters at exit"
+        );
+    }
     let exit = result?;
     let message = match exit {
         VmExit::PowerOff => "the guest powered off",

@@ -36,7 +36,7 @@ pub const MAX_SOCKET_PATH_BYTES: usize = 107;
 pub enum StateError {
     #[error("no state directory: set --state-dir, MONSTERVM_STATE_DIR, XDG_STATE_HOME or HOME")]
     NoHome,
-    #[error("failed to {action} {path}: {source}")]
+    #[error("failed to {action} {path}")]
     Io {
         action: &'static str,
         path: PathBuf,

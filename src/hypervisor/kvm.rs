@@ -13,6 +13,7 @@ mod regs;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
@@ -124,6 +125,15 @@ pub struct KvmVm {
     memory: GuestMemoryMmap,
 }
 
+/// Whether vCPU creation compares the CPUID table that KVM kept with the one it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CpuidCheck {
+    /// Warn when they differ, for vCPUs that run a guest.
+    Warn,
+    /// Skip the comparison, for the speed probe's throwaway vCPU.
+    Skip,
+}
+
 impl KvmVm {
     /// Creates a VM over `memory`, with the in-kernel PIC, IOAPIC, PIT and local APICs.
     ///
@@ -190,10 +200,12 @@ impl KvmVm {
 
     /// Reads back the CPUID table of vCPU `id` and warns when KVM changed it.
     ///
-    /// Some KVM host modules rewrite feature leaves in KVM_SET_CPUID2. kvm_pvm (PVM,
-    /// which runs guests without hardware virtualization; seen with Linux 6.18) replaces
-    /// leaf 1 ECX and EDX and adds leaves 7 and 0xD from the host CPU. The guest then sees features that the
-    /// emulator lacks, so a snapshot may not restore on the other backend.
+    /// Some KVM host modules rewrite feature leaves in KVM_SET_CPUID2. kvm_pvm, which
+    /// runs guests without hardware virtualization, does so on Linux 6.18: it replaces
+    /// leaf 1 ECX and EDX and adds leaves 7 and 0xD from the host CPU. The guest then
+    /// sees features that the emulator lacks, so a snapshot may not restore on the other
+    /// backend. The warning comes once per process and later differences log at debug
+    /// level, because every vCPU on such a host has them.
     fn warn_on_cpuid_override(
         &self,
         fd: &VcpuFd,
@@ -209,12 +221,15 @@ impl KvmVm {
                 .iter()
                 .map(|(leaf, subleaf)| format!("{leaf:#x}/{subleaf}"))
                 .collect();
-            tracing::warn!(
-                vcpu = id,
-                leaves = %leaves.join(" "),
-                "KVM changed the CPUID leaves set for this vCPU, so the guest sees host \
-                 features that the emulator backend may lack"
-            );
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            let leaves = leaves.join(" ");
+            let message = "KVM changed the CPUID leaves set for this vCPU, so the guest sees \
+                           host features that the emulator backend may lack";
+            if WARNED.swap(true, Ordering::Relaxed) {
+                tracing::debug!(vcpu = id, leaves, "{message}");
+            } else {
+                tracing::warn!(vcpu = id, leaves, "{message}");
+            }
         }
         Ok(())
     }
@@ -223,24 +238,10 @@ impl KvmVm {
     pub fn cpuid(&self, apic_id: u8) -> Vec<kvm_bindings::kvm_cpuid_entry2> {
         filter_cpuid(self.supported_cpuid.as_slice(), apic_id)
     }
-}
 
-impl HypervisorVm for KvmVm {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Kvm
-    }
-
-    fn irq_chip(&self) -> Arc<dyn IrqChip> {
-        Arc::new(KvmIrqChip {
-            vm: Arc::clone(&self.vm),
-        })
-    }
-
-    fn platform_devices(&self) -> PlatformDevices {
-        PlatformDevices::default()
-    }
-
-    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>, HypervisorError> {
+    /// Creates vCPU `id` with the filtered CPUID table, boot MSRs and LINT setup.
+    /// With `CpuidCheck::Warn` it warns when KVM rewrites the CPUID table.
+    fn new_vcpu(&self, id: u32, check: CpuidCheck) -> Result<KvmVcpu, HypervisorError> {
         let max_id = self.kvm.get_max_vcpu_id().min(usize::from(u8::MAX) + 1);
         if id as usize >= max_id {
             return Err(HypervisorError::Unsupported {
@@ -262,11 +263,13 @@ impl HypervisorVm for KvmVm {
             }
         })?;
         fd.set_cpuid2(&cpuid).map_err(kvm_error("KVM_SET_CPUID2"))?;
-        self.warn_on_cpuid_override(&fd, id, cpuid.as_slice())?;
+        if check == CpuidCheck::Warn {
+            self.warn_on_cpuid_override(&fd, id, cpuid.as_slice())?;
+        }
         set_msrs(&fd, &regs::boot_msrs())?;
         set_lapic_lints(&fd)?;
 
-        Ok(Box::new(KvmVcpu {
+        Ok(KvmVcpu {
             id,
             fd,
             run_size: self.run_size,
@@ -275,7 +278,27 @@ impl HypervisorVm for KvmVm {
             io_pending: false,
             has_xsave: self.kvm.check_extension(Cap::Xsave),
             _memory: self.memory.clone(),
-        }))
+        })
+    }
+}
+
+impl HypervisorVm for KvmVm {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Kvm
+    }
+
+    fn irq_chip(&self) -> Arc<dyn IrqChip> {
+        Arc::new(KvmIrqChip {
+            vm: Arc::clone(&self.vm),
+        })
+    }
+
+    fn platform_devices(&self) -> PlatformDevices {
+        PlatformDevices::default()
+    }
+
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>, HypervisorError> {
+        Ok(Box::new(self.new_vcpu(id, CpuidCheck::Warn)?))
     }
 }
 

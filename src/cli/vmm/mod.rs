@@ -90,9 +90,9 @@ pub fn run(state: &StateDir, name: &str, tcp: Option<TcpApi>) -> anyhow::Result<
 
 /// Closes every descriptor above stderr except `keep`.
 ///
-/// The VMM outlives the command that started it, so a descriptor that leaked into it
-/// without close-on-exec (a caller's pipe, a build tool's jobserver) would stay open for
-/// the VM's whole life, and the reader at the other end would never see end of file.
+/// The VMM outlives the command that started it. A descriptor that leaked into it without
+/// close-on-exec (a caller's pipe, a build tool's jobserver) would stay open for the VM's
+/// whole life, and the reader at the other end would never see end of file.
 fn close_inherited_descriptors(keep: Option<RawFd>) {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
         tracing::warn!("failed to list /proc/self/fd; inherited descriptors stay open");
@@ -219,7 +219,7 @@ async fn ended(mut shutdown: watch::Receiver<bool>) {
 
 fn request_stop(handle: &dyn VmHandle, signal: &str) {
     tracing::info!(vm = %handle.info().name, signal, "stopping the VM on a signal");
-    // A stop is allowed in every state, so this cannot fail.
+    // ControlHandle accepts a stop in every state, so the result has nothing to report.
     let _ = handle.action(VmAction::Stop);
 }
 

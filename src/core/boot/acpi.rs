@@ -1,8 +1,8 @@
 //! ACPI tables: RSDP, XSDT, FADT, FACS, MADT and a DSDT (ACPI 6.4).
 //!
 //! The tables describe the fixed platform that MonsterVM emulates: local APICs and one
-//! IOAPIC, the ISA IRQ 0 to GSI 2 override, and the PM1a event and control blocks of the
-//! ACPI PM device. The DSDT's `\_S5` package makes the guest's `poweroff` write sleep
+//! IOAPIC, the ISA IRQ 0 to GSI 2 override, and the PM1a event and control blocks, PM
+//! timer and reset register of the ACPI PM device (`core::devices::acpi_pm`). The DSDT's `\_S5` package makes the guest's `poweroff` write sleep
 //! type 5 with SLP_EN to PM1a_CNT. The DSDT also declares the PCI host bridge, because
 //! Linux with ACPI enabled probes PCI bus 0 only through such a device: its legacy probe
 //! (`pci_subsys_init` in arch/x86/pci/legacy.c, 6.1) runs only when ACPI PCI setup fails.
@@ -15,25 +15,33 @@
 
 use super::aml;
 use super::mptable::ioapic_id;
+use crate::core::devices::acpi_pm;
 use crate::core::memory::{IOAPIC_BASE, LAPIC_BASE};
 
 /// Port of the PM1a event block (status and enable registers, 2 bytes each).
-pub const PM1A_EVT_PORT: u16 = 0x600;
+pub const PM1A_EVT_PORT: u16 = acpi_pm::PM1A_EVT_BLK;
 /// Length of the PM1a event block in bytes.
-pub const PM1A_EVT_LEN: u8 = 4;
+pub const PM1A_EVT_LEN: u8 = acpi_pm::PM1_EVT_LEN;
 /// Port of the PM1a control register.
-pub const PM1A_CNT_PORT: u16 = 0x604;
+pub const PM1A_CNT_PORT: u16 = acpi_pm::PM1A_CNT_BLK;
 /// Length of the PM1a control block in bytes.
-pub const PM1A_CNT_LEN: u8 = 2;
+pub const PM1A_CNT_LEN: u8 = acpi_pm::PM1_CNT_LEN;
+/// Port of the 24-bit PM timer (3.579545 MHz).
+pub const PM_TIMER_PORT: u16 = acpi_pm::PM_TMR_BLK;
+/// Length of the PM timer block in bytes.
+pub const PM_TIMER_LEN: u8 = acpi_pm::PM_TMR_LEN;
+/// Port of the FADT reset register, and the byte that resets the machine.
+pub const RESET_PORT: u16 = acpi_pm::RESET_REG_PORT;
+pub const RESET_VALUE: u8 = acpi_pm::RESET_VALUE;
 /// Sleep type that the DSDT's `\_S5` package gives for soft-off; the guest writes it to
 /// PM1a_CNT bits 10-12.
-pub const S5_SLEEP_TYPE: u8 = 5;
+pub const S5_SLEEP_TYPE: u8 = acpi_pm::SLP_TYP_S5;
 /// SLP_EN in PM1a_CNT: writing it starts the transition to the sleep type in bits 10-12.
 pub const PM1_CNT_SLP_EN: u16 = 1 << 13;
 /// Bit position of SLP_TYP in PM1a_CNT.
 pub const PM1_CNT_SLP_TYP_SHIFT: u16 = 10;
 /// ISA IRQ (and GSI) of the System Control Interrupt.
-pub const SCI_IRQ: u8 = 9;
+pub const SCI_IRQ: u8 = acpi_pm::SCI_IRQ as u8;
 /// GSI that ISA IRQ 0 (the PIT) is routed to.
 pub const TIMER_GSI: u32 = 2;
 
@@ -52,12 +60,14 @@ const FADT_MINOR_VERSION: u8 = 4;
 /// controller, no VGA, and no ASPM control by the OS.
 const BOOT_ARCH_FLAGS: u16 = 0x1 | 0x2 | 0x4 | 0x10;
 /// FADT feature flags: WBINVD works, the power and sleep buttons are not fixed-feature
-/// buttons.
-const FADT_FLAGS: u32 = 0x1 | 0x10 | 0x20;
+/// buttons, and RESET_REG is supported. TMR_VAL_EXT stays clear: the PM timer has 24 bits.
+const FADT_FLAGS: u32 = 0x1 | 0x10 | 0x20 | (1 << 10);
 /// Generic Address Structure address space: system I/O.
 const GAS_SYSTEM_IO: u8 = 1;
-/// Generic Address Structure access size: word (16-bit) accesses.
+/// Generic Address Structure access sizes: byte, word (16-bit) and dword (32-bit).
+const GAS_ACCESS_BYTE: u8 = 1;
 const GAS_ACCESS_WORD: u8 = 2;
+const GAS_ACCESS_DWORD: u8 = 3;
 /// MADT flags: the platform also has dual 8259 PICs (PCAT_COMPAT).
 const MADT_PCAT_COMPAT: u32 = 1;
 /// MPS INTI flags of an override: active high, level triggered (used for the SCI).
@@ -211,12 +221,13 @@ fn put_u64(table: &mut [u8], offset: usize, value: u64) {
     table[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
 }
 
-/// Writes a Generic Address Structure for an I/O port block of `bits` bits.
-fn put_io_gas(table: &mut [u8], offset: usize, port: u16, bits: u8) {
+/// Writes a Generic Address Structure for an I/O port block of `bits` bits, read with
+/// `access` ([`GAS_ACCESS_BYTE`], [`GAS_ACCESS_WORD`] or [`GAS_ACCESS_DWORD`]).
+fn put_io_gas(table: &mut [u8], offset: usize, port: u16, bits: u8, access: u8) {
     table[offset] = GAS_SYSTEM_IO;
     table[offset + 1] = bits;
     table[offset + 2] = 0; // bit offset
-    table[offset + 3] = GAS_ACCESS_WORD;
+    table[offset + 3] = access;
     put_u64(table, offset + 4, u64::from(port));
 }
 
@@ -227,17 +238,22 @@ mod fadt_offset {
     pub const SCI_INT: usize = 46;
     pub const PM1A_EVT_BLK: usize = 56;
     pub const PM1A_CNT_BLK: usize = 64;
+    pub const PM_TMR_BLK: usize = 76;
     pub const PM1_EVT_LEN: usize = 88;
     pub const PM1_CNT_LEN: usize = 89;
+    pub const PM_TMR_LEN: usize = 91;
     pub const P_LVL2_LAT: usize = 96;
     pub const P_LVL3_LAT: usize = 98;
     pub const IAPC_BOOT_ARCH: usize = 109;
     pub const FLAGS: usize = 112;
+    pub const RESET_REG: usize = 116;
+    pub const RESET_VALUE: usize = 128;
     pub const MINOR_VERSION: usize = 131;
     pub const X_FIRMWARE_CTRL: usize = 132;
     pub const X_DSDT: usize = 140;
     pub const X_PM1A_EVT_BLK: usize = 148;
     pub const X_PM1A_CNT_BLK: usize = 172;
+    pub const X_PM_TMR_BLK: usize = 208;
 }
 
 fn fadt_table(facs: u64, dsdt: u64) -> Vec<u8> {
@@ -256,6 +272,8 @@ fn fadt_table(facs: u64, dsdt: u64) -> Vec<u8> {
     put_u32(&mut table, PM1A_CNT_BLK, u32::from(PM1A_CNT_PORT));
     put_u8(&mut table, PM1_EVT_LEN, PM1A_EVT_LEN);
     put_u8(&mut table, PM1_CNT_LEN, PM1A_CNT_LEN);
+    put_u32(&mut table, PM_TMR_BLK, u32::from(PM_TIMER_PORT));
+    put_u8(&mut table, PM_TMR_LEN, PM_TIMER_LEN);
     // Latencies above 100 and 1000 microseconds mean C2 and C3 are not supported.
     put_u16(&mut table, P_LVL2_LAT, 101);
     put_u16(&mut table, P_LVL3_LAT, 1001);
@@ -264,8 +282,35 @@ fn fadt_table(facs: u64, dsdt: u64) -> Vec<u8> {
     put_u8(&mut table, MINOR_VERSION, FADT_MINOR_VERSION);
     put_u64(&mut table, X_FIRMWARE_CTRL, facs);
     put_u64(&mut table, X_DSDT, dsdt);
-    put_io_gas(&mut table, X_PM1A_EVT_BLK, PM1A_EVT_PORT, PM1A_EVT_LEN * 8);
-    put_io_gas(&mut table, X_PM1A_CNT_BLK, PM1A_CNT_PORT, PM1A_CNT_LEN * 8);
+    put_io_gas(
+        &mut table,
+        X_PM1A_EVT_BLK,
+        PM1A_EVT_PORT,
+        PM1A_EVT_LEN * 8,
+        GAS_ACCESS_WORD,
+    );
+    put_io_gas(
+        &mut table,
+        X_PM1A_CNT_BLK,
+        PM1A_CNT_PORT,
+        PM1A_CNT_LEN * 8,
+        GAS_ACCESS_WORD,
+    );
+    put_io_gas(
+        &mut table,
+        X_PM_TMR_BLK,
+        PM_TIMER_PORT,
+        PM_TIMER_LEN * 8,
+        GAS_ACCESS_DWORD,
+    );
+    put_io_gas(
+        &mut table,
+        fadt_offset::RESET_REG,
+        RESET_PORT,
+        8,
+        GAS_ACCESS_BYTE,
+    );
+    put_u8(&mut table, fadt_offset::RESET_VALUE, self::RESET_VALUE);
     finish(table)
 }
 
@@ -397,6 +442,7 @@ mod tests {
         assert_eq!(fadt.len(), 276);
         assert_eq!(fadt[8], 6);
         assert_eq!(sum(fadt), 0);
+
         assert_eq!(
             u32_at(fadt, 36),
             0,
@@ -409,6 +455,7 @@ mod tests {
             0,
             "SMI_CMD must be 0: always in ACPI mode"
         );
+
         assert_eq!(u32_at(fadt, 56), 0x600);
         assert_eq!(u32_at(fadt, 64), 0x604);
         assert_eq!(fadt[88], 4);
@@ -416,11 +463,29 @@ mod tests {
         assert_eq!(u16_at(fadt, 109) & 0x2, 0x2, "8042 flag");
         assert_eq!(u64_at(fadt, 132), t.facs);
         assert_eq!(u64_at(fadt, 140), t.dsdt);
+
         // X_PM1a_EVT_BLK and X_PM1a_CNT_BLK: system I/O space, 32 and 16 bits wide.
         assert_eq!(&fadt[148..152], &[1, 32, 0, 2]);
         assert_eq!(u64_at(fadt, 152), 0x600);
         assert_eq!(&fadt[172..176], &[1, 16, 0, 2]);
         assert_eq!(u64_at(fadt, 176), 0x604);
+
+        // PM timer at 0x608, 32-bit block read with dword accesses.
+        assert_eq!(u32_at(fadt, 76), 0x608);
+        assert_eq!(fadt[91], 4);
+        assert_eq!(&fadt[208..212], &[1, 32, 0, 3]);
+        assert_eq!(u64_at(fadt, 212), 0x608);
+        assert_eq!(
+            u32_at(fadt, 112) & (1 << 8),
+            0,
+            "TMR_VAL_EXT must be clear: 24-bit timer"
+        );
+
+        // Reset register: one byte at port 0x60c, value 1, RESET_REG_SUP set.
+        assert_eq!(&fadt[116..120], &[1, 8, 0, 1]);
+        assert_eq!(u64_at(fadt, 120), 0x60c);
+        assert_eq!(fadt[128], 1);
+        assert_eq!(u32_at(fadt, 112) & (1 << 10), 1 << 10);
     }
 
     #[test]

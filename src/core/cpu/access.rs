@@ -102,6 +102,7 @@ impl Cpu {
         if access == Access::Execute && self.efer & EFER_NXE != 0 {
             code |= PF_ID;
         }
+
         let fault = |cpu: &mut Cpu, code: u32| {
             cpu.cr2 = linear;
             Exception::pf(code)
@@ -114,6 +115,7 @@ impl Cpu {
             }
             Err(WalkError::Reserved { .. }) => return Err(fault(self, code | PF_P | PF_RSVD)),
         };
+
         let wp = self.cr0 & super::state::CR0_WP != 0;
         let allowed = match access {
             Access::Read => !user || t.user,
@@ -129,6 +131,7 @@ impl Cpu {
         if !allowed {
             return Err(fault(self, code | PF_P));
         }
+
         mmu::mark_accessed(bus.memory(), &t, access == Access::Write);
         let mut cached = t;
         cached.dirty |= access == Access::Write;
@@ -141,19 +144,27 @@ impl Cpu {
     /// Reads guest-physical memory: RAM directly, anything else through MMIO.
     #[inline]
     pub(crate) fn phys_read(&mut self, bus: &mut dyn CpuBus, phys: u64, data: &mut [u8]) {
-        if bus.memory().read_slice(data, GuestAddress(phys)).is_err() {
-            bus.mmio_read(phys, data);
+        // Callers keep `data` within one page, so it lies in one RAM region or none.
+        if let Some(region) = bus.memory().find_region(GuestAddress(phys)) {
+            let offset = MemoryRegionAddress(phys - region.start_addr().0);
+            if region.read_slice(data, offset).is_ok() {
+                return;
+            }
         }
+        bus.mmio_read(phys, data);
     }
 
     /// Writes guest-physical memory and invalidates decoded code on the page.
     #[inline]
     pub(crate) fn phys_write(&mut self, bus: &mut dyn CpuBus, phys: u64, data: &[u8]) {
-        if bus.memory().write_slice(data, GuestAddress(phys)).is_ok() {
-            self.code_watch.note_write(phys >> 12);
-        } else {
-            bus.mmio_write(phys, data);
+        if let Some(region) = bus.memory().find_region(GuestAddress(phys)) {
+            let offset = MemoryRegionAddress(phys - region.start_addr().0);
+            if region.write_slice(data, offset).is_ok() {
+                self.code_watch.note_write(phys >> 12);
+                return;
+            }
         }
+        bus.mmio_write(phys, data);
     }
 
     /// Loads a little-endian value of `size` bytes (1, 2, 4 or 8) that does not cross a

@@ -76,7 +76,7 @@ impl CodeWatch {
 }
 
 /// Number of cache entries; a power of two.
-const CACHE_SIZE: usize = 32768;
+const CACHE_SIZE: usize = 65536;
 
 #[derive(Clone, Copy)]
 struct Entry {

@@ -92,12 +92,9 @@ impl Default for LazyFlags {
 /// Returns the all-ones mask of an operand of `size` bytes.
 #[inline]
 pub fn size_mask(size: u8) -> u64 {
-    match size {
-        1 => 0xff,
-        2 => 0xffff,
-        4 => 0xffff_ffff,
-        _ => u64::MAX,
-    }
+    // Branch-free: sizes 1, 2 and 4 shift by 56, 48 and 32. Any other size (8, and the
+    // 0 or 16 of operands that are not integers) shifts by 0, as the mask is all ones.
+    u64::MAX >> ((64 - u32::from(size.min(8)) * 8) & 63)
 }
 
 /// Returns the sign bit of an operand of `size` bytes.
@@ -209,6 +206,16 @@ mod tests {
     fn add_overflow_and_carry() {
         assert_eq!(flags(FlagOp::Add, 1, 0x7f, 1, 0x80), OF | SF | AF);
         assert_eq!(flags(FlagOp::Add, 1, 0xff, 1, 0x00), CF | ZF | PF | AF);
+    }
+
+    #[test]
+    fn size_masks() {
+        assert_eq!(size_mask(1), 0xff);
+        assert_eq!(size_mask(2), 0xffff);
+        assert_eq!(size_mask(4), 0xffff_ffff);
+        assert_eq!(size_mask(8), u64::MAX);
+        assert_eq!(size_mask(0), u64::MAX);
+        assert_eq!(size_mask(16), u64::MAX);
     }
 
     #[test]

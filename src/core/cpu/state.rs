@@ -261,6 +261,29 @@ impl Cpu {
         cpu
     }
 
+    /// Puts the CPU in its state after RESET: real mode at F000:FFF0, caches dropped.
+    /// Counters and the configuration are kept.
+    ///
+    /// NOTE: INIT on hardware keeps the x87 and SSE registers and some MSRs, but this
+    /// resets them too when used for INIT.
+    pub fn reset(&mut self) {
+        let fresh = Cpu::new(self.config.clone(), Arc::clone(&self.code_watch));
+        let instructions = self.instructions;
+        let unimplemented_reports = self.unimplemented_reports;
+        *self = fresh;
+        self.instructions = instructions;
+        self.unimplemented_reports = unimplemented_reports;
+    }
+
+    /// Starts an application processor after INIT and a startup IPI with `vector`: real
+    /// mode at `vector:0000`, that is at physical address `vector * 4096`.
+    pub fn start_up(&mut self, vector: u8) {
+        self.reset();
+        let selector = u16::from(vector) << 8;
+        self.seg[CS] = real_mode_segment(selector, true);
+        self.rip = 0;
+    }
+
     /// Returns the number of instructions retired since the CPU was created.
     pub fn instructions(&self) -> u64 {
         self.instructions

@@ -155,6 +155,12 @@ impl Ioapic {
         std::mem::take(&mut self.messages)
     }
 
+    /// Returns the vector that `pin` sends, or `None` if the pin is masked or out of range.
+    pub fn unmasked_vector(&self, pin: u32) -> Option<u8> {
+        let entry = *self.redirection.get(usize::try_from(pin).ok()?)?;
+        (entry & ENTRY_MASKED == 0).then_some((entry & ENTRY_VECTOR) as u8)
+    }
+
     /// Returns the IOAPIC's counters.
     pub fn stats(&self) -> IoapicStats {
         IoapicStats {
@@ -473,6 +479,17 @@ mod tests {
             (ENTRY_WRITABLE & 0xffff_ffff) as u32
         );
         assert_eq!(read_register(&mut ioapic, 0x13), 0xff00_0000);
+    }
+
+    #[test]
+    fn unmasked_vector_of_pin() {
+        let mut ioapic = Ioapic::new();
+        program(&mut ioapic, 2, 0x30);
+
+        assert_eq!(ioapic.unmasked_vector(2), Some(0x30));
+        assert_eq!(ioapic.unmasked_vector(3), None, "masked at reset");
+        assert_eq!(ioapic.unmasked_vector(IOAPIC_PINS), None);
+        assert_eq!(ioapic.unmasked_vector(u32::MAX), None);
     }
 
     #[test]

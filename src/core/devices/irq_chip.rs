@@ -161,6 +161,23 @@ impl EmulatedIrqChip {
         controllers.lapic.acknowledge()
     }
 
+    /// Returns true while an edge raised on line `gsi` still waits for the CPU: latched in
+    /// an unmasked PIC IRR bit that reaches the CPU, or in the LAPIC's IRR through an
+    /// unmasked IOAPIC pin. A timer source can hold back the next tick until this is false,
+    /// so that ticks missed while the guest ran with interrupts off are delivered one by
+    /// one rather than merged, as KVM's PIT does by reinjecting them.
+    pub fn line_pending(&self, gsi: u32) -> bool {
+        let controllers = self.lock();
+        let pic =
+            gsi < ISA_LINES && controllers.pic_reaches_cpu() && controllers.pic.is_requested(gsi);
+        let pin = if gsi == 0 { PIT_IOAPIC_PIN } else { gsi };
+        let apic = controllers
+            .ioapic
+            .unmasked_vector(pin)
+            .is_some_and(|vector| controllers.lapic.is_requested(vector));
+        pic || apic
+    }
+
     /// Takes a pending NMI.
     pub fn take_nmi(&self) -> bool {
         self.lock().lapic.take_nmi()
@@ -477,6 +494,26 @@ mod tests {
         m.write32(LAPIC_BASE + 0xb0, 0);
 
         assert!(!m.chip.interrupt_pending());
+    }
+
+    #[test]
+    fn line_pending_until_acknowledged() {
+        let m = machine();
+        m.init_pic(0x00, 0x00);
+        m.chip.pulse_irq(0).unwrap();
+        assert!(m.chip.line_pending(0), "latched in the PIC");
+        assert_eq!(m.chip.acknowledge(), Some(0x30));
+        assert!(!m.chip.line_pending(0));
+
+        m.init_pic(0xff, 0xff);
+        m.enable_lapic();
+        m.program_ioapic(2, 0x40);
+        m.chip.pulse_irq(0).unwrap();
+        assert!(m.chip.line_pending(0), "latched in the LAPIC through pin 2");
+        assert_eq!(m.chip.acknowledge(), Some(0x40));
+
+        assert!(!m.chip.line_pending(0));
+        assert!(!m.chip.line_pending(99));
     }
 
     #[test]

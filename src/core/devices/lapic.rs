@@ -356,6 +356,11 @@ impl Lapic {
         self.nmi_pending
     }
 
+    /// Returns true if `vector` is requested in IRR and not yet taken by the CPU.
+    pub fn is_requested(&self, vector: u8) -> bool {
+        self.irr.contains(vector)
+    }
+
     /// Takes a pending NMI (from LINT1, the ICR or an IOAPIC message).
     pub fn take_nmi(&mut self) -> bool {
         std::mem::take(&mut self.nmi_pending)
@@ -701,7 +706,7 @@ impl Lapic {
             self.timer_divide = value;
             return;
         }
-        // Restart the count at the new rate from where it stands, so that the ticks
+        // Restart the count at the new rate from its current value, so that the ticks
         // already counted stay counted.
         let counted = self.timer_initial - self.timer_current_count(now_ns);
         self.timer_divide = value;

@@ -397,6 +397,18 @@ impl Pic {
         Some(vector)
     }
 
+    /// Returns true if `line` has a request latched in IRR that its mask bit lets through,
+    /// so it waits for the CPU. Returns false for the cascade line and lines above 15.
+    pub fn is_requested(&self, line: u32) -> bool {
+        let (chip, bit) = match line {
+            CASCADE_LINE => return false,
+            0..=7 => (&self.master, line),
+            8..=15 => (&self.slave, line - 8),
+            _ => return false,
+        };
+        chip.irr & !chip.imr & (1 << bit) != 0
+    }
+
     /// Returns the pair's counters.
     pub fn stats(&self) -> PicStats {
         PicStats {
@@ -662,6 +674,25 @@ mod tests {
         pic.set_irq(11, false).unwrap();
 
         assert!(!pic.interrupt_pending());
+    }
+
+    #[test]
+    fn requested_lines_follow_irr_and_mask() {
+        let mut pic = linux_pic(0);
+        pulse(&mut pic, 0);
+        pulse(&mut pic, 10);
+
+        assert!(pic.is_requested(0));
+        assert!(pic.is_requested(10));
+        assert!(!pic.is_requested(1));
+        assert!(!pic.is_requested(CASCADE_LINE));
+        assert!(!pic.is_requested(99));
+        pic.write(MASTER_DATA, &[0x01]);
+        assert!(!pic.is_requested(0), "masked");
+        pic.write(MASTER_DATA, &[0x00]);
+        pic.acknowledge();
+
+        assert!(!pic.is_requested(0), "moved to ISR");
     }
 
     #[test]

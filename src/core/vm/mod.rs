@@ -145,6 +145,11 @@ impl Vm {
         result
     }
 
+    /// Returns every vCPU's counters; call it while the VM is not running.
+    pub fn vcpu_stats(&self) -> Vec<crate::hypervisor::VcpuStats> {
+        self.vcpus.iter().map(|vcpu| vcpu.stats()).collect()
+    }
+
     /// Returns the architectural state of vCPU `id`.
     pub fn vcpu_state(&self, id: usize) -> Option<Result<CpuState, HypervisorError>> {
         self.vcpus.get(id).map(|vcpu| vcpu.state())

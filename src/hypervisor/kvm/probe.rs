@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::KvmVm;
+use super::{CpuidCheck, KvmVm};
 use crate::core::boot::embedded::real_mode_state;
-use crate::hypervisor::{HypervisorError, HypervisorVm, IoHandler, VcpuExit, VcpuKicker};
+use crate::hypervisor::{HypervisorError, IoHandler, Vcpu, VcpuExit, VcpuKicker};
 
 /// Iterations of the probe's `dec ecx; jnz` loop.
 const PROBE_ITERATIONS: u32 = 5_000_000;
@@ -128,7 +128,7 @@ pub fn probe_hardware_speed() -> Result<KvmProbe, HypervisorError> {
         })?;
 
     let vm = KvmVm::new(&memory)?;
-    let mut vcpu = vm.create_vcpu(0)?;
+    let mut vcpu = vm.new_vcpu(0, CpuidCheck::Skip)?;
     vcpu.set_state(&real_mode_state(0, PROBE_CODE_ADDRESS))?;
     let io = ProbeIo {
         kicker: vcpu.kicker(),

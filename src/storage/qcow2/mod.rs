@@ -101,6 +101,8 @@ pub struct Qcow2Info {
 }
 
 /// An open qcow2 image.
+// NOTE: one mutex serializes all I/O of an image, data reads included, so several queue
+// workers on one image do not read in parallel.
 pub struct Qcow2 {
     image: Mutex<Image>,
     path: PathBuf,

@@ -31,6 +31,17 @@ pub(crate) fn accumulator(size: u8, high: bool) -> Register {
     }
 }
 
+/// Operations of [`Cpu::exec_binary`].
+pub(super) const BINARY_ADD: u8 = 0;
+pub(super) const BINARY_OR: u8 = 1;
+pub(super) const BINARY_ADC: u8 = 2;
+pub(super) const BINARY_SBB: u8 = 3;
+pub(super) const BINARY_AND: u8 = 4;
+pub(super) const BINARY_SUB: u8 = 5;
+pub(super) const BINARY_XOR: u8 = 6;
+pub(super) const BINARY_CMP: u8 = 7;
+pub(super) const BINARY_TEST: u8 = 8;
+
 impl Cpu {
     /// Evaluates condition code `cc` against the current flags.
     #[inline]
@@ -102,30 +113,33 @@ impl Cpu {
         self.set_rflags(value);
     }
 
-    pub(super) fn exec_binary(&mut self, bus: &mut dyn CpuBus, insn: &Instruction) -> Exec {
+    /// Executes the two-operand ALU instruction `OP` (one of the `BINARY_*` constants),
+    /// specialized per operation when the instruction is decoded.
+    pub(super) fn exec_binary<const OP: u8>(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        insn: &Instruction,
+    ) -> Exec {
         let size = Self::operand_size(insn, 0);
         let mask = size_mask(size);
         let dst = self.read_operand(bus, insn, 0, size)?;
         let src = self.read_operand(bus, insn, 1, size)?;
-        let carry = match insn.mnemonic() {
-            Mnemonic::Adc | Mnemonic::Sbb => self.carry(),
-            _ => false,
-        };
-        let (op, res) = match insn.mnemonic() {
-            Mnemonic::Add | Mnemonic::Adc => (
+        let carry = matches!(OP, BINARY_ADC | BINARY_SBB) && self.carry();
+        let (op, res) = match OP {
+            BINARY_ADD | BINARY_ADC => (
                 FlagOp::Add,
                 dst.wrapping_add(src).wrapping_add(carry as u64),
             ),
-            Mnemonic::Sub | Mnemonic::Sbb | Mnemonic::Cmp => (
+            BINARY_SUB | BINARY_SBB | BINARY_CMP => (
                 FlagOp::Sub,
                 dst.wrapping_sub(src).wrapping_sub(carry as u64),
             ),
-            Mnemonic::And | Mnemonic::Test => (FlagOp::Logic, dst & src),
-            Mnemonic::Or => (FlagOp::Logic, dst | src),
+            BINARY_AND | BINARY_TEST => (FlagOp::Logic, dst & src),
+            BINARY_OR => (FlagOp::Logic, dst | src),
             _ => (FlagOp::Logic, dst ^ src),
         };
         let res = res & mask;
-        if !matches!(insn.mnemonic(), Mnemonic::Cmp | Mnemonic::Test) {
+        if !matches!(OP, BINARY_CMP | BINARY_TEST) {
             self.write_operand(bus, insn, 0, size, res)?;
         }
         self.set_lazy(op, size, dst, src, res);

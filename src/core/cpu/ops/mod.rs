@@ -285,9 +285,15 @@ pub(crate) fn handler(insn: &Instruction) -> Handler {
     }
     use Mnemonic as M;
     match insn.mnemonic() {
-        M::Add | M::Or | M::Adc | M::Sbb | M::And | M::Sub | M::Xor | M::Cmp | M::Test => {
-            |cpu, bus, insn| cpu.exec_binary(bus, insn)
-        }
+        M::Add => |cpu, bus, insn| cpu.exec_binary::<{ alu::BINARY_ADD }>(bus, insn),
+        M::Or => |cpu, bus, insn| cpu.exec_binary::<{ alu::BINARY_OR }>(bus, insn),
+        M::Adc => |cpu, bus, insn| cpu.exec_binary::<{ alu::BINARY_ADC }>(bus, insn),
+        M::Sbb => |cpu, bus, insn| cpu.exec_binary::<{ alu::BINARY_SBB }>(bus, insn),
+        M::And => |cpu, bus, insn| cpu.exec_binary::<{ alu::BINARY_AND }>(bus, insn),
+        M::Sub => |cpu, bus, insn| cpu.exec_binary::<{ alu::BINARY_SUB }>(bus, insn),
+        M::Xor => |cpu, bus, insn| cpu.exec_binary::<{ alu::BINARY_XOR }>(bus, insn),
+        M::Cmp => |cpu, bus, insn| cpu.exec_binary::<{ alu::BINARY_CMP }>(bus, insn),
+        M::Test => |cpu, bus, insn| cpu.exec_binary::<{ alu::BINARY_TEST }>(bus, insn),
         M::Inc | M::Dec | M::Neg | M::Not => |cpu, bus, insn| cpu.exec_unary(bus, insn),
         M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => {
             |cpu, bus, insn| cpu.exec_shift(bus, insn)

@@ -8,6 +8,7 @@
 //!   user mode.
 //! - [`generate`]: a seeded generator of random snippets and states per instruction class.
 //! - [`compare`]: the comparison of a native and an emulated output state.
+//! - [`registers`]: reads and writes of GPRs of any width inside a [`UserState`].
 //! - [`undefined`]: the flags and registers that the architecture leaves undefined after
 //!   an instruction, which a comparison must ignore.
 
@@ -15,6 +16,7 @@ pub mod compare;
 pub mod emulator;
 pub mod generate;
 pub mod native;
+pub mod registers;
 pub mod state;
 pub mod undefined;
 

@@ -12,7 +12,8 @@
 //! snippet ends in the exit stub, which stores every register into the report and calls
 //! `child_finish`. A fault ends in `child_signal` instead, which copies the registers
 //! from the signal frame. Both send the report and then the data area through a pipe and
-//! exit. The child calls only async-signal-safe functions, and it allocates nothing,
+//! exit. The child calls only libc's thin system-call wrappers (mmap, mprotect,
+//! sigaction, write, _exit and the like), which take no locks, and it allocates nothing,
 //! because `fork` copies a multi-threaded parent in which another thread may hold the
 //! allocator's lock.
 
@@ -217,8 +218,8 @@ pub fn run_native_with_timeout(
     // SAFETY: pipe2 succeeded, so both descriptors are open and have no other owner.
     let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
 
-    // SAFETY: the child runs only `child_main`, which calls async-signal-safe functions
-    // and never returns into the parent's code.
+    // SAFETY: the child runs only `child_main`, which calls lock-free system-call
+    // wrappers, allocates nothing and never returns into the parent's code.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(OracleError::Fork(io::Error::last_os_error()));

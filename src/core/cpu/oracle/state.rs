@@ -110,7 +110,8 @@ impl Default for UserState {
 /// An exception raised by a snippet, as the host kernel reported it to the child process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fault {
-    /// The signal that the kernel sent (SIGSEGV, SIGBUS, SIGFPE, SIGILL or SIGTRAP).
+    /// The signal that the kernel sent (SIGSEGV, SIGBUS, SIGFPE, SIGILL or SIGTRAP); 0 in
+    /// the emulator's outputs, which have no kernel in between.
     pub signal: i32,
     /// The exception vector (the kernel's trap number): 0 for #DE, 6 for #UD, 13 for #GP,
     /// 14 for #PF, 17 for #AC, 19 for #XM.
@@ -120,7 +121,8 @@ pub struct Fault {
     pub error_code: u64,
     /// RIP of the faulting instruction.
     pub rip: u64,
-    /// The faulting linear address (CR2) for #PF; the kernel's `si_addr` otherwise.
+    /// The faulting linear address (CR2) for #PF. For other vectors, the kernel's
+    /// `si_addr` in native outputs and 0 in the emulator's.
     pub address: u64,
 }
 

@@ -7,7 +7,7 @@
 
 use iced_x86::{Instruction, Mnemonic, OpKind};
 
-use super::generate::{read_register, width_mask};
+use super::registers::{read_register, width_mask};
 use super::state::{
     UserState, ARITHMETIC_FLAGS, DATA_ADDR, FLAG_AF, FLAG_CF, FLAG_OF, FLAG_PF, FLAG_SF, FLAG_ZF,
 };

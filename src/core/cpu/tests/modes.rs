@@ -191,3 +191,18 @@ fn legacy_paging_with_4m_pages() {
     assert_eq!(m.cpu.gpr[3], 0xcafe);
     assert!(!m.cpu.long_mode());
 }
+
+#[test]
+fn startup_ipi_starts_real_mode_at_vector() {
+    let mut m = Machine::long_mode("start:\n hlt\n");
+    assert_eq!(m.run(10), CpuEvent::Halted);
+    // An AP trampoline at 0x9000 (vector 9): MOV AX, CS; HLT.
+    m.load(0x9000, &[0x8c, 0xc8, 0xf4]);
+    m.cpu.start_up(9);
+    assert_eq!(m.cpu.mode(), Mode::Real);
+    assert!(!m.cpu.is_halted());
+    assert_eq!(m.run(10), CpuEvent::Halted);
+    assert_eq!(m.cpu.gpr[0] & 0xffff, 0x0900);
+    assert_eq!(m.cpu.rip, 3);
+    assert!(m.cpu.instructions() >= 3, "the counter survives INIT");
+}
