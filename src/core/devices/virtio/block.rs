@@ -178,28 +178,50 @@ impl VirtioBlock {
             return;
         };
         let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(memory) {
-            let head = chain.head_index();
-            let written = serve_chain(
-                &self.disk,
-                self.read_only,
-                &self.serial,
-                &self.stats,
-                memory,
-                chain,
-                self.dma_write_hook.as_ref(),
-            );
-            if let Err(e) = queue.add_used(memory, head, written) {
-                tracing::warn!(device = %self.name, error = ?e, "failed to return a virtio-blk request to the used ring");
+        loop {
+            // Sets VRING_USED_F_NO_NOTIFY while the device drains the ring; with EVENT_IDX
+            // the driver stops notifying by itself once avail_event is behind.
+            if let Err(e) = queue.disable_notification(memory) {
+                tracing::warn!(device = %self.name, error = ?e, "failed to disable virtio-blk notifications");
                 break;
             }
-            used_any = true;
-        }
-        if used_any {
-            if let Some(hook) = &self.dma_write_hook {
-                // The used ring: flags, index, one 8-byte entry per slot, then avail_event.
-                hook(queue.used_ring(), 6 + 8 * u64::from(queue.size()));
+            let mut served = 0usize;
+            while let Some(chain) = queue.pop_descriptor_chain(memory) {
+                let head = chain.head_index();
+                let written = serve_chain(
+                    &self.disk,
+                    self.read_only,
+                    &self.serial,
+                    &self.stats,
+                    memory,
+                    chain,
+                    self.dma_write_hook.as_ref(),
+                );
+                if let Err(e) = queue.add_used(memory, head, written) {
+                    tracing::warn!(device = %self.name, error = ?e, "failed to return a virtio-blk request to the used ring");
+                    break;
+                }
+                served += 1;
             }
+            used_any |= served > 0;
+
+            // Re-arm notifications: with EVENT_IDX this publishes avail_event, without
+            // which the driver never notifies again after its first request. Requests
+            // that arrived meanwhile are served in another pass, but a pass that serves
+            // nothing ends the loop, because a corrupt available index would repeat it
+            // forever.
+            match queue.enable_notification(memory) {
+                Ok(true) if served > 0 => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(device = %self.name, error = ?e, "failed to enable virtio-blk notifications");
+                    break;
+                }
+            }
+        }
+        if let Some(hook) = &self.dma_write_hook {
+            // The used ring: flags, index, one 8-byte entry per slot, then avail_event.
+            hook(queue.used_ring(), 6 + 8 * u64::from(queue.size()));
         }
         if used_any && queue.needs_notification(memory).unwrap_or(true) {
             if let Some(interrupt) = &self.interrupt {

@@ -368,3 +368,32 @@ fn dma_hook_invalidates_emulator_code_watch() {
         "a disk read into a code page must change the page's stamp"
     );
 }
+
+#[test]
+fn event_idx_avail_event_follows_served_requests() {
+    let mut s = setup(false);
+    let memory = s.memory.clone();
+    let mut queue = TestQueue::new(&memory, 0x10000, 16);
+    let mut device_queue = queue.device_queue();
+    device_queue.set_event_idx(true);
+    s.device
+        .activate(s.memory.clone(), vec![device_queue], s.interrupt.clone())
+        .unwrap();
+    // avail_event sits after the 16 used-ring entries: base 0x12000 + 4 + 16 * 8.
+    let avail_event = |memory: &GuestMemoryMmap| -> u16 {
+        vm_memory::Bytes::read_obj(memory, vm_memory::GuestAddress(0x12000 + 4 + 16 * 8)).unwrap()
+    };
+
+    for served in 1..=2u16 {
+        let head = queue.buffer(&header(T_IN, 0), 16);
+        let data = queue.buffer(&[], 512);
+        let status = queue.buffer(&[0xff], 1);
+        queue.submit(&[(head, 16, false), (data, 512, true), (status, 1, true)]);
+        s.device.queue_notify(0);
+
+        assert_eq!(queue.used_index(), served);
+        // A driver notifies only when its new available index passes avail_event, so
+        // avail_event must follow every request served.
+        assert_eq!(avail_event(&memory), served);
+    }
+}
