@@ -207,7 +207,7 @@ pub struct VmmArgs {
 #[derive(Subcommand, Debug)]
 enum GuestCommand {
     /// Download Debian's cloud kernel and BusyBox and write DIR/vmlinuz,
-    /// DIR/initramfs.img and DIR/vmlinux.
+    /// DIR/initramfs.img, DIR/vmlinux and the ext4 root disk DIR/rootfs.img.
     Fetch(GuestFetchArgs),
 }
 
@@ -454,11 +454,20 @@ fn guest_fetch(args: GuestFetchArgs, format: OutputFormat) -> anyhow::Result<i32
             if let Some(vmlinux) = &guest.vmlinux {
                 println!("vmlinux:   {}", vmlinux.display());
             }
+            if let Some(rootfs) = &guest.rootfs {
+                println!("rootfs:    {}", rootfs.display());
+            }
             println!(
                 "boot it with: monstervm run --kernel {} --initrd {}",
                 guest.kernel.display(),
                 guest.initramfs.display()
             );
+            if let Some(rootfs) = &guest.rootfs {
+                println!(
+                    "root on a copy-on-write disk: monstervm disk create -f qcow2 -b {} -F raw overlay.qcow2, then add --disk overlay.qcow2",
+                    rootfs.display()
+                );
+            }
         }
     }
     Ok(EXIT_OK)
