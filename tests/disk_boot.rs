@@ -34,7 +34,9 @@ struct Console {
 }
 
 impl Console {
-    fn start(guest: &Path, disk: &Path) -> Console {
+    /// Starts `monstervm run` with the guest's kernel and initramfs and `disk`, a `--disk`
+    /// value.
+    fn start(guest: &Path, disk: &str) -> Console {
         let mut child = Command::new(env!("CARGO_BIN_EXE_monstervm"))
             .args(["run", "--backend", "emulator", "--kernel"])
             .arg(guest.join("vmlinuz"))
@@ -243,7 +245,7 @@ fn root_on_qcow2_overlay_persists() {
     );
 
     // First boot: the root is the overlay, read-write; write a file and sync it.
-    let mut console = Console::start(&guest, &overlay);
+    let mut console = Console::start(&guest, overlay.to_str().unwrap());
     let mut position = console.wait_for_root_shell();
     console.send("grep ' / ' /proc/mounts\n");
     position = console.wait_for("/dev/vda / ext4 rw", position, COMMAND_TIMEOUT);
@@ -256,7 +258,7 @@ fn root_on_qcow2_overlay_persists() {
     assert_eq!(code, 0, "qemu-img check after the first boot:\n{report}");
 
     // Second boot: the file is back.
-    let mut console = Console::start(&guest, &overlay);
+    let mut console = Console::start(&guest, overlay.to_str().unwrap());
     let mut position = console.wait_for_root_shell();
     console.send("cat /root/note.txt\n");
     position = console.wait_for("persisted-42", position, COMMAND_TIMEOUT);
@@ -269,5 +271,40 @@ fn root_on_qcow2_overlay_persists() {
         file_hash(&base),
         base_hash,
         "the raw base changed, so a guest write went past the overlay"
+    );
+}
+
+#[test]
+fn read_only_disk_mounts_read_only() {
+    if cfg!(debug_assertions) {
+        eprintln!("skipping: a Linux boot on the unoptimised emulator takes too long; run `cargo test --release`");
+        return;
+    }
+    let guest = match guest_dir() {
+        Ok(dir) => dir,
+        Err(reason) => {
+            eprintln!("skipping: {reason}");
+            return;
+        }
+    };
+    let work = tempfile::tempdir().unwrap();
+    let base = work.path().join("rootfs.img");
+    std::fs::copy(guest.join("rootfs.img"), &base).unwrap();
+    let base_hash = file_hash(&base);
+
+    // The device offers VIRTIO_BLK_F_RO, so the rw mount fails and /init mounts it ro.
+    let mut console = Console::start(&guest, &format!("{},readonly", base.display()));
+    let mut position = console.wait_for_root_shell();
+    console.send("grep ' / ' /proc/mounts; cat /sys/block/vda/ro\n");
+    position = console.wait_for("/dev/vda / ext4 ro", position, COMMAND_TIMEOUT);
+    position = console.wait_for("\n1", position, COMMAND_TIMEOUT);
+    console.send("touch /root/x || echo rejected-$((2+3))\n");
+    position = console.wait_for("rejected-5", position, COMMAND_TIMEOUT);
+    console.power_off(position);
+
+    assert_eq!(
+        file_hash(&base),
+        base_hash,
+        "a read-only disk's image changed"
     );
 }

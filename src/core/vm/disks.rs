@@ -15,13 +15,12 @@ use crate::hypervisor::IrqChip;
 use crate::storage::{open_image, BackingPolicy, ImageFormat, OpenOptions, StorageError};
 use crate::utils::config::{DiskBacking, DiskConfig, DiskFormat};
 
-/// ISA IRQs that no platform device uses, handed out in turn as INTx lines. Without an
-/// ACPI _PRT, Linux takes a function's INTx from its Interrupt Line register, which must
-/// then name an ISA IRQ.
+/// ISA IRQs that no platform device uses, handed out in turn as INTx lines and written to
+/// each function's Interrupt Line register.
 ///
-/// NOTE: a fourth disk shares a line with the first. Drivers use MSI-X, so INTx only
-/// matters for a driver without it, and a shared line is dropped by whichever device's
-/// ISR read lowers it first.
+/// NOTE: the DSDT has no _PRT, so Linux 6.1 logs "PCI INT A: no GSI" and virtio-pci runs
+/// on MSI-X alone. INTx works only for a guest that trusts the Interrupt Line register,
+/// and a fourth disk shares a line with the first, which either device's ISR read lowers.
 const INTX_GSIS: [u32; 3] = [5, 10, 11];
 
 /// Errors raised while attaching disks.
