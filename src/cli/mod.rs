@@ -231,7 +231,7 @@ pub struct VmArgs {
     /// Initramfs to load beside the kernel.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1 nokaslr"].
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1 tsc=reliable"].
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
     /// Guest RAM in MiB [default: 256].
