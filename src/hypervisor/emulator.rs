@@ -28,7 +28,7 @@ use crate::core::devices::{Clock, HostClock, WindowedDevice};
 pub const SLICE_INSTRUCTIONS: u64 = 20_000;
 /// Frequency of the emulated TSC and of the LAPIC timer, in Hz.
 pub const TSC_HZ: u64 = 1_000_000_000;
-/// Longest sleep of a halted vCPU without a timer deadline, so that a lost wake-up costs
+/// Maximum sleep of a halted vCPU without a timer deadline, so that a lost wake-up costs
 /// at most this much latency.
 const MAX_HALT_SLEEP: Duration = Duration::from_millis(50);
 

@@ -29,7 +29,7 @@ pub enum VmError {
     },
 }
 
-/// How a VM ended without an error.
+/// The way a VM ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmExit {
     /// The guest powered off.
