@@ -457,3 +457,72 @@ fn embedded_guest_boots_in_vmm() {
         "{serial}"
     );
 }
+
+/// Checks on one backend that `GET /vm/metrics` reports exit counters while the embedded
+/// guest runs, and that they grow when the guest echoes console input.
+fn check_metrics_grow_with_echo(backend: &str) {
+    let state = StateDir::with_real_vms();
+    state.ok(&["create", "counted", "--memory", "16", "--backend", backend]);
+    let pid = state.json(&["start", "counted"])["pid"].as_i64().unwrap() as i32;
+    let client = ApiClient::unix(&state.socket("counted"));
+
+    runtime().block_on(async {
+        let mut console = client.console().await.unwrap();
+        receive_until(&mut console, "Type to echo, 'q' to power off.").await;
+        let before = client.metrics().await.unwrap();
+        let exits_before = before.exits.clone().expect("exit counters while running");
+        assert!(
+            exits_before.pio > 0,
+            "{backend}: the banner took no port I/O"
+        );
+
+        console
+            .send(Message::binary(b"hello".to_vec()))
+            .await
+            .unwrap();
+        receive_until(&mut console, "hello").await;
+        let after = client.metrics().await.unwrap();
+        let exits_after = after.exits.clone().expect("exit counters while running");
+
+        // Each echoed byte takes at least a receive-buffer read and a transmit write.
+        assert!(
+            exits_after.pio >= exits_before.pio + 10,
+            "{backend}: pio exits went from {} to {}",
+            exits_before.pio,
+            exits_after.pio
+        );
+        let instructions_before = before.instructions.expect("instruction counter");
+        let instructions_after = after.instructions.expect("instruction counter");
+        if backend == "emulator" {
+            assert!(
+                instructions_after > instructions_before,
+                "instructions went from {instructions_before} to {instructions_after}"
+            );
+        } else {
+            assert_eq!(instructions_after, 0, "KVM does not count instructions");
+        }
+
+        console.send(Message::binary(b"q".to_vec())).await.unwrap();
+        receive_until(&mut console, "Powering off.").await;
+    });
+
+    reap(pid).expect("the VMM exits when the guest powers off");
+}
+
+#[test]
+fn metrics_grow_on_emulator() {
+    check_metrics_grow_with_echo("emulator");
+}
+
+#[test]
+fn metrics_grow_on_kvm() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        assert!(
+            std::env::var("MONSTERVM_REQUIRE_KVM").as_deref() != Ok("1"),
+            "MONSTERVM_REQUIRE_KVM=1 but /dev/kvm is missing"
+        );
+        eprintln!("skipping metrics_grow_on_kvm: /dev/kvm is missing");
+        return;
+    }
+    check_metrics_grow_with_echo("kvm");
+}
