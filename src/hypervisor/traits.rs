@@ -111,6 +111,8 @@ pub struct VcpuStats {
 ///
 /// Each counter is updated on its own with relaxed ordering, so a snapshot taken while the
 /// vCPU runs may pair values from slightly different moments, but every counter only grows.
+/// The emulator publishes its instruction count when each slice of at most
+/// `SLICE_INSTRUCTIONS` ends, so that count may lag the exit counters.
 #[derive(Debug, Default)]
 pub struct SharedVcpuStats {
     pio_exits: AtomicU64,
