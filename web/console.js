@@ -58,15 +58,21 @@ async function fetchJson(path) {
   return response.json();
 }
 
+function count(value) {
+  return value.toLocaleString("en");
+}
+
 function showMetrics(metrics) {
   const parts = [];
   if (metrics.exits) {
-    parts.push(`exits: ${metrics.exits.pio} port I/O, ${metrics.exits.mmio} MMIO, ${metrics.exits.halt} HLT`);
+    const { pio, mmio, halt } = metrics.exits;
+    parts.push(`exits: ${count(pio)} port I/O, ${count(mmio)} MMIO, ${count(halt)} HLT`);
   }
   if (metrics.instructions) {
-    parts.push(`${metrics.instructions.toLocaleString("en")} instructions`);
+    parts.push(`${count(metrics.instructions)} instructions`);
   }
-  parts.push(`serial: ${metrics.serial.bytes_out} bytes out, ${metrics.serial.bytes_in} in, ${metrics.serial.viewers} viewers`);
+  const serial = metrics.serial;
+  parts.push(`serial: ${count(serial.bytes_out)} bytes out, ${count(serial.bytes_in)} in, ${serial.viewers} viewer(s)`);
   elements.metrics.textContent = parts.join(" · ");
 }
 
@@ -103,6 +109,11 @@ async function sendAction(action) {
     });
     if (response.ok) {
       showMessage(`${action} requested`);
+      // The API accepted the stop, so the VM is stopping even if its VMM exits before
+      // the next poll can report it.
+      if (action === "stop") {
+        showState("stopping");
+      }
     } else {
       const body = await response.json().catch(() => ({}));
       showMessage(body.error || `${action} failed with status ${response.status}`, true);
