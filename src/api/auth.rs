@@ -120,7 +120,8 @@ impl TokenAuth {
             "{}={}; Path=/; HttpOnly; SameSite=Strict",
             self.cookie_name, self.token_hex
         );
-        HeaderValue::from_str(&cookie).expect("a cookie of hex digits and name characters is a valid header value")
+        HeaderValue::from_str(&cookie)
+            .expect("a cookie of hex digits and name characters is a valid header value")
     }
 }
 
