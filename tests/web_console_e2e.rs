@@ -1,6 +1,7 @@
 //! The web console end to end in headless Chromium. A real VM runs the embedded guest
-//! with a TCP listener, the browser opens the page through its `?token=` login and types
-//! "hello" into the terminal, the guest echoes it, and the Stop button ends the VM.
+//! with a TCP listener, the browser opens the page through its `?token=` login, pauses and
+//! resumes the VM and types "hello" into the terminal, the guest echoes it, and the Stop
+//! button ends the VM.
 //!
 //! Chromium is driven by `web/e2e/console.mjs` with Node's playwright-core. The test needs
 //! Debian's `chromium` (`/usr/bin/chromium`), Node.js and `npm ci --prefix web`. Where one
@@ -77,9 +78,25 @@ fn browser_types_echo_and_stops() {
     assert_eq!(report["name"], "browser");
     assert_eq!(report["xterm"], monstervm::api::web::has_xterm());
     assert_eq!(report["hello_before_typing"], false);
+    assert_eq!(report["resume_enabled_while_paused"], true);
+    assert_eq!(
+        report["steps"],
+        serde_json::json!([
+            "login",
+            "running",
+            "banner",
+            "pause and resume",
+            "echo",
+            "screenshot",
+            "stopped"
+        ])
+    );
+    // xterm.js rows join without line breaks and the plain terminal keeps them, so the
+    // check ignores whitespace.
     let terminal = report["terminal_text"].as_str().unwrap();
+    let compact: String = terminal.split_whitespace().collect();
     assert!(
-        terminal.contains("Type to echo, 'q' to power off.hello"),
+        compact.contains("Typetoecho,'q'topoweroff.hello"),
         "the echo is not after the banner: {terminal}"
     );
     assert!(

@@ -1,6 +1,7 @@
 // Drives the web console in headless Chromium for tests/web_console_e2e.rs: logs in,
-// waits for the embedded guest's banner, types "hello" into the terminal, waits for the
-// guest's echo, takes a screenshot, clicks Stop and waits for the state to change.
+// waits for the embedded guest's banner, pauses and resumes the VM, types "hello" into
+// the terminal, waits for the guest's echo, takes a screenshot, clicks Stop and waits for
+// the state to change.
 //
 // Usage: node console.mjs LOGIN_URL SCREENSHOT_PNG USER_DATA_DIR
 // Prints one JSON line with what it saw; exits with 1 when a step fails.
@@ -62,6 +63,15 @@ try {
   const before = await screenText();
   result.hello_before_typing = before.includes("hello");
   step("banner");
+
+  const waitForState = (expected) => page.waitForFunction(
+    (name) => document.getElementById("vm-state").textContent === name, expected);
+  await page.locator("#pause").click();
+  await waitForState("paused");
+  result.resume_enabled_while_paused = await page.locator("#resume").isEnabled();
+  await page.locator("#resume").click();
+  await waitForState("running");
+  step("pause and resume");
 
   await page.locator("#terminal").click();
   await page.keyboard.type("hello");
