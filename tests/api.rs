@@ -1,6 +1,7 @@
 //! The per-VM API of a real VMM process: malformed requests, the OpenAPI document against
 //! the routes, the TCP listener's bearer token, the WebSocket console with several
-//! viewers, reset, and descriptors released after clients leave.
+//! viewers, reset, descriptors released after clients leave, live vCPU counters in the
+//! metrics, and the web console page with its browser logins.
 
 mod lifecycle_common;
 
