@@ -10,11 +10,11 @@
 //!
 //! HEX is the token's bytes in lowercase hexadecimal, because a token may contain
 //! characters that a cookie value or a subprotocol name cannot. `GET /?token=TOKEN` sets
-//! the cookie and redirects to `/`, so that the token does not stay in the address bar or
-//! the browser history. The cookie is `HttpOnly` and `SameSite=Strict`, and a request that
-//! carries it is also rejected when its `Origin` is another site, so a page elsewhere
-//! cannot use the cookie to open the console or press a button. No log line contains a
-//! token: the logs name the path only, never the query.
+//! the cookie and redirects to `/`, so that the token does not stay in the address bar
+//! (the browser may still keep the login URL in its history). The cookie is `HttpOnly`
+//! and `SameSite=Strict`. A request that carries it is also rejected when its `Origin` is
+//! another origin, so a page elsewhere cannot use the cookie to open the console or press
+//! a button. No log line contains a token: the logs name the path only, never the query.
 
 use std::sync::Arc;
 
