@@ -14,8 +14,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use traits::{
-    CpuState, DescriptorTable, FpuState, IoHandler, IrqChip, Segment, Vcpu, VcpuExit, VcpuKicker,
-    VcpuStats,
+    CpuState, DescriptorTable, FpuState, IoHandler, IrqChip, Segment, SharedVcpuStats, Vcpu,
+    VcpuExit, VcpuKicker, VcpuStats,
 };
 
 /// Errors raised by a backend.
