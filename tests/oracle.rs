@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use iced_x86::{Code, Mnemonic};
+use iced_x86::Mnemonic;
 use monstervm::core::cpu::oracle::compare::{compare, Mismatch};
 use monstervm::core::cpu::oracle::emulator::{emulator_supports, run_emulated};
 use monstervm::core::cpu::oracle::generate::{Case, Class, Generator};
@@ -47,50 +47,6 @@ type Matcher = fn(&Failure) -> bool;
 /// fail the test unless `MONSTERVM_ORACLE_STRICT=1`. Remove an entry once the emulator
 /// is fixed, so that the discrepancy cannot come back unnoticed.
 const KNOWN_DISCREPANCIES: &[(&str, Matcher)] = &[
-    (
-        "read-modify-write #PF reports a read: the host sets the W bit (1) of the error code",
-        |failure| {
-            let (
-                Some(expected),
-                Ok(UserState {
-                    fault: Some(actual),
-                    ..
-                }),
-            ) = (failure.expected.fault, failure.actual)
-            else {
-                return false;
-            };
-            only_fields(failure, &["#PF error code"])
-                && expected.error_code == actual.error_code | 2
-        },
-    ),
-    (
-        "LOOPcc/JECXZ with a 32-bit address size keep RCX bits 63:32 instead of clearing them",
-        |failure| {
-            let counted = failure.case.instructions().iter().any(|instruction| {
-                matches!(
-                    instruction.code(),
-                    Code::Loopne_rel8_64_ECX
-                        | Code::Loope_rel8_64_ECX
-                        | Code::Loop_rel8_64_ECX
-                        | Code::Jecxz_rel8_64
-                )
-            });
-            counted && only_fields(failure, &["rcx"])
-        },
-    ),
-    (
-        "64-bit SHLD/SHRD: the carry computation shifts a u128 by 128, which panics in debug \
-         builds and gives a wrong CF in release builds",
-        |failure| {
-            let wide_double_shift = failure.case.instructions().iter().any(|instruction| {
-                matches!(instruction.mnemonic(), Mnemonic::Shld | Mnemonic::Shrd)
-                    && instruction.op1_register().size() == 8
-            });
-            let panicked = matches!(failure.actual, Err(OracleError::EmulatorPanicked { .. }));
-            wide_double_shift && (panicked || only_fields(failure, &["rflags"]))
-        },
-    ),
     (
         "SSE: MXCSR exception flags (bits 0-5) differ, for example PE after an inexact conversion",
         |failure| {

@@ -207,6 +207,25 @@ impl Cpu {
         }
     }
 
+    /// Reads operand `n` of `size` bytes as the destination of a read-modify-write
+    /// instruction: a memory operand is checked for write access before it is read, so
+    /// that a #PF sets the W bit of its error code as the processor does.
+    #[inline(always)]
+    pub(crate) fn read_modify_operand(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        insn: &Instruction,
+        n: u32,
+        size: u8,
+    ) -> Result<u64, Exit> {
+        if insn.op_kind(n) != OpKind::Memory {
+            return self.read_operand(bus, insn, n, size);
+        }
+        let offset = self.effective_address(insn);
+        let value = self.read_for_write(bus, segment_index(insn.memory_segment()), offset, size)?;
+        Ok(value as u64)
+    }
+
     /// Writes operand `n` (register or memory) of `size` bytes.
     #[inline(always)]
     pub(crate) fn write_operand(
