@@ -4,7 +4,9 @@
 mod alu;
 mod control;
 mod data;
+mod softfloat;
 mod sse;
+mod sse_float;
 mod string;
 mod system;
 mod x87;
