@@ -10,6 +10,7 @@ mod sse_float;
 mod string;
 mod system;
 mod x87;
+mod x87_arith;
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
@@ -501,6 +502,41 @@ pub(crate) fn handler(insn: &Instruction) -> Handler {
         | M::Ldmxcsr
         | M::Stmxcsr
         | M::Emms => |cpu, bus, insn| cpu.exec_x87(bus, insn),
+        M::Fld
+        | M::Fld1
+        | M::Fldz
+        | M::Fst
+        | M::Fstp
+        | M::Fild
+        | M::Fist
+        | M::Fistp
+        | M::Fchs
+        | M::Fabs
+        | M::Fxch
+        | M::Fsqrt
+        | M::Frndint
+        | M::Fcom
+        | M::Fcomp
+        | M::Fcompp
+        | M::Fucom
+        | M::Fucomp
+        | M::Fucompp
+        | M::Fcomi
+        | M::Fcomip
+        | M::Fucomi
+        | M::Fucomip
+        | M::Fadd
+        | M::Faddp
+        | M::Fsub
+        | M::Fsubp
+        | M::Fsubr
+        | M::Fsubrp
+        | M::Fmul
+        | M::Fmulp
+        | M::Fdiv
+        | M::Fdivp
+        | M::Fdivr
+        | M::Fdivrp => |cpu, bus, insn| cpu.exec_x87_arith(bus, insn),
 
         _ => |cpu, bus, insn| {
             if cpu.exec_sse(bus, insn)? {

@@ -117,7 +117,7 @@ impl FloatEnv {
         }
     }
 
-    fn rounding(&self) -> u32 {
+    pub(super) fn rounding(&self) -> u32 {
         (self.mxcsr >> 13) & 3
     }
 
@@ -700,7 +700,13 @@ fn normalize(significand: u64, exponent: i32) -> (u64, i32) {
 /// rounding by `mode` (0 nearest even, 1 down, 2 up, 3 toward zero) for a value of sign
 /// `sign`. `sticky` stands for nonzero bits below `significand`. Returns the rounded
 /// value and whether it is inexact.
-fn round_shift(significand: u128, sticky: bool, shift: i32, sign: bool, mode: u32) -> (u128, bool) {
+pub(super) fn round_shift(
+    significand: u128,
+    sticky: bool,
+    shift: i32,
+    sign: bool,
+    mode: u32,
+) -> (u128, bool) {
     if shift <= 0 {
         let kept = significand << (-shift) as u32;
         // Only the sticky part is lost, and it is less than half a unit.

@@ -1,7 +1,7 @@
 //! x87 control instructions, MMX state reset and the FXSAVE/FXRSTOR and MXCSR family.
 //!
-//! Only the x87 instructions that kernels and C runtimes use for setup are implemented
-//! (FNINIT, FLDCW, FNSTCW, FNSTSW, FNCLEX, FWAIT); x87 arithmetic raises #UD.
+//! The x87 setup instructions live here (FNINIT, FLDCW, FNSTCW, FNSTSW, FNCLEX, FWAIT);
+//! data movement and arithmetic live in `x87_arith`.
 
 use iced_x86::{Code, Instruction, Mnemonic, OpKind};
 
