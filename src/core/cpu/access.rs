@@ -317,6 +317,10 @@ impl Cpu {
         size: u8,
     ) -> Result<u128, Exit> {
         let linear = self.linear(seg, offset)?;
+        if size <= 8 && (linear & 0xfff) + u64::from(size) <= 0x1000 {
+            let phys = self.translate(bus, linear, Access::Write, Privilege::Current)?;
+            return Ok(u128::from(self.phys_load(bus, phys, size)));
+        }
         let mut bytes = [0u8; 16];
         self.read_linear_for_write(bus, linear, &mut bytes[..usize::from(size.min(16))])?;
         Ok(u128::from_le_bytes(bytes))
