@@ -4,6 +4,7 @@
 mod alu;
 mod control;
 mod data;
+mod extended;
 mod softfloat;
 mod sse;
 mod sse_float;

@@ -121,7 +121,8 @@ impl FloatEnv {
         (self.mxcsr >> 13) & 3
     }
 
-    fn masked(&self, flag: u32) -> bool {
+    /// Returns whether MXCSR masks exception `flag`.
+    pub(super) fn is_masked(&self, flag: u32) -> bool {
         (self.mxcsr >> MASK_SHIFT) & flag != 0
     }
 
@@ -213,7 +214,7 @@ impl FloatEnv {
         let min_exponent = 1 - format.bias();
         if top > max_exponent {
             self.after |= OE;
-            if !self.masked(OE) {
+            if !self.is_masked(OE) {
                 if inexact {
                     self.after |= PE;
                 }
@@ -233,7 +234,7 @@ impl FloatEnv {
             };
         }
         if top < min_exponent {
-            if !self.masked(UE) {
+            if !self.is_masked(UE) {
                 self.after |= UE;
                 if inexact {
                     self.after |= PE;

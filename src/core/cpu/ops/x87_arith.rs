@@ -2,14 +2,13 @@
 //! FMUL, FDIV(R) and their popping forms, FCOM/FUCOM/FCOMI/FUCOMI, FCHS, FABS, FXCH,
 //! FLD1, FLDZ, FSQRT and FRNDINT, with the register stack, tags and status flags.
 //!
-//! NOTE: arithmetic rounds its operands and results to binary64 (53 bits) under the
-//! FCW rounding mode, so 64-bit precision control is not honoured and values beyond
-//! the binary64 exponent range raise OE/UE. Loads, stores, integer conversions,
-//! comparisons, FCHS, FABS and FRNDINT are exact on 80-bit values. Unmasked
-//! exceptions set ES and B but raise no #MF.
+//! Every operation is exact on 80-bit values and rounds once, under the FCW precision
+//! and rounding control. NOTE: unmasked exceptions set ES and B but raise no #MF, and
+//! FIP, FDP and FOP are not recorded.
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
+use super::extended::{self, INDEFINITE};
 use super::softfloat::{round_shift, FloatEnv, Value, DE, F32, F64, IE, PE};
 use super::{segment_index, Exec};
 use crate::core::cpu::bus::CpuBus;
@@ -23,8 +22,6 @@ const SIGN: u128 = 1 << 79;
 const INTEGER_BIT: u64 = 1 << 63;
 const EXPONENT_BIAS: i32 = 16383;
 const EXPONENT_MAX: u128 = 0x7fff;
-/// The "QNaN floating-point indefinite" of the 80-bit format.
-const INDEFINITE: u128 = 0xffff_c000_0000_0000_0000;
 const ONE: u128 = 0x3fff_8000_0000_0000_0000;
 
 /// Status word bits beyond the exception flags.
@@ -105,12 +102,6 @@ fn widen(env: &mut FloatEnv, bits: u64, double: bool) -> u128 {
             significand,
         } => pack(sign, exponent, significand),
     }
-}
-
-/// Widens a binary64 result, which needs no flags: it is never a signaling NaN, and a
-/// denormal result is not a denormal operand.
-fn widen_result(bits: u64) -> u128 {
-    widen(&mut FloatEnv::new(0x1f80), bits, true)
 }
 
 /// Rounds an 80-bit value to binary32 or binary64 under the rounding mode of `env`.
@@ -203,6 +194,15 @@ impl Cpu {
         let top = self.top();
         self.x87.ftw &= !(1 << top);
         self.set_top(top + 1);
+    }
+
+    /// Returns the significand precision in bits that FCW.PC selects for arithmetic.
+    fn x87_precision(&self) -> i32 {
+        match (self.x87.fcw >> 8) & 3 {
+            0 => 24,
+            2 => 53,
+            _ => 64,
+        }
     }
 
     /// Returns a floating-point environment with the FCW rounding mode and masks.
@@ -352,9 +352,8 @@ impl Cpu {
             }
             M::Fsqrt => {
                 let value = self.st(0);
-                let operand = narrow(&mut env, value, true);
-                let root = env.sqrt(F64, operand);
-                let result = widen_result(root);
+                let result = extended::sqrt(&mut env, self.x87_precision(), value);
+                self.x87.fsw &= !FSW_C1;
                 self.set_st(0, result);
             }
             M::Frndint => {
@@ -443,19 +442,19 @@ impl Cpu {
         } else {
             (a, b)
         };
-        let x = narrow(&mut env, a, true);
-        let y = narrow(&mut env, b, true);
+        let precision = self.x87_precision();
         let result = match mnemonic {
-            M::Fadd | M::Faddp => env.add(F64, x, y, false),
-            M::Fsub | M::Fsubp | M::Fsubr | M::Fsubrp => env.add(F64, x, y, true),
-            M::Fmul | M::Fmulp => env.mul(F64, x, y),
-            M::Fdiv | M::Fdivp | M::Fdivr | M::Fdivrp => env.div(F64, x, y),
+            M::Fadd | M::Faddp => extended::add(&mut env, precision, a, b, false),
+            M::Fsub | M::Fsubp | M::Fsubr | M::Fsubrp => {
+                extended::add(&mut env, precision, a, b, true)
+            }
+            M::Fmul | M::Fmulp => extended::mul(&mut env, precision, a, b),
+            M::Fdiv | M::Fdivp | M::Fdivr | M::Fdivrp => extended::div(&mut env, precision, a, b),
             _ => {
                 self.report_unimplemented(mnemonic);
                 return Err(Exception::ud().into());
             }
         };
-        let result = widen_result(result);
 
         self.x87.fsw &= !FSW_C1;
         self.set_st(destination, result);

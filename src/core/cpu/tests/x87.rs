@@ -160,3 +160,196 @@ fn x87_stack_overflow_sets_invalid_and_sf() {
     assert_ne!(status & 0x40, 0, "SF");
     assert_ne!(status & 0x200, 0, "C1 marks an overflow");
 }
+
+/// Returns the 80-bit value stored at `address` as (exponent and sign, significand).
+fn read_extended(m: &Machine, address: u64) -> (u16, u64) {
+    (m.read_u64(address + 8) as u16, m.read_u64(address))
+}
+
+#[test]
+fn x87_division_keeps_64_bits() {
+    let m = run(
+        "    mov dword [abs 0x91000], 3\n    fild dword [abs 0x91000]\n    fld1\n    fdivrp st1, st0\n    fstp tword [abs 0x91020]",
+    );
+    assert_eq!(
+        read_extended(&m, DATA + 0x20),
+        (0x3ffd, 0xaaaa_aaaa_aaaa_aaab)
+    );
+    // FCW 0x27f selects 53-bit precision, which rounds like binary64.
+    let m = run(
+        "    mov word [abs 0x91010], 0x27f\n    fldcw [abs 0x91010]\n    mov dword [abs 0x91000], 3\n    fild dword [abs 0x91000]\n    fld1\n    fdivrp st1, st0\n    fstp tword [abs 0x91020]",
+    );
+    assert_eq!(
+        read_extended(&m, DATA + 0x20),
+        (0x3ffd, 0xaaaa_aaaa_aaaa_a800)
+    );
+}
+
+#[test]
+fn x87_sqrt_keeps_64_bits() {
+    let m = run(
+        "    mov dword [abs 0x91000], 2\n    fild dword [abs 0x91000]\n    fsqrt\n    fstp tword [abs 0x91020]",
+    );
+    assert_eq!(
+        read_extended(&m, DATA + 0x20),
+        (0x3fff, 0xb504_f333_f9de_6484)
+    );
+    assert_ne!(m.cpu.x87.fsw & 0x20, 0, "the root of 2 is inexact");
+}
+
+#[test]
+fn x87_addition_exact_in_64_bits() {
+    // (1 + 2^-63) + (1 + 2^-63) = 2 + 2^-62, exact with a 64-bit significand.
+    let m = run(
+        "    mov rax, 0x8000000000000001\n    mov [abs 0x91000], rax\n    mov word [abs 0x91008], 0x3fff\n    fld tword [abs 0x91000]\n    fld st0\n    faddp st1, st0\n    fstp tword [abs 0x91020]",
+    );
+    assert_eq!(
+        read_extended(&m, DATA + 0x20),
+        (0x4000, 0x8000_0000_0000_0001)
+    );
+    assert_eq!(m.cpu.x87.fsw & 0x20, 0, "exact sum leaves PE clear");
+}
+
+/// The sequence that `x87_matches_host_cpu` runs on both sides, for the pair of
+/// binary64 values at RSI, storing seven 80-bit results 16 bytes apart at RDI.
+const HOST_CHECK_SEQUENCE: &str = "
+    fld qword [rsi + 8]
+    fld qword [rsi]
+    fadd st0, st1
+    fstp tword [rdi]
+    fld qword [rsi]
+    fmul st0, st1
+    fstp tword [rdi + 16]
+    fld qword [rsi]
+    fdiv st0, st1
+    fstp tword [rdi + 32]
+    fld qword [rsi]
+    fsub st0, st1
+    fstp tword [rdi + 48]
+    fld qword [rsi]
+    fdiv st0, st1
+    fmul st0, st0
+    fstp tword [rdi + 64]
+    fld qword [rsi]
+    fdiv st0, st1
+    fabs
+    fsqrt
+    fstp tword [rdi + 80]
+    fld qword [rsi]
+    fdiv st0, st1
+    fadd st0, st1
+    fstp tword [rdi + 96]
+    fstp st0
+";
+
+/// Runs `HOST_CHECK_SEQUENCE` on the host CPU.
+#[cfg(target_arch = "x86_64")]
+fn host_results(pair: &[f64; 2]) -> [u8; 112] {
+    let mut results = [0u8; 112];
+    // SAFETY: the sequence reads the 16 bytes of `pair` and writes the 112 bytes of
+    // `results`, both valid for the whole block, and leaves the x87 stack empty after
+    // FNINIT, which restores the default control word that the Rust ABI expects.
+    unsafe {
+        std::arch::asm!(
+            "fninit",
+            "fld qword ptr [{pair} + 8]",
+            "fld qword ptr [{pair}]",
+            "fadd st(0), st(1)",
+            "fstp tbyte ptr [{out}]",
+            "fld qword ptr [{pair}]",
+            "fmul st(0), st(1)",
+            "fstp tbyte ptr [{out} + 16]",
+            "fld qword ptr [{pair}]",
+            "fdiv st(0), st(1)",
+            "fstp tbyte ptr [{out} + 32]",
+            "fld qword ptr [{pair}]",
+            "fsub st(0), st(1)",
+            "fstp tbyte ptr [{out} + 48]",
+            "fld qword ptr [{pair}]",
+            "fdiv st(0), st(1)",
+            "fmul st(0), st(0)",
+            "fstp tbyte ptr [{out} + 64]",
+            "fld qword ptr [{pair}]",
+            "fdiv st(0), st(1)",
+            "fabs",
+            "fsqrt",
+            "fstp tbyte ptr [{out} + 80]",
+            "fld qword ptr [{pair}]",
+            "fdiv st(0), st(1)",
+            "fadd st(0), st(1)",
+            "fstp tbyte ptr [{out} + 96]",
+            "fstp st(0)",
+            "fninit",
+            pair = in(reg) pair.as_ptr(),
+            out = in(reg) results.as_mut_ptr(),
+            out("st(0)") _, out("st(1)") _, out("st(2)") _, out("st(3)") _,
+            out("st(4)") _, out("st(5)") _, out("st(6)") _, out("st(7)") _,
+        );
+    }
+    results
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn x87_matches_host_cpu() {
+    const PAIRS: u64 = 300;
+    const INPUT: u64 = 0x200000;
+    const OUTPUT: u64 = 0x300000;
+    const STRIDE: u64 = 128;
+
+    // Pairs of binary64 values of random sign, significand and exponent (2^-40 to
+    // 2^40), from a fixed linear congruential sequence.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        state
+    };
+    let mut pairs = Vec::new();
+    for _ in 0..PAIRS {
+        let mut pair = [0.0f64; 2];
+        for value in &mut pair {
+            let bits = next();
+            let exponent = 1023 - 40 + (bits >> 56) % 81;
+            *value = f64::from_bits((bits & 0x800f_ffff_ffff_ffff) | exponent << 52);
+        }
+        pairs.push(pair);
+    }
+
+    let program = format!(
+        "    mov rsi, {INPUT:#x}\n    mov rdi, {OUTPUT:#x}\n    mov ecx, {PAIRS}\n.next:\n{HOST_CHECK_SEQUENCE}\n    add rsi, 16\n    add rdi, {STRIDE}\n    dec ecx\n    jnz .next"
+    );
+    let mut m = Machine::long_mode(&format!("start:\n    fninit\n{program}\n    hlt\n"));
+    for (i, pair) in pairs.iter().enumerate() {
+        let address = INPUT + 16 * i as u64;
+        m.write_u64(address, pair[0].to_bits());
+        m.write_u64(address + 8, pair[1].to_bits());
+    }
+    assert_eq!(m.run(1_000_000), CpuEvent::Halted);
+    assert_eq!(
+        m.exception_count(),
+        0,
+        "unexpected exception {}",
+        m.vector()
+    );
+
+    let names = ["a+b", "a*b", "a/b", "a-b", "(a/b)^2", "sqrt|a/b|", "a/b+b"];
+    for (i, pair) in pairs.iter().enumerate() {
+        let expected = host_results(pair);
+        let base = OUTPUT + STRIDE * i as u64;
+        for (k, name) in names.iter().enumerate() {
+            let offset = 16 * k;
+            let host = (
+                u16::from_le_bytes([expected[offset + 8], expected[offset + 9]]),
+                u64::from_le_bytes(expected[offset..offset + 8].try_into().unwrap()),
+            );
+            let emulated = read_extended(&m, base + offset as u64);
+            assert_eq!(
+                emulated, host,
+                "{name} for a = {:e}, b = {:e}",
+                pair[0], pair[1]
+            );
+        }
+    }
+}
