@@ -537,7 +537,16 @@ pub(crate) fn handler(insn: &Instruction) -> Handler {
         | M::Fdiv
         | M::Fdivp
         | M::Fdivr
-        | M::Fdivrp => |cpu, bus, insn| cpu.exec_x87_arith(bus, insn),
+        | M::Fdivrp
+        | M::Fiadd
+        | M::Fisub
+        | M::Fisubr
+        | M::Fimul
+        | M::Fidiv
+        | M::Fidivr
+        | M::Ficom
+        | M::Ficomp
+        | M::Ftst => |cpu, bus, insn| cpu.exec_x87_arith(bus, insn),
 
         _ => |cpu, bus, insn| {
             if cpu.exec_sse(bus, insn)? {

@@ -1,6 +1,7 @@
 //! x87 data movement and arithmetic: FLD/FST/FSTP, FILD/FIST/FISTP, FADD, FSUB(R),
-//! FMUL, FDIV(R) and their popping forms, FCOM/FUCOM/FCOMI/FUCOMI, FCHS, FABS, FXCH,
-//! FLD1, FLDZ, FSQRT and FRNDINT, with the register stack, tags and status flags.
+//! FMUL, FDIV(R) with their popping and integer-operand forms, FCOM/FUCOM/FICOM/FTST,
+//! FCOMI/FUCOMI, FCHS, FABS, FXCH, FLD1, FLDZ, FSQRT and FRNDINT, with the register
+//! stack, tags and status flags.
 //!
 //! Every operation is exact on 80-bit values and rounds once, under the FCW precision
 //! and rounding control. NOTE: unmasked exceptions set ES and B but raise no #MF, and
@@ -132,6 +133,14 @@ fn narrow(env: &mut FloatEnv, value: u128, double: bool) -> u64 {
     }
     let exponent = parts.exponent.max(1) as i32 - EXPONENT_BIAS - 63;
     env.round_pack(format, sign, exponent, u128::from(parts.significand), false)
+}
+
+/// Converts a signed integer to an 80-bit value, exactly.
+fn from_integer(integer: i64) -> u128 {
+    if integer == 0 {
+        return 0;
+    }
+    pack(integer < 0, 0, integer.unsigned_abs())
 }
 
 /// Returns the exact ordering of two non-NaN 80-bit values.
@@ -309,12 +318,7 @@ impl Cpu {
             }
             M::Fild => {
                 let raw = self.read_memory_operand(bus, insn, memory_size)? as u64;
-                let integer = super::alu::sign_extend(raw, memory_size as u8);
-                let value = if integer == 0 {
-                    0
-                } else {
-                    pack(integer < 0, 0, integer.unsigned_abs())
-                };
+                let value = from_integer(super::alu::sign_extend(raw, memory_size as u8));
                 self.x87.fsw &= !FSW_C1;
                 self.push_st(value);
             }
@@ -361,9 +365,22 @@ impl Cpu {
                 let result = self.round_to_integral(&mut env, value);
                 self.set_st(0, result);
             }
-            M::Fcom | M::Fcomp | M::Fcompp | M::Fucom | M::Fucomp | M::Fucompp => {
+            M::Fcom
+            | M::Fcomp
+            | M::Fcompp
+            | M::Fucom
+            | M::Fucomp
+            | M::Fucompp
+            | M::Ficom
+            | M::Ficomp
+            | M::Ftst => {
                 let a = self.st(0);
-                let b = if has_memory {
+                let b = if mnemonic == M::Ftst {
+                    0
+                } else if matches!(mnemonic, M::Ficom | M::Ficomp) {
+                    let raw = self.read_memory_operand(bus, insn, memory_size)? as u64;
+                    from_integer(super::alu::sign_extend(raw, memory_size as u8))
+                } else if has_memory {
                     let raw = self.read_memory_operand(bus, insn, memory_size)? as u64;
                     widen(&mut env, raw, memory_size == 8)
                 } else if insn.op_count() > 1 {
@@ -371,7 +388,7 @@ impl Cpu {
                 } else {
                     self.st(1)
                 };
-                let unordered_signals = matches!(mnemonic, M::Fcom | M::Fcomp | M::Fcompp);
+                let unordered_signals = !matches!(mnemonic, M::Fucom | M::Fucomp | M::Fucompp);
                 let codes = match self.compare_x87(&mut env, a, b, unordered_signals) {
                     None => FSW_C3 | FSW_C2 | FSW_C0,
                     Some(std::cmp::Ordering::Less) => FSW_C0,
@@ -381,7 +398,7 @@ impl Cpu {
                 self.x87.fsw = (self.x87.fsw & !(FSW_C3 | FSW_C2 | FSW_C1 | FSW_C0)) | codes;
                 self.commit_x87_flags(&env);
                 match mnemonic {
-                    M::Fcomp | M::Fucomp => self.pop_st(),
+                    M::Fcomp | M::Fucomp | M::Ficomp => self.pop_st(),
                     M::Fcompp | M::Fucompp => {
                         self.pop_st();
                         self.pop_st();
@@ -426,9 +443,17 @@ impl Cpu {
         let memory_size = insn.memory_size().size();
         // The destination register and the operands in the order that the forward
         // (not reversed) operation takes them.
+        let integer_operand = matches!(
+            mnemonic,
+            M::Fiadd | M::Fisub | M::Fisubr | M::Fimul | M::Fidiv | M::Fidivr
+        );
         let (destination, a, b) = if insn.op_kind(0) == OpKind::Memory {
             let raw = self.read_memory_operand(bus, insn, memory_size)? as u64;
-            let operand = widen(&mut env, raw, memory_size == 8);
+            let operand = if integer_operand {
+                from_integer(super::alu::sign_extend(raw, memory_size as u8))
+            } else {
+                widen(&mut env, raw, memory_size == 8)
+            };
             (0, self.st(0), operand)
         } else if insn.op_count() == 2 {
             let destination = Self::st_operand(insn, 0);
@@ -437,19 +462,24 @@ impl Cpu {
         } else {
             (1, self.st(1), self.st(0))
         };
-        let (a, b) = if matches!(mnemonic, M::Fsubr | M::Fsubrp | M::Fdivr | M::Fdivrp) {
+        let (a, b) = if matches!(
+            mnemonic,
+            M::Fsubr | M::Fsubrp | M::Fdivr | M::Fdivrp | M::Fisubr | M::Fidivr
+        ) {
             (b, a)
         } else {
             (a, b)
         };
         let precision = self.x87_precision();
         let result = match mnemonic {
-            M::Fadd | M::Faddp => extended::add(&mut env, precision, a, b, false),
-            M::Fsub | M::Fsubp | M::Fsubr | M::Fsubrp => {
+            M::Fadd | M::Faddp | M::Fiadd => extended::add(&mut env, precision, a, b, false),
+            M::Fsub | M::Fsubp | M::Fsubr | M::Fsubrp | M::Fisub | M::Fisubr => {
                 extended::add(&mut env, precision, a, b, true)
             }
-            M::Fmul | M::Fmulp => extended::mul(&mut env, precision, a, b),
-            M::Fdiv | M::Fdivp | M::Fdivr | M::Fdivrp => extended::div(&mut env, precision, a, b),
+            M::Fmul | M::Fmulp | M::Fimul => extended::mul(&mut env, precision, a, b),
+            M::Fdiv | M::Fdivp | M::Fdivr | M::Fdivrp | M::Fidiv | M::Fidivr => {
+                extended::div(&mut env, precision, a, b)
+            }
             _ => {
                 self.report_unimplemented(mnemonic);
                 return Err(Exception::ud().into());

@@ -353,3 +353,17 @@ fn x87_matches_host_cpu() {
         }
     }
 }
+
+#[test]
+fn x87_integer_operand_forms() {
+    let m = run(
+        "    mov dword [abs 0x91000], 10\n    mov word [abs 0x91004], 4\n    fild dword [abs 0x91000]\n    fidiv word [abs 0x91004]\n    fisubr dword [abs 0x91000]\n    fstp qword [abs 0x91008]",
+    );
+    assert_eq!(f64::from_bits(m.read_u64(DATA + 8)), 7.5, "10 - 10 / 4");
+    // FICOM of 7 against 10 finds ST0 below; FTST of -1 finds it below zero.
+    let m = run(
+        "    mov dword [abs 0x91000], 10\n    mov dword [abs 0x91004], 7\n    fild dword [abs 0x91004]\n    ficom dword [abs 0x91000]\n    fnstsw ax\n    mov [abs 0x91008], ax\n    fld1\n    fchs\n    ftst\n    fnstsw ax\n    mov [abs 0x91010], ax",
+    );
+    assert_ne!(m.read_u64(DATA + 8) & 0x100, 0, "FICOM sets C0");
+    assert_ne!(m.read_u64(DATA + 0x10) & 0x100, 0, "FTST sets C0");
+}
