@@ -11,4 +11,5 @@ pub mod core;
 pub mod guest;
 pub mod hypervisor;
 pub mod storage;
+pub mod tui;
 pub mod utils;
