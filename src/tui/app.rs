@@ -94,7 +94,7 @@ impl VmCommand {
     }
 }
 
-/// What the event loop must do after a key.
+/// Action that the event loop takes after a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     None,

@@ -1,8 +1,9 @@
 //! `monstervm top`: a live dashboard of the VMs in the state directory.
 //!
-//! The drawing thread never waits for a VMM: [`probe::Prober`] samples each VM on a thread
-//! of its own once per [`REFRESH_INTERVAL`], and lifecycle keys run `monstervm start`,
-//! `stop`, `pause` or `resume` as child processes whose outcome appears in the status line.
+//! The drawing thread sends no API request, so a slow VMM cannot freeze the screen.
+//! [`probe::Prober`] samples each VM on a thread of its own once per [`REFRESH_INTERVAL`],
+//! and lifecycle keys run `monstervm start`, `stop`, `pause` or `resume` as child
+//! processes on other threads. Their outcome appears in the status line.
 //! Attaching leaves the dashboard for `monstervm console` and returns when it ends.
 
 pub mod app;
@@ -29,7 +30,7 @@ use probe::{ProbeResult, Prober, PROBE_TIMEOUT, SERIAL_TAIL_BYTES};
 
 /// Time between two samples of every VM.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
-/// Longest wait for a key before the loop checks for new samples.
+/// Maximum wait for a key before the loop checks for new samples.
 const INPUT_POLL: Duration = Duration::from_millis(100);
 
 type DashboardTerminal = Terminal<CrosstermBackend<Stdout>>;

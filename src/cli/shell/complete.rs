@@ -8,7 +8,7 @@ use crate::cli::Cli;
 /// Commands that the shell itself handles instead of the CLI.
 pub const BUILTINS: [&str; 3] = ["exit", "help", "quit"];
 
-/// What to offer for the word under the cursor.
+/// Candidates for the word under the cursor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Completion {
     /// Candidates for the word that starts at byte `start` of the line, sorted.

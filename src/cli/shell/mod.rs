@@ -1,8 +1,8 @@
 //! `monstervm shell`: an interactive prompt that runs `monstervm` commands.
 //!
-//! Each line is split into words as a POSIX shell would (quotes and backslashes, no
-//! variables or globs) and parsed by the same clap definition as the command line, so a
-//! usage error or `--help` prints exactly what `monstervm` would print. A valid line then
+//! Each line is split into words as a POSIX shell would, with quotes and backslashes but
+//! no variables or globs. The same clap definition as the command line parses the words,
+//! so a usage error or `--help` prints exactly what `monstervm` would print. A valid line then
 //! runs as `monstervm WORDS...` in a child process with the shell's state directory, log
 //! level and output format in its environment. A child process keeps commands that own
 //! the terminal (`console`, `run`, `logs --follow`, `top`) from leaving threads that read
@@ -47,7 +47,7 @@ pub struct Globals {
     pub output: OutputFormat,
 }
 
-/// What the shell does after one line.
+/// Next step of the shell after one line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LineOutcome {
     /// The line ran (or was empty) and the shell reads the next one.
@@ -56,8 +56,8 @@ pub enum LineOutcome {
     Exit(i32),
 }
 
-/// What one line asks for, before anything runs.
-#[derive(Debug, PartialEq, Eq)]
+/// Meaning of one line, found before anything runs.
+#[derive(Debug)]
 pub enum Parsed {
     Empty,
     Exit(Option<i32>),
@@ -66,12 +66,8 @@ pub enum Parsed {
         text: String,
         status: i32,
     },
-    /// A clap usage error or help text, already formatted, for stderr or stdout.
-    Clap {
-        text: String,
-        to_stderr: bool,
-        status: i32,
-    },
+    /// A usage error, or the help or version text, as clap reports it.
+    Clap(clap::Error),
     /// Run `monstervm WORDS...`.
     Run(Vec<String>),
 }
@@ -131,15 +127,7 @@ fn parse_words(words: Vec<String>) -> Parsed {
             },
             _ => Parsed::Run(words),
         },
-        Err(error) => Parsed::Clap {
-            text: error.render().ansi().to_string(),
-            to_stderr: error.use_stderr(),
-            status: if error.use_stderr() {
-                EXIT_USAGE
-            } else {
-                EXIT_OK
-            },
-        },
+        Err(error) => Parsed::Clap(error),
     }
 }
 
@@ -259,17 +247,15 @@ fn execute_line(
             }
             LineOutcome::Status(status)
         }
-        Parsed::Clap {
-            text,
-            to_stderr,
-            status,
-        } => {
-            if to_stderr {
-                eprint!("{text}");
+        Parsed::Clap(error) => {
+            // clap colours the text only where the stream is a terminal, as `monstervm`
+            // itself does.
+            let _ = error.print();
+            LineOutcome::Status(if error.use_stderr() {
+                EXIT_USAGE
             } else {
-                print!("{text}");
-            }
-            LineOutcome::Status(status)
+                EXIT_OK
+            })
         }
         Parsed::Run(words) => {
             LineOutcome::Status(run_command(executable, &words, state, globals, interactive))
@@ -349,73 +335,48 @@ mod tests {
 
     #[test]
     fn words_reach_the_cli_parser() {
-        assert_eq!(
-            parse_line("stop 'my vm' --timeout 3"),
-            Parsed::Run(vec![
-                "stop".into(),
-                "my vm".into(),
-                "--timeout".into(),
-                "3".into()
-            ])
-        );
+        let Parsed::Run(words) = parse_line("stop 'my vm' --timeout 3") else {
+            panic!("line not accepted");
+        };
+        assert_eq!(words, ["stop", "my vm", "--timeout", "3"]);
     }
 
     #[test]
     fn usage_errors_come_from_clap() {
-        let Parsed::Clap {
-            text,
-            to_stderr,
-            status,
-        } = parse_line("stop --bogus web")
-        else {
+        let Parsed::Clap(error) = parse_line("stop --bogus web") else {
             panic!("not a clap error");
         };
-        assert!(to_stderr);
-        assert_eq!(status, EXIT_USAGE);
-        assert!(text.contains("--bogus"), "{text}");
+        assert!(error.use_stderr());
+        assert_eq!(error.kind(), clap::error::ErrorKind::UnknownArgument);
     }
 
     #[test]
     fn help_of_a_command() {
-        let Parsed::Clap {
-            text,
-            to_stderr,
-            status,
-        } = parse_line("help stop")
-        else {
+        let Parsed::Clap(error) = parse_line("help stop") else {
             panic!("not clap help");
         };
-        assert!(!to_stderr);
-        assert_eq!(status, EXIT_OK);
+        assert!(!error.use_stderr());
+        let text = error.render().to_string();
         assert!(text.contains("--timeout"), "{text}");
     }
 
     #[test]
     fn builtins() {
-        assert_eq!(parse_line("   "), Parsed::Empty);
-        assert_eq!(parse_line("exit"), Parsed::Exit(None));
-        assert_eq!(parse_line("quit 3"), Parsed::Exit(Some(3)));
-        assert!(matches!(
-            parse_line("exit x"),
-            Parsed::Print {
-                status: EXIT_USAGE,
-                ..
-            }
-        ));
-        assert!(matches!(
-            parse_line("shell"),
-            Parsed::Print {
-                status: EXIT_USAGE,
-                ..
-            }
-        ));
-        assert!(matches!(
-            parse_line("stop 'web"),
-            Parsed::Print {
-                status: EXIT_USAGE,
-                ..
-            }
-        ));
+        assert!(matches!(parse_line("   "), Parsed::Empty));
+        assert!(matches!(parse_line("exit"), Parsed::Exit(None)));
+        assert!(matches!(parse_line("quit 3"), Parsed::Exit(Some(3))));
+        for line in ["exit x", "shell", "stop 'web"] {
+            assert!(
+                matches!(
+                    parse_line(line),
+                    Parsed::Print {
+                        status: EXIT_USAGE,
+                        ..
+                    }
+                ),
+                "{line}"
+            );
+        }
         let Parsed::Print { text, status } = parse_line("help") else {
             panic!("help printed nothing");
         };
