@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const MEMORY_MIB: u64 = 256;
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 nokaslr";
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 tsc=reliable";
 const INIT_LINE: &str = "MONSTERVM-INIT";
 const TIMEOUT: Duration = Duration::from_secs(1200);
 const REFERENCE_QEMU: &str = "/opt/monstervm/qemu-reference/usr/bin/qemu-system-x86_64";

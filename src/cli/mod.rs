@@ -240,7 +240,7 @@ pub struct VmArgs {
     /// Initramfs to load beside the kernel.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1 nokaslr"].
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1 tsc=reliable"].
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
     /// Guest RAM in MiB [default: 256].
@@ -308,10 +308,24 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("monstervm: error: {e:#}");
+            eprintln!("monstervm: error: {}", error_chain(&e));
             lifecycle::exit_code(&e)
         }
     }
+}
+
+/// Formats an error and its causes on one line, leaving out causes whose text the message
+/// before them already contains (most of our errors embed their source's message).
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {

@@ -2,7 +2,7 @@
 //!
 //! Requests are served on the thread that delivers the driver's notification. Every value
 //! in a request (sector numbers, lengths, descriptor layout) comes from the guest and is
-//! checked before it reaches the backend; a bad request completes with an error status
+//! checked before it reaches the backend. A bad request completes with an error status
 //! instead of stopping the device.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,7 +65,7 @@ pub struct BlockStats {
     pub malformed_chains: AtomicU64,
 }
 
-/// Why a request failed; logged at debug level and counted.
+/// A request failure, logged at debug level and counted.
 #[derive(Debug, thiserror::Error)]
 enum RequestError {
     #[error("request header is missing or shorter than 16 bytes")]
@@ -162,7 +162,8 @@ impl VirtioBlock {
         config
     }
 
-    /// Serves every available request, then notifies the driver if it asked to be told.
+    /// Serves every available request, then notifies the driver unless it suppressed
+    /// notifications.
     fn process_queue(&mut self) {
         let (Some(memory), Some(queue)) = (self.memory.as_ref(), self.queue.as_mut()) else {
             return;

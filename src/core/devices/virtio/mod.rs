@@ -35,7 +35,7 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
 }
 
-/// How a device model tells the driver that it used buffers or changed its config.
+/// The interrupt path from a device model to the driver: used buffers and config changes.
 pub trait VirtioInterrupt: Send + Sync {
     /// Signals that queue `queue` has new used buffers.
     fn notify_queue(&self, queue: u16);
@@ -60,11 +60,11 @@ pub enum VirtioError {
 
 /// A virtio device model, independent of the transport.
 pub trait VirtioDevice: Send {
-    /// The device type (see [`device_type`]).
+    /// Returns the device type (see [`device_type`]).
     fn device_type(&self) -> u32;
-    /// The maximum size of each queue; the length is the number of queues.
+    /// Returns the maximum size of each queue, one entry per queue.
     fn queue_max_sizes(&self) -> &[u16];
-    /// The features the device offers.
+    /// Returns the features the device offers.
     fn features(&self) -> u64;
     /// Records the features the driver accepted (a subset of `features`).
     fn set_acked_features(&mut self, features: u64);
@@ -81,6 +81,6 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), VirtioError>;
     /// Handles a driver notification for queue `queue`.
     fn queue_notify(&mut self, queue: u16);
-    /// Stops serving the queues and forgets the negotiated state.
+    /// Stops serving the queues and clears the negotiated state.
     fn reset(&mut self);
 }
