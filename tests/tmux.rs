@@ -183,9 +183,21 @@ fn shell_completes_names() {
     });
     assert!(screen.contains("name:        webserver"), "{screen}");
 
+    // Ctrl-C ends a command that runs until interrupted, and the shell prompts again.
+    tmux.send_keys(&["logs webserver --follow", "Enter"]);
+    tmux.wait_for_screen("logs --follow to start", |screen| {
+        screen.contains("monstervm> logs webserver --follow")
+    });
+    tmux.send_keys(&["C-c"]);
+    tmux.wait_for_screen("the prompt after Ctrl-C", |screen| {
+        screen.matches("monstervm>").count() == 3
+    });
+    assert!(tmux.session_alive(), "Ctrl-C ended the shell");
+
     tmux.send_keys(&["C-d"]);
     tmux.wait_for_exit("monstervm shell");
     let history = std::fs::read_to_string(state.path().join("shell_history"))
         .expect("the shell saved its history");
     assert!(history.contains("inspect webserver"), "{history}");
+    assert!(history.contains("logs webserver --follow"), "{history}");
 }
