@@ -194,10 +194,18 @@ fn shell_completes_names() {
     });
     assert!(tmux.session_alive(), "Ctrl-C ended the shell");
 
+    // A line that starts with a space stays out of the history.
+    tmux.send_keys(&[" list --output json", "Enter"]);
+    tmux.wait_for_screen("the prompt after the JSON list", |screen| {
+        let last = screen.lines().rfind(|line| !line.is_empty());
+        screen.contains("\"memory_mib\": 16") && last == Some("monstervm>")
+    });
+
     tmux.send_keys(&["C-d"]);
     tmux.wait_for_exit("monstervm shell");
     let history = std::fs::read_to_string(state.path().join("shell_history"))
         .expect("the shell saved its history");
     assert!(history.contains("inspect webserver"), "{history}");
     assert!(history.contains("logs webserver --follow"), "{history}");
+    assert!(!history.contains("list --output json"), "{history}");
 }

@@ -288,10 +288,11 @@ pub fn run(state: &StateDir, globals: &Globals) -> anyhow::Result<i32> {
         state: state.clone(),
         files: FilenameCompleter::new(),
     }));
-    ignore_interrupts_in_shell();
 
     let history = state.root().join(HISTORY_FILE);
     if interactive {
+        // From a pipe, Ctrl-C ends the shell too, as it ends a shell script.
+        ignore_interrupts_in_shell();
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
