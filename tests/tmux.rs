@@ -152,6 +152,28 @@ fn top_shows_running_vm() {
     });
     assert_eq!(state.status("web")["state"], "paused");
 
+    tmux.send_keys(&["p"]);
+    tmux.wait_for_screen("web resumed", |screen| {
+        screen
+            .lines()
+            .any(|line| line.starts_with("> web") && line.contains("running"))
+    });
+
+    // Attach to the console, type into the guest, see its echo, and return with Ctrl-].
+    tmux.send_keys(&["a"]);
+    tmux.wait_for_screen("the console", |screen| {
+        screen.contains("Connected to VM web")
+    });
+    tmux.send_keys(&["hello-guest"]);
+    tmux.wait_for_screen("the guest's echo", |screen| screen.contains("hello-guest"));
+    tmux.send_keys(&["C-]"]);
+    tmux.wait_for_screen("the dashboard after detaching", |screen| {
+        screen.contains("detached from VM web")
+    });
+    tmux.wait_for_screen("the echo in the serial pane", |screen| {
+        screen.contains("│hello-guest")
+    });
+
     tmux.send_keys(&["q"]);
     tmux.wait_for_exit("monstervm top");
     state.ok(&["stop", "web"]);

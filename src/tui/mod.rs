@@ -178,7 +178,13 @@ fn refresh_serial_tail(app: &mut App, state: &StateDir) {
 
 fn monstervm(executable: &Path, state_root: &Path) -> Command {
     let mut command = Command::new(executable);
-    command.arg("--state-dir").arg(state_root);
+    // The status line shows the first line of the table output, even where
+    // MONSTERVM_OUTPUT asks for JSON.
+    command
+        .arg("--state-dir")
+        .arg(state_root)
+        .arg("--output")
+        .arg("table");
     command
 }
 
