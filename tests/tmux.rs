@@ -231,3 +231,43 @@ fn shell_completes_names() {
     assert!(history.contains("logs webserver --follow"), "{history}");
     assert!(!history.contains("list --output json"), "{history}");
 }
+
+#[test]
+fn top_survives_stopped_vmm() {
+    let state = StateDir::new();
+    let frozen = state.start_vm("frozen", &[]);
+    let live = state.start_vm("live", &[]);
+    // SAFETY: kill has no memory-safety preconditions; `frozen` is a VMM this test
+    // started, reparented to this process and not yet reaped.
+    unsafe { libc::kill(frozen, libc::SIGSTOP) };
+    let Some(tmux) = Tmux::start("top-frozen", &monstervm_command(state.path(), "top")) else {
+        // SAFETY: as above.
+        unsafe { libc::kill(frozen, libc::SIGCONT) };
+        return;
+    };
+
+    tmux.wait_for_screen("both rows", |screen| {
+        let row = |name: &str, state: &str| {
+            screen
+                .lines()
+                .any(|line| line.contains(name) && line.contains(state))
+        };
+        row("frozen", "unresponsive") && row("live", "running")
+    });
+    // The dashboard still takes keys while one VMM does not respond.
+    tmux.send_keys(&["j", "p"]);
+    tmux.wait_for_screen("live paused", |screen| {
+        screen
+            .lines()
+            .any(|line| line.starts_with("> live") && line.contains("paused"))
+    });
+
+    tmux.send_keys(&["q"]);
+    tmux.wait_for_exit("monstervm top");
+    // SAFETY: as above.
+    unsafe { libc::kill(frozen, libc::SIGCONT) };
+    state.ok(&["stop", "frozen"]);
+    state.ok(&["stop", "live"]);
+    reap(frozen);
+    reap(live);
+}
