@@ -74,12 +74,16 @@ pub enum Parsed {
 
 /// Splits and parses one line without running anything.
 pub fn parse_line(line: &str) -> Parsed {
-    let Some(words) = shlex::split(line) else {
+    let Some(mut words) = shlex::split(line) else {
         return Parsed::Print {
             text: "monstervm: error: unmatched quote in the line\n".to_string(),
             status: EXIT_USAGE,
         };
     };
+    if words.len() > 1 && words[0] == "monstervm" {
+        // A command pasted with the program name runs as it would in a terminal.
+        words.remove(0);
+    }
     let Some(first) = words.first() else {
         return Parsed::Empty;
     };
@@ -340,6 +344,14 @@ mod tests {
             panic!("line not accepted");
         };
         assert_eq!(words, ["stop", "my vm", "--timeout", "3"]);
+    }
+
+    #[test]
+    fn program_name_is_optional() {
+        let Parsed::Run(words) = parse_line("monstervm list --output json") else {
+            panic!("line not accepted");
+        };
+        assert_eq!(words, ["list", "--output", "json"]);
     }
 
     #[test]
