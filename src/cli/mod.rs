@@ -14,7 +14,7 @@ use crate::core::vm::builder::{build_vm, BuiltVm, GuestKind};
 use crate::core::vm::console::ConsoleInput;
 use crate::core::vm::{StopReason, VmExit};
 use crate::hypervisor::BackendChoice;
-use crate::utils::config::VmConfig;
+use crate::utils::config::{DiskConfig, VmConfig};
 use crate::utils::logger;
 
 pub mod console;
@@ -216,7 +216,7 @@ pub struct VmmArgs {
 #[derive(Subcommand, Debug)]
 enum GuestCommand {
     /// Download Debian's cloud kernel and BusyBox and write DIR/vmlinuz,
-    /// DIR/initramfs.img and DIR/vmlinux.
+    /// DIR/initramfs.img, DIR/vmlinux and the ext4 root disk DIR/rootfs.img.
     Fetch(GuestFetchArgs),
 }
 
@@ -252,6 +252,15 @@ pub struct VmArgs {
     /// Engine that runs the guest: auto picks KVM only where it runs at hardware speed.
     #[arg(long, value_name = "auto|kvm|emulator")]
     pub backend: Option<BackendChoice>,
+    /// Virtio-blk disk, repeatable: the first is /dev/vda in the guest, the next vdb.
+    /// `readonly` shows it read-only, `format` skips detection, `backing=deny` rejects
+    /// images that name other files (for untrusted images), and `serial` sets the ID the
+    /// guest reads. Replaces the disks of --config.
+    #[arg(
+        long = "disk",
+        value_name = "PATH[,readonly][,format=raw|qcow2][,backing=deny][,serial=S]"
+    )]
+    pub disks: Vec<DiskConfig>,
     /// VM spec in TOML (or JSON with a .json extension); options given here override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -287,6 +296,9 @@ impl VmArgs {
         }
         if let Some(backend) = self.backend {
             config.backend = backend;
+        }
+        if !self.disks.is_empty() {
+            config.disks = self.disks.clone();
         }
         config.validate()?;
         Ok(config)
@@ -473,12 +485,58 @@ fn guest_fetch(args: GuestFetchArgs, format: OutputFormat) -> anyhow::Result<i32
             if let Some(vmlinux) = &guest.vmlinux {
                 println!("vmlinux:   {}", vmlinux.display());
             }
+            if let Some(rootfs) = &guest.rootfs {
+                println!("rootfs:    {}", rootfs.display());
+            }
             println!(
                 "boot it with: monstervm run --kernel {} --initrd {}",
                 guest.kernel.display(),
                 guest.initramfs.display()
             );
+            if let Some(rootfs) = &guest.rootfs {
+                println!(
+                    "root on a copy-on-write disk: monstervm disk create -f qcow2 -b {} -F raw overlay.qcow2, then add --disk overlay.qcow2",
+                    rootfs.display()
+                );
+            }
         }
     }
     Ok(EXIT_OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<VmArgs, clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("monstervm").chain(args.iter().copied()))?;
+        match cli.command {
+            Command::Run(run) => Ok(run.vm),
+            other => panic!("parsed {other:?} instead of run"),
+        }
+    }
+
+    #[test]
+    fn repeated_disk_options_keep_order() {
+        let args = run_args(&[
+            "run",
+            "--disk",
+            "root.qcow2,backing=deny",
+            "--disk",
+            "data.img,readonly,serial=data",
+        ])
+        .unwrap();
+        let config = args.to_config().unwrap();
+        assert_eq!(config.disks.len(), 2);
+        assert_eq!(config.disks[0].path, PathBuf::from("root.qcow2"));
+        assert!(config.disks[1].read_only);
+        assert_eq!(config.disks[1].serial.as_deref(), Some("data"));
+    }
+
+    #[test]
+    fn bad_disk_option_is_a_usage_error() {
+        let error = run_args(&["run", "--disk", "a.img,format=vmdk"]).unwrap_err();
+        assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(error.to_string().contains("vmdk"), "{error}");
+    }
 }

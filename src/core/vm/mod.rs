@@ -3,6 +3,7 @@
 pub mod builder;
 pub mod console;
 pub mod control;
+pub mod disks;
 pub mod io;
 
 use std::sync::Arc;

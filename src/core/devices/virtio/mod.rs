@@ -35,6 +35,11 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
 }
 
+/// Callback that a device calls with (guest-physical address, length in bytes) after it
+/// wrote that range of guest RAM. The emulator backend uses it to drop decoded
+/// instructions of pages that a disk read refilled.
+pub type DmaWriteHook = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
 /// The interrupt path from a device model to the driver: used buffers and config changes.
 pub trait VirtioInterrupt: Send + Sync {
     /// Signals that queue `queue` has new used buffers.
