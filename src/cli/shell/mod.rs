@@ -76,7 +76,7 @@ pub enum Parsed {
 pub fn parse_line(line: &str) -> Parsed {
     let Some(mut words) = shlex::split(line) else {
         return Parsed::Print {
-            text: "monstervm: error: unmatched quote in the line\n".to_string(),
+            text: "monstervm: error: unmatched quote in the line: close it, or escape it with a backslash\n".to_string(),
             status: EXIT_USAGE,
         };
     };
