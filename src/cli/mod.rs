@@ -20,6 +20,7 @@ use crate::utils::logger;
 pub mod console;
 pub mod lifecycle;
 pub mod output;
+pub mod shell;
 pub mod state;
 pub mod terminal;
 pub mod vmm;
@@ -45,6 +46,10 @@ pub const EXIT_TIMEOUT: i32 = 5;
 pub const API_LISTEN_ENV: &str = "MONSTERVM_API_LISTEN";
 /// Environment variable read by `start` and `vmm` for the API's bearer token.
 pub const API_TOKEN_ENV: &str = "MONSTERVM_API_TOKEN";
+/// Environment variable read for `--output` when the option is absent.
+pub const OUTPUT_ENV: &str = "MONSTERVM_OUTPUT";
+/// Environment variable read for `--log-level` when the option is absent.
+pub const LOG_LEVEL_ENV: &str = "MONSTERVM_LOG";
 /// Shortest bearer token accepted, in bytes.
 pub const MIN_TOKEN_BYTES: usize = 16;
 
@@ -56,7 +61,7 @@ pub const MIN_TOKEN_BYTES: usize = 16;
 )]
 struct Cli {
     /// Log filter: error, warn, info, debug or trace (RUST_LOG overrides it).
-    #[arg(long, global = true, default_value = "warn", env = "MONSTERVM_LOG")]
+    #[arg(long, global = true, default_value = "warn", env = LOG_LEVEL_ENV)]
     log_level: String,
 
     /// Folder that contains the VMs made by `create` [default: $XDG_STATE_HOME/monstervm or
@@ -66,7 +71,7 @@ struct Cli {
 
     /// Output of commands that print data: aligned tables, or JSON for scripts. No short
     /// form, because `disk create` and `disk convert` take qemu-img's `-o OPTS`.
-    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table, env = OUTPUT_ENV)]
     output: OutputFormat,
 
     #[command(subcommand)]
@@ -99,6 +104,10 @@ enum Command {
     Logs(LogsArgs),
     /// Attach this terminal to a running VM's serial console; Ctrl-] detaches.
     Console(NameArg),
+    /// Show a live dashboard of every VM, with keys to start, stop, pause and attach.
+    Top,
+    /// Read monstervm commands line by line, with history and tab completion.
+    Shell,
     /// The VMM process of one VM, as `start` spawns it.
     #[command(hide = true)]
     Vmm(VmmArgs),
@@ -384,6 +393,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(EXIT_OK)
         }
         Command::Vmm(args) => vmm::run(&state, &args.name, args.tcp.to_tcp_api()?),
+        Command::Top => crate::tui::run(&state),
+        Command::Shell => shell::run(
+            &state,
+            &shell::Globals {
+                log_level: cli.log_level.clone(),
+                output: format,
+            },
+        ),
     }
 }
 
