@@ -13,9 +13,9 @@
 //! times only its request loop, and so does this harness.
 //!
 //! `qemu-img bench` has no random pattern, so the "random" rows use one strided pattern for
-//! both engines: offset `k * step mod size` with a step of a prime number of 4 KiB blocks,
-//! which visits 4 KiB blocks in a scattered order and never touches the same cluster twice
-//! in a row. After each write case the two engines' images are compared with
+//! both engines. Request k goes to offset `k * step mod size`, with a step of a prime number
+//! of 4 KiB blocks. That walk visits 4 KiB blocks in a scattered order and never touches the
+//! same cluster twice in a row. After each write case the two engines' images are compared with
 //! `qemu-img compare`, so that a row only stands when both did the same work.
 //!
 //! The images live on tmpfs (`/dev/shm`) by default, so the figures measure the two block
@@ -41,7 +41,7 @@ const PATTERN: u8 = 0xa5;
 /// to the 65,536 blocks of the image and the walk visits every block once before repeating.
 const STRIDE_BLOCKS: u64 = 10007;
 
-/// How an image starts out before a run.
+/// Starting state of an image before a run.
 #[derive(Clone, Copy)]
 enum ImageKind {
     /// Raw file with its blocks reserved by fallocate.
@@ -193,7 +193,7 @@ fn main() {
     print_table(&rows);
 
     if rows.iter().any(|row| !row.same_contents) {
-        eprintln!("the engines wrote different contents in a row marked \"differs\"");
+        eprintln!("the engines wrote different contents in the rows marked \"contents differ\"; the comparison is invalid");
         std::process::exit(1);
     }
 }

@@ -316,8 +316,8 @@ impl Image {
             && !self.has_data_file()
             && new_host >= self.file_len
         {
-            // Nothing was ever written at or past the end of the file, so the rest of the
-            // new cluster already reads as zeros: write only the guest data.
+            // The new cluster starts at or past the end of the file, so it already reads as
+            // zeros and only the guest data needs writing.
             self.data_write(data, new_host + in_cluster)?;
         } else {
             let mut cluster = vec![0u8; cluster_size as usize];
