@@ -20,8 +20,8 @@
 //!
 //! The images live on tmpfs (`/dev/shm`) by default, so the figures measure the two block
 //! layers over the page cache and not the writeback speed of a disk shared with other
-//! jobs. Both engines fdatasync on close, outside the timed loop; on a slow disk that sync
-//! dominates the wall time of a run.
+//! jobs. qemu-img and MonsterVM's qcow2 backend fdatasync on close, outside the timed loop,
+//! and on a slow disk that sync dominates the wall time of a run.
 //!
 //! Environment: `MONSTERVM_BENCH_RUNS` (runs per case, default 3; the table shows the
 //! median), `MONSTERVM_BENCH_DIR` (folder for the images, default `/dev/shm` where it
