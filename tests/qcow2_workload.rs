@@ -6,7 +6,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{contents_of, first_difference, qemu_check, qemu_img, run_tool, Rng};
+use common::{
+    contents_by_qemu, contents_of, first_difference, qemu_check, qemu_img, run_tool, Rng,
+};
 use monstervm::storage::qcow2::{CompressionType, CreateOptions};
 use monstervm::storage::{BlockBackend, ImageFormat, OpenOptions, Qcow2};
 
@@ -434,4 +436,53 @@ fn data_file_workload_passes_qemu_check() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
+}
+
+/// Writes `data` at `offset` through MonsterVM and into the expected contents.
+fn write_both(image: &Qcow2, expected: &mut [u8], data: &[u8], offset: u64) {
+    image.write_at(data, offset).unwrap();
+    expected[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+}
+
+#[test]
+fn partial_writes_into_new_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("partial.qcow2");
+    let options = CreateOptions {
+        size: SIZE,
+        ..CreateOptions::default()
+    };
+    let cluster = options.cluster_size;
+    let image = Qcow2::create(&path, &options).unwrap();
+    let mut expected = vec![0u8; SIZE as usize];
+
+    // New clusters past the end of the file, out of order and not cluster-aligned: only the
+    // guest data is written, and the rest of each cluster must still read as zeros.
+    write_both(&image, &mut expected, &[0x11; 4096], 5 * cluster + 4096);
+    write_both(&image, &mut expected, &[0x22; 5536], 2 * cluster + 60000);
+    write_both(&image, &mut expected, &[0x33; 512], 9 * cluster);
+
+    // A discarded cluster frees a host cluster that still contains 0x44 bytes, and the
+    // next allocation reuses it: the bytes around the new data must become zeros.
+    write_both(&image, &mut expected, &[0x44; 65536], 3 * cluster);
+    image.discard(3 * cluster, cluster).unwrap();
+    expected[3 * cluster as usize..4 * cluster as usize].fill(0);
+    write_both(&image, &mut expected, &[0x55; 4096], 7 * cluster + 8192);
+
+    let ours = contents_of(&image);
+    assert_eq!(
+        first_difference(&ours, &expected),
+        None,
+        "MonsterVM reads back other contents"
+    );
+    image.close().unwrap();
+
+    let (code, text) = qemu_check(&path);
+    assert_eq!(code, 0, "qemu-img check: {text}");
+    let theirs = contents_by_qemu(&path, dir.path());
+    assert_eq!(
+        first_difference(&theirs, &expected),
+        None,
+        "qemu-img reads back other contents"
+    );
 }

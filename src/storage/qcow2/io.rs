@@ -299,17 +299,6 @@ impl Image {
             }
         }
 
-        let mut cluster = vec![0u8; cluster_size as usize];
-        if data.len() as u64 != cluster_size {
-            match kind {
-                ClusterKind::Normal { host } => self.data_read(&mut cluster, host)?,
-                ClusterKind::Compressed => cluster = self.decompressed_cluster(found.entry)?,
-                ClusterKind::Zero { .. } => {}
-                ClusterKind::Unallocated => self.read_backing(&mut cluster, cluster_start)?,
-            }
-        }
-        cluster[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
-
         let reuse = match kind {
             ClusterKind::Zero { host } if host != 0 && found.entry & COPIED != 0 => Some(host),
             _ => None,
@@ -318,7 +307,29 @@ impl Image {
             Some(host) => host,
             None => self.alloc_data_cluster(cluster_start)?,
         };
-        self.data_write(&cluster, new_host)?;
+        let reads_as_zeros = matches!(kind, ClusterKind::Zero { .. })
+            || (kind == ClusterKind::Unallocated && self.backing.is_none());
+        if data.len() as u64 == cluster_size {
+            self.data_write(data, new_host)?;
+        } else if reads_as_zeros
+            && reuse.is_none()
+            && !self.has_data_file()
+            && new_host >= self.file_len
+        {
+            // The new cluster starts at or past the end of the file, so it already reads as
+            // zeros and only the guest data needs writing.
+            self.data_write(data, new_host + in_cluster)?;
+        } else {
+            let mut cluster = vec![0u8; cluster_size as usize];
+            match kind {
+                ClusterKind::Normal { host } => self.data_read(&mut cluster, host)?,
+                ClusterKind::Compressed => cluster = self.decompressed_cluster(found.entry)?,
+                ClusterKind::Zero { .. } => {}
+                ClusterKind::Unallocated => self.read_backing(&mut cluster, cluster_start)?,
+            }
+            cluster[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+            self.data_write(&cluster, new_host)?;
+        }
         let old_refs = if reuse.is_some() {
             Vec::new()
         } else {
