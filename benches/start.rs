@@ -1,4 +1,4 @@
-//! Time from `monstervm start` to the VM's API answering, and the VMM's resident memory
+//! Time from `monstervm start` to the VM's first API response, and the VMM's resident memory
 //! beyond guest RAM, beside QEMU (`-M microvm`, time to the first QMP answer), in one run.
 //!
 //! ```text
@@ -78,7 +78,7 @@ fn main() {
 }
 
 /// Creates and starts a VM, returns the seconds `start` took (it returns once the API
-/// answers) and the VMM's RSS beyond guest RAM, then stops and deletes the VM.
+/// responds) and the VMM's RSS beyond guest RAM, then stops and deletes the VM.
 fn start_monstervm(work: &Path, run: usize) -> (f64, u64) {
     let state = work.join("state");
     let name = format!("bench{run}");
@@ -118,7 +118,7 @@ fn start_monstervm(work: &Path, run: usize) -> (f64, u64) {
     (seconds, rss)
 }
 
-/// Starts QEMU with a QMP socket, returns the seconds until QMP answers
+/// Starts QEMU with a QMP socket, returns the seconds until QMP responds to
 /// `qmp_capabilities` and QEMU's RSS beyond guest RAM, then kills it.
 fn start_qemu(qemu: &Path, work: &Path, run: usize) -> (f64, u64) {
     let socket = work.join(format!("qmp{run}.sock"));
@@ -154,7 +154,9 @@ fn start_qemu(qemu: &Path, work: &Path, run: usize) -> (f64, u64) {
         .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
         .unwrap();
     line.clear();
-    reader.read_line(&mut line).expect("QMP answer");
+    reader
+        .read_line(&mut line)
+        .expect("QMP response to qmp_capabilities");
     let seconds = started.elapsed().as_secs_f64();
     let rss = vmm_rss_kib(child.id(), MEMORY_MIB << 10);
     let _ = child.kill();

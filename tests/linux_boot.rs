@@ -14,9 +14,9 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Longest wait for the init line. A boot takes minutes on this emulator under load.
+/// Maximum wait for the init line. A boot takes minutes on this emulator under load.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
-/// Longest wait for a command's output once the shell runs.
+/// Maximum wait for a command's output once the shell runs.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The console output of a running `monstervm run`, collected by a reader thread.

@@ -53,7 +53,7 @@ impl Drop for RawModeGuard {
     }
 }
 
-/// What the input thread does with a chunk of bytes read from stdin.
+/// The input thread's action for a chunk of bytes read from stdin.
 pub enum InputAction<'a> {
     /// Send these bytes to the guest.
     Forward(&'a [u8]),

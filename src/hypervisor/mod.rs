@@ -43,7 +43,7 @@ pub enum HypervisorError {
     },
 }
 
-/// Which engine runs the guest's instructions.
+/// The engine that runs the guest's instructions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
@@ -106,10 +106,10 @@ pub struct PlatformDevices {
 
 /// One VM of a backend: owns the vCPUs' shared state and the interrupt controllers.
 pub trait HypervisorVm: Send + Sync {
-    /// The backend's kind.
+    /// Returns the backend's kind.
     fn kind(&self) -> BackendKind;
 
-    /// The interrupt controllers that devices raise their lines on.
+    /// Returns the interrupt controllers that devices raise their lines on.
     fn irq_chip(&self) -> Arc<dyn IrqChip>;
 
     /// Devices that this backend emulates in user space and the VM must put on its buses
@@ -147,8 +147,8 @@ pub fn select_backend(choice: BackendChoice) -> Result<BackendSelection, Hypervi
     }
 }
 
-/// Picks KVM when the speed probe (cached for this host boot) says it runs at hardware
-/// speed, and the emulator otherwise.
+/// Picks KVM when the speed probe (cached for this host boot) measured hardware speed,
+/// and the emulator otherwise.
 fn select_auto() -> BackendSelection {
     let verdict = match probe_cache::load() {
         Some(cached) => Ok((
