@@ -1,5 +1,5 @@
 //! Time from `monstervm start` to the VM's first API response, and the VMM's resident memory
-//! beyond guest RAM, beside QEMU (`-M microvm`, time to the first QMP answer), in one run.
+//! beyond guest RAM, beside QEMU (`-M microvm`, time to the first QMP response), in one run.
 //!
 //! ```text
 //! scripts/qemu-reference.sh      # QEMU 7.2 beside the machine's qemu-img
