@@ -22,8 +22,12 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{median, vmm_rss_kib};
+
 const MEMORY_MIB: u64 = 256;
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 nokaslr";
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 tsc=reliable";
 const INIT_LINE: &str = "MONSTERVM-INIT";
 const TIMEOUT: Duration = Duration::from_secs(1200);
 const REFERENCE_QEMU: &str = "/opt/monstervm/qemu-reference/usr/bin/qemu-system-x86_64";
@@ -83,12 +87,17 @@ fn main() {
         }
     }
 
-    let ours = median(monstervm_boots.iter().map(|b| b.seconds).collect());
+    let ours = median(
+        &mut monstervm_boots
+            .iter()
+            .map(|b| b.seconds)
+            .collect::<Vec<_>>(),
+    );
     let our_rss = median(
-        monstervm_boots
+        &mut monstervm_boots
             .iter()
             .map(|b| b.vmm_rss_kib as f64)
-            .collect(),
+            .collect::<Vec<_>>(),
     );
     println!();
     println!("| engine | boot to init (median of {runs}) | VMM RSS beyond guest RAM |");
@@ -98,8 +107,13 @@ fn main() {
         our_rss / 1024.0
     );
     if !qemu_boots.is_empty() {
-        let theirs = median(qemu_boots.iter().map(|b| b.seconds).collect());
-        let their_rss = median(qemu_boots.iter().map(|b| b.vmm_rss_kib as f64).collect());
+        let theirs = median(&mut qemu_boots.iter().map(|b| b.seconds).collect::<Vec<_>>());
+        let their_rss = median(
+            &mut qemu_boots
+                .iter()
+                .map(|b| b.vmm_rss_kib as f64)
+                .collect::<Vec<_>>(),
+        );
         println!(
             "| QEMU TCG (-M microvm) | {theirs:.2} s | {:.1} MiB |",
             their_rss / 1024.0
@@ -113,14 +127,14 @@ fn main() {
     } else {
         println!("QEMU not found: run scripts/qemu-reference.sh or set QEMU_SYSTEM");
     }
-    let mips: Vec<f64> = monstervm_boots
+    let mut mips: Vec<f64> = monstervm_boots
         .iter()
         .filter_map(|b| b.instructions.map(|n| n as f64 / b.seconds / 1e6))
         .collect();
     if !mips.is_empty() {
         println!(
             "emulator speed over the boot: {:.1} MIPS (median)",
-            median(mips)
+            median(&mut mips)
         );
     }
 }
@@ -246,45 +260,6 @@ fn boot_to_init(
     let seconds = started.elapsed().as_secs_f64();
     let rss = vmm_rss_kib(child.id(), MEMORY_MIB << 10);
     (seconds, rss, stdin, child, stderr)
-}
-
-/// Returns the RSS of process `pid` minus that of its guest RAM: the largest-RSS mapping
-/// at least `guest_kib` in size.
-fn vmm_rss_kib(pid: u32, guest_kib: u64) -> u64 {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let mut total = 0;
-    let mut guest_rss = 0;
-    let mut mapping_kib = 0;
-    for line in smaps.lines() {
-        if let Some((range, _)) = line.split_once(' ') {
-            if let Some((start, end)) = range.split_once('-') {
-                if let (Ok(start), Ok(end)) =
-                    (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
-                {
-                    mapping_kib = (end - start) >> 10;
-                    continue;
-                }
-            }
-        }
-        if let Some(value) = line.strip_prefix("Rss:") {
-            let kib: u64 = value
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .unwrap_or(0);
-            total += kib;
-            if mapping_kib >= guest_kib && kib > guest_rss {
-                guest_rss = kib;
-            }
-        }
-    }
-    total - guest_rss
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
 }
 
 fn cores() -> usize {

@@ -1,9 +1,11 @@
 //! MonsterVM: a virtualization engine that runs unmodified x86-64 guests on KVM or on its
 //! own emulator.
 //!
-//! The module map: `cli` (the `monstervm` command), `core` (the VM model, memory, devices,
-//! the emulator's CPU and guest boot), `hypervisor` (backends behind one set of traits),
-//! `storage`, `network`, `security`, `guest` (building the test guest) and `utils`.
+//! The module map: `cli` is the `monstervm` command and its shell, and `tui` the `monstervm
+//! top` dashboard. `core` holds the VM model, memory, devices, the emulator's CPU and guest
+//! boot, and `hypervisor` the backends behind one set of traits. `api` is the per-VM
+//! control API, `storage` the disk image formats, `guest` builds the test guest, and
+//! `utils` holds configuration and logging.
 
 pub mod api;
 pub mod cli;
@@ -11,4 +13,5 @@ pub mod core;
 pub mod guest;
 pub mod hypervisor;
 pub mod storage;
+pub mod tui;
 pub mod utils;

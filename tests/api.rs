@@ -1,6 +1,7 @@
 //! The per-VM API of a real VMM process: malformed requests, the OpenAPI document against
 //! the routes, the TCP listener's bearer token, the WebSocket console with several
-//! viewers, reset, and descriptors released after clients leave.
+//! viewers, reset, descriptors released after clients leave, live vCPU counters in the
+//! metrics, and the web console page with its browser logins.
 
 mod lifecycle_common;
 
@@ -456,4 +457,333 @@ fn embedded_guest_boots_in_vmm() {
         serial.contains("Welcome to the MonsterVM embedded guest."),
         "{serial}"
     );
+}
+
+/// Checks on one backend that `GET /vm/metrics` reports exit counters while the embedded
+/// guest runs, and that they grow when the guest echoes console input.
+fn check_metrics_grow_with_echo(backend: &str) {
+    let state = StateDir::with_real_vms();
+    state.ok(&["create", "counted", "--memory", "16", "--backend", backend]);
+    let pid = state.json(&["start", "counted"])["pid"].as_i64().unwrap() as i32;
+    let client = ApiClient::unix(&state.socket("counted"));
+
+    runtime().block_on(async {
+        let mut console = client.console().await.unwrap();
+        receive_until(&mut console, "Type to echo, 'q' to power off.").await;
+        let before = client.metrics().await.unwrap();
+        let exits_before = before.exits.clone().expect("exit counters while running");
+        assert!(
+            exits_before.pio > 0,
+            "{backend}: the banner took no port I/O"
+        );
+
+        console
+            .send(Message::binary(b"hello".to_vec()))
+            .await
+            .unwrap();
+        receive_until(&mut console, "hello").await;
+        let after = client.metrics().await.unwrap();
+        let exits_after = after.exits.clone().expect("exit counters while running");
+
+        // Each echoed byte takes at least a receive-buffer read and a transmit write.
+        assert!(
+            exits_after.pio >= exits_before.pio + 10,
+            "{backend}: pio exits went from {} to {}",
+            exits_before.pio,
+            exits_after.pio
+        );
+        let instructions_before = before.instructions.expect("instruction counter");
+        if backend == "emulator" {
+            // The emulator publishes its instruction count when a slice ends, which may
+            // come a moment after the echo reached the console.
+            let deadline = tokio::time::Instant::now() + lifecycle_common::PATIENCE;
+            loop {
+                let now = client.metrics().await.unwrap().instructions.unwrap();
+                if now > instructions_before {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "instructions stayed at {instructions_before} while the guest echoed"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        } else {
+            assert_eq!(
+                after.instructions,
+                Some(0),
+                "KVM does not count instructions"
+            );
+        }
+
+        console.send(Message::binary(b"q".to_vec())).await.unwrap();
+        receive_until(&mut console, "Powering off.").await;
+    });
+
+    reap(pid).expect("the VMM exits when the guest powers off");
+}
+
+#[test]
+fn metrics_grow_on_emulator() {
+    check_metrics_grow_with_echo("emulator");
+}
+
+#[test]
+fn metrics_grow_on_kvm() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        assert!(
+            std::env::var("MONSTERVM_REQUIRE_KVM").as_deref() != Ok("1"),
+            "MONSTERVM_REQUIRE_KVM=1 but /dev/kvm is missing"
+        );
+        eprintln!("skipping metrics_grow_on_kvm: /dev/kvm is missing");
+        return;
+    }
+    check_metrics_grow_with_echo("kvm");
+}
+
+/// Sends one raw HTTP/1.1 request over TCP, with no credential unless `headers` has one,
+/// and returns the status and the response head and body as text.
+fn raw_http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(lifecycle_common::PATIENCE))
+        .unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if method == "PUT" {
+        let body = r#"{"action": "pause"}"#;
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        request.push_str("\r\n");
+    }
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"));
+    (status, response)
+}
+
+/// Opens the console WebSocket over TCP with `headers` and no Authorization header.
+async fn open_console_with(
+    addr: std::net::SocketAddr,
+    headers: &[(&str, &str)],
+) -> Result<
+    (
+        tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}/vm/console")
+        .into_client_request()
+        .unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_tungstenite::client_async(request, stream).await
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn web_console_page_is_served() {
+    let state = StateDir::new();
+    let token = "page-token-0123456789";
+    let pid = state.start_vm(
+        "page",
+        &["--api-listen", "127.0.0.1:0", "--api-token", token],
+    );
+    let addr_text = std::fs::read_to_string(state.vm_dir("page").join("api.addr")).unwrap();
+    let addr: std::net::SocketAddr = addr_text.trim().parse().unwrap();
+    let bearer = format!("Bearer {token}");
+    let authorized = [("Authorization", bearer.as_str())];
+
+    for (path, content_type, needle) in [
+        ("/", "text/html", "/assets/console.js"),
+        ("/assets/console.js", "text/javascript", "/vm/actions"),
+        ("/assets/console.css", "text/css", "#terminal"),
+        ("/assets/xterm.css", "text/css", ""),
+        ("/assets/xterm.js", "text/javascript", ""),
+    ] {
+        let (status, response) = raw_http(addr, "GET", path, &authorized);
+        assert_eq!(status, 200, "{path}");
+        assert!(response.contains(needle), "{path} lacks {needle:?}");
+        assert!(
+            response.contains(&format!("content-type: {content_type}")),
+            "{path}: {response:.300}"
+        );
+        assert!(response.contains("content-security-policy: "), "{path}");
+    }
+    let (_, xterm) = raw_http(addr, "GET", "/assets/xterm.js", &authorized);
+    if monstervm::api::web::has_xterm() {
+        assert!(
+            xterm.contains("Terminal"),
+            "xterm.js is embedded but not served"
+        );
+    } else {
+        eprintln!("this build has no xterm.js: npm was missing or failed when it was built");
+    }
+
+    // The Unix socket serves the page without credentials.
+    let client = ApiClient::unix(&state.socket("page"));
+    let (status, body) = runtime()
+        .block_on(client.send(Method::GET, "/", None, Vec::new()))
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&body).contains("id=\"terminal\""));
+
+    state.ok(&["stop", "page"]);
+    reap(pid);
+}
+
+#[test]
+fn web_login_and_wrong_tokens() {
+    let state = StateDir::new();
+    let token = "web-token-0123456789;=,";
+    let pid = state.start_vm(
+        "webauth",
+        &["--api-listen", "127.0.0.1:0", "--api-token", token],
+    );
+    let addr_text = std::fs::read_to_string(state.vm_dir("webauth").join("api.addr")).unwrap();
+    let addr: std::net::SocketAddr = addr_text.trim().parse().unwrap();
+
+    // Without a credential the page is a login form, and the API returns JSON errors.
+    let (status, page) = raw_http(addr, "GET", "/", &[]);
+    assert_eq!(status, 401);
+    assert!(page.contains("<form"), "{page}");
+    assert_eq!(raw_http(addr, "GET", "/assets/console.js", &[]).0, 401);
+
+    let (status, response) = raw_http(addr, "GET", "/?token=wrong-token-0123456789", &[]);
+    assert_eq!(status, 401);
+    assert!(
+        !response.to_ascii_lowercase().contains("set-cookie"),
+        "{response}"
+    );
+
+    let login = "/?token=web-token-0123456789%3B%3D%2C";
+    let (status, response) = raw_http(addr, "GET", login, &[]);
+    assert_eq!(status, 303, "{response}");
+    let set_cookie = response
+        .lines()
+        .find_map(|line| line.strip_prefix("set-cookie: "))
+        .unwrap_or_else(|| panic!("no cookie in {response}"));
+    let cookie = set_cookie.split(';').next().unwrap().to_string();
+    assert_eq!(
+        cookie,
+        format!("monstervm-token-webauth={}", hex(token.as_bytes()))
+    );
+    assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"));
+
+    let with_cookie = [("Cookie", cookie.as_str())];
+    let (status, page) = raw_http(addr, "GET", "/", &with_cookie);
+    assert_eq!(status, 200);
+    assert!(page.contains("/assets/xterm.js"));
+    assert_eq!(raw_http(addr, "GET", "/vm", &with_cookie).0, 200);
+    let wrong_cookie = [("Cookie", "monstervm-token-webauth=00")];
+    assert_eq!(raw_http(addr, "GET", "/vm", &wrong_cookie).0, 401);
+
+    // The cookie does not work for a page on another origin.
+    let cross_site = [
+        ("Cookie", cookie.as_str()),
+        ("Origin", "http://127.0.0.1:1"),
+    ];
+    assert_eq!(raw_http(addr, "PUT", "/vm/actions", &cross_site).0, 403);
+    let client = ApiClient::tcp(addr, token);
+    assert_eq!(
+        runtime().block_on(client.info()).unwrap().state,
+        VmState::Running
+    );
+
+    runtime().block_on(async {
+        let origin = format!("http://{addr}");
+        let (mut console, response) = open_console_with(
+            addr,
+            &[("Cookie", cookie.as_str()), ("Origin", origin.as_str())],
+        )
+        .await
+        .expect("the login cookie opens the console");
+        assert_eq!(response.status(), 101);
+        receive_until_raw(&mut console, "booted").await;
+
+        let protocols = format!(
+            "monstervm-console, monstervm-token.{}",
+            hex(token.as_bytes())
+        );
+        let (mut console, response) =
+            open_console_with(addr, &[("Sec-WebSocket-Protocol", protocols.as_str())])
+                .await
+                .expect("the token subprotocol opens the console");
+        assert_eq!(
+            response.headers()["sec-websocket-protocol"],
+            "monstervm-console"
+        );
+        receive_until_raw(&mut console, "booted").await;
+
+        let wrong = "monstervm-console, monstervm-token.00";
+        assert!(
+            open_console_with(addr, &[("Sec-WebSocket-Protocol", wrong)])
+                .await
+                .is_err()
+        );
+        assert!(open_console_with(
+            addr,
+            &[
+                ("Cookie", cookie.as_str()),
+                ("Origin", "http://127.0.0.1:1")
+            ]
+        )
+        .await
+        .is_err());
+        assert!(open_console_with(addr, &wrong_cookie).await.is_err());
+    });
+
+    state.ok(&["stop", "webauth"]);
+    reap(pid);
+    let log = std::fs::read_to_string(state.vm_dir("webauth").join("vmm.log")).unwrap();
+    assert!(log.contains("without a valid token rejected"), "{log}");
+    assert!(
+        !log.contains("web-token-0123456789"),
+        "the token is in vmm.log"
+    );
+    assert!(
+        !log.contains(&hex(token.as_bytes())),
+        "the token is in vmm.log"
+    );
+}
+
+async fn receive_until_raw(
+    console: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    needle: &str,
+) {
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        let message = tokio::time::timeout(lifecycle_common::PATIENCE, console.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} on the console; got {seen:?}"))
+            .expect("console open")
+            .expect("console frame");
+        seen.extend_from_slice(&message.into_data());
+    }
 }

@@ -73,7 +73,13 @@ fn fetch_writes_bootable_guest() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(leftovers.len(), 3, "{leftovers:?}");
+    // vmlinuz, initramfs.img, vmlinux and rootfs.img (CI installs e2fsprogs for mke2fs).
+    assert_eq!(leftovers.len(), 4, "{leftovers:?}");
+    let rootfs = PathBuf::from(result["rootfs"].as_str().unwrap());
+    assert_eq!(rootfs, guest_dir.join("rootfs.img"));
+    // The ext4 superblock starts at byte 1024 and has the magic 0xEF53 at offset 56.
+    let rootfs_bytes = std::fs::read(&rootfs).unwrap();
+    assert_eq!(&rootfs_bytes[1024 + 56..1024 + 58], &[0x53, 0xef]);
     let vmlinux = PathBuf::from(result["vmlinux"].as_str().unwrap());
     assert_eq!(vmlinux, guest_dir.join("vmlinux"));
     assert!(std::fs::read(&vmlinux).unwrap().starts_with(b"\x7fELF"));

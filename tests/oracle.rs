@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use iced_x86::{Code, Mnemonic};
+use iced_x86::Mnemonic;
 use monstervm::core::cpu::oracle::compare::{compare, Mismatch};
 use monstervm::core::cpu::oracle::emulator::{emulator_supports, run_emulated};
 use monstervm::core::cpu::oracle::generate::{Case, Class, Generator};
@@ -46,91 +46,7 @@ type Matcher = fn(&Failure) -> bool;
 /// recognizes only that discrepancy. A case that matches counts as "known" and does not
 /// fail the test unless `MONSTERVM_ORACLE_STRICT=1`. Remove an entry once the emulator
 /// is fixed, so that the discrepancy cannot come back unnoticed.
-const KNOWN_DISCREPANCIES: &[(&str, Matcher)] = &[
-    (
-        "read-modify-write #PF reports a read: the host sets the W bit (1) of the error code",
-        |failure| {
-            let (
-                Some(expected),
-                Ok(UserState {
-                    fault: Some(actual),
-                    ..
-                }),
-            ) = (failure.expected.fault, failure.actual)
-            else {
-                return false;
-            };
-            only_fields(failure, &["#PF error code"])
-                && expected.error_code == actual.error_code | 2
-        },
-    ),
-    (
-        "LOOPcc/JECXZ with a 32-bit address size keep RCX bits 63:32 instead of clearing them",
-        |failure| {
-            let counted = failure.case.instructions().iter().any(|instruction| {
-                matches!(
-                    instruction.code(),
-                    Code::Loopne_rel8_64_ECX
-                        | Code::Loope_rel8_64_ECX
-                        | Code::Loop_rel8_64_ECX
-                        | Code::Jecxz_rel8_64
-                )
-            });
-            counted && only_fields(failure, &["rcx"])
-        },
-    ),
-    (
-        "64-bit SHLD/SHRD: the carry computation shifts a u128 by 128, which panics in debug \
-         builds and gives a wrong CF in release builds",
-        |failure| {
-            let wide_double_shift = failure.case.instructions().iter().any(|instruction| {
-                matches!(instruction.mnemonic(), Mnemonic::Shld | Mnemonic::Shrd)
-                    && instruction.op1_register().size() == 8
-            });
-            let panicked = matches!(failure.actual, Err(OracleError::EmulatorPanicked { .. }));
-            wide_double_shift && (panicked || only_fields(failure, &["rflags"]))
-        },
-    ),
-    (
-        "SSE: MXCSR exception flags (bits 0-5) differ, for example PE after an inexact conversion",
-        |failure| {
-            let Ok(actual) = failure.actual else {
-                return false;
-            };
-            only_fields(failure, &["mxcsr"]) && (failure.expected.mxcsr ^ actual.mxcsr) & !0x3F == 0
-        },
-    ),
-    (
-        "SSE: an unmasked SIMD floating-point exception raises no #XM",
-        |failure| {
-            let expects_xm = failure
-                .expected
-                .fault
-                .is_some_and(|fault| fault.vector == 19);
-            let emulator_faulted = matches!(failure.actual, Ok(UserState { fault: Some(_), .. }));
-            expects_xm && !emulator_faulted
-        },
-    ),
-    (
-        "SSE: results differ under a non-default MXCSR (rounding control, FTZ or DAZ)",
-        |failure| {
-            let mxcsr = failure.case.input.mxcsr;
-            let rounding_or_denormal_mode = mxcsr & (0x6000 | 0x8000 | 0x40) != 0;
-            matches!(failure.case.class, Class::Sse | Class::Sse2)
-                && failure.actual.is_ok()
-                && rounding_or_denormal_mode
-        },
-    ),
-];
-
-/// Returns whether every mismatch of `failure` is in one of `fields`.
-fn only_fields(failure: &Failure, fields: &[&str]) -> bool {
-    !failure.mismatches.is_empty()
-        && failure
-            .mismatches
-            .iter()
-            .all(|mismatch| fields.contains(&mismatch.field.as_str()))
-}
+const KNOWN_DISCREPANCIES: &[(&str, Matcher)] = &[];
 
 fn env_number(name: &str, default: u64) -> u64 {
     match std::env::var(name) {

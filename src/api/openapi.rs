@@ -28,7 +28,7 @@ pub fn document() -> Value {
         "info": {
             "title": "MonsterVM per-VM API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Control of one VM process. Served on <state>/vms/NAME/api.sock, and on TCP only with a bearer token."
+            "description": "Control of one VM process. Served on <state>/vms/NAME/api.sock, and on TCP only with a token: a bearer token, the web console's login cookie (set by GET /?token=TOKEN) or, on /vm/console, the subprotocol monstervm-token.HEX next to monstervm-console. GET / serves the web console page, which this document does not list."
         },
         "paths": {
             "/vm": {

@@ -7,10 +7,11 @@
 //! | GET | `/vm/metrics` | | [`VmMetrics`](crate::api::VmMetrics) |
 //! | GET | `/vm/console` | WebSocket upgrade | binary frames both ways |
 //! | GET | `/openapi.json` | | OpenAPI 3.0 document |
+//! | GET | `/`, `/assets/...` | | the web console page ([`crate::api::web`]) |
 //!
 //! Every error is JSON `{"error": "..."}` with a 4xx or 5xx status. The Unix socket needs no
-//! credentials because its file mode admits only the owner. A TCP listener requires
-//! `Authorization: Bearer TOKEN` on every request.
+//! credentials because its file mode admits only the owner. A TCP listener requires the
+//! token on every request, as a bearer token or in the ways [`crate::api::auth`] lists.
 
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
@@ -26,8 +27,9 @@ use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{broadcast, watch};
 
+use crate::api::auth::{self, TokenAuth, CONSOLE_PROTOCOL};
 use crate::api::handle::{VmAction, VmHandle, VmInfo, VmMetrics};
-use crate::api::openapi;
+use crate::api::{openapi, web};
 
 /// Largest request body accepted, in bytes; an action request is about 20 bytes.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -123,8 +125,9 @@ struct ApiState {
     vm_name: Arc<str>,
 }
 
-/// Builds the API routes for `handle`. When `token` is set, every request must carry it as
-/// a bearer token. Console sessions end when `shutdown` becomes true.
+/// Builds the API routes and the web console for `handle`. When `token` is set, every
+/// request must carry it (see [`crate::api::auth`]). Console sessions end when `shutdown`
+/// becomes true.
 pub fn router(
     handle: Arc<dyn VmHandle>,
     shutdown: watch::Receiver<bool>,
@@ -142,14 +145,15 @@ pub fn router(
         .route("/vm/metrics", get(get_metrics))
         .route("/vm/console", get(get_console))
         .route("/openapi.json", get(get_openapi))
+        .merge(web::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(vm_name.clone(), log_errors))
         .with_state(state);
     if let Some(token) = token {
-        let token: Arc<str> = token.into();
-        router = router.layer(middleware::from_fn_with_state(token, require_token));
+        let auth = Arc::new(TokenAuth::new(&token, &vm_name));
+        router = router.layer(middleware::from_fn_with_state(auth, auth::require_token));
     }
     router
 }
@@ -214,44 +218,6 @@ async fn log_errors(State(vm): State<Arc<str>>, request: Request, next: Next) ->
     response
 }
 
-async fn require_token(State(token): State<Arc<str>>, request: Request, next: Next) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
-    match presented {
-        Some(presented) if tokens_match(presented.as_bytes(), token.as_bytes()) => {
-            next.run(request).await
-        }
-        _ => {
-            tracing::info!(path = %request.uri().path(), "API request without a valid bearer token rejected");
-            let mut response = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token in the Authorization header",
-            )
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            response
-        }
-    }
-}
-
-/// Compares in time that depends only on the lengths, so that a client cannot find the
-/// token byte by byte from response times.
-fn tokens_match(presented: &[u8], expected: &[u8]) -> bool {
-    if presented.len() != expected.len() {
-        return false;
-    }
-    presented
-        .iter()
-        .zip(expected)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
-}
-
 async fn get_console(
     State(state): State<ApiState>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -265,7 +231,9 @@ async fn get_console(
             ),
         )
     })?;
+    // A browser that offered subprotocols fails the handshake unless one is selected.
     Ok(upgrade
+        .protocols([CONSOLE_PROTOCOL])
         .max_message_size(MAX_CONSOLE_MESSAGE_BYTES)
         .on_upgrade(move |socket| serve_console(socket, state)))
 }
@@ -356,13 +324,5 @@ mod tests {
         }
         let body = serde_json::json!({"action": "reset"});
         assert_eq!(parse_action(&body).unwrap(), VmAction::Reset);
-    }
-
-    #[test]
-    fn token_comparison() {
-        assert!(tokens_match(b"secret", b"secret"));
-        assert!(!tokens_match(b"secreT", b"secret"));
-        assert!(!tokens_match(b"secret1", b"secret"));
-        assert!(!tokens_match(b"", b"secret"));
     }
 }

@@ -97,7 +97,8 @@ pub enum DisplayState {
 }
 
 impl DisplayState {
-    fn as_str(self) -> &'static str {
+    /// Returns the lowercase name that `list` prints.
+    pub fn as_str(self) -> &'static str {
         match self {
             DisplayState::Stopped => "stopped",
             DisplayState::Starting => "starting",
@@ -143,6 +144,24 @@ pub struct VmStatus {
     info: Option<VmInfo>,
 }
 
+impl VmStatus {
+    /// Creates the status of VM `name` in `state` with every other field unknown.
+    pub fn new(name: &str, state: DisplayState) -> VmStatus {
+        VmStatus {
+            name: name.to_string(),
+            state,
+            pid: None,
+            backend: None,
+            vcpus: None,
+            memory_mib: None,
+            uptime_secs: None,
+            last_error: None,
+            config: None,
+            info: None,
+        }
+    }
+}
+
 /// Joins an error and its sources with ": ", as `{:#}` does for anyhow errors.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -158,19 +177,14 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 /// Finds out whether VM `vm` runs, asking its API when a VMM holds the lock. A VMM found
 /// dead without having cleaned up is recorded as crashed and its stale files are removed.
 pub fn observe(vm: &VmDir) -> Result<VmStatus, StateError> {
+    observe_within(vm, crate::api::client::DEFAULT_TIMEOUT)
+}
+
+/// Does what [`observe`] does, but reports the VM unresponsive when its API does not
+/// respond within `timeout`.
+pub fn observe_within(vm: &VmDir, timeout: Duration) -> Result<VmStatus, StateError> {
     let config = vm.load_config();
-    let mut status = VmStatus {
-        name: vm.name().to_string(),
-        state: DisplayState::Stopped,
-        pid: None,
-        backend: None,
-        vcpus: None,
-        memory_mib: None,
-        uptime_secs: None,
-        last_error: None,
-        config: None,
-        info: None,
-    };
+    let mut status = VmStatus::new(vm.name(), DisplayState::Stopped);
     match config {
         Ok(config) => {
             status.backend = Some(config.backend.to_string());
@@ -187,7 +201,11 @@ pub fn observe(vm: &VmDir) -> Result<VmStatus, StateError> {
 
     if vm.is_locked()? {
         status.pid = vm.read_pid();
-        match block_on(ApiClient::unix(&vm.socket_path()).info()) {
+        match block_on(
+            ApiClient::unix(&vm.socket_path())
+                .with_timeout(timeout)
+                .info(),
+        ) {
             Ok(info) => {
                 status.state = info.state.into();
                 status.pid = Some(info.pid);

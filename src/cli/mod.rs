@@ -14,12 +14,13 @@ use crate::core::vm::builder::{build_vm, BuiltVm, GuestKind};
 use crate::core::vm::console::ConsoleInput;
 use crate::core::vm::{StopReason, VmExit};
 use crate::hypervisor::BackendChoice;
-use crate::utils::config::VmConfig;
+use crate::utils::config::{DiskConfig, VmConfig};
 use crate::utils::logger;
 
 pub mod console;
 pub mod lifecycle;
 pub mod output;
+pub mod shell;
 pub mod state;
 pub mod terminal;
 pub mod vmm;
@@ -45,6 +46,10 @@ pub const EXIT_TIMEOUT: i32 = 5;
 pub const API_LISTEN_ENV: &str = "MONSTERVM_API_LISTEN";
 /// Environment variable read by `start` and `vmm` for the API's bearer token.
 pub const API_TOKEN_ENV: &str = "MONSTERVM_API_TOKEN";
+/// Environment variable read for `--output` when the option is absent.
+pub const OUTPUT_ENV: &str = "MONSTERVM_OUTPUT";
+/// Environment variable read for `--log-level` when the option is absent.
+pub const LOG_LEVEL_ENV: &str = "MONSTERVM_LOG";
 /// Shortest bearer token accepted, in bytes.
 pub const MIN_TOKEN_BYTES: usize = 16;
 
@@ -56,7 +61,7 @@ pub const MIN_TOKEN_BYTES: usize = 16;
 )]
 struct Cli {
     /// Log filter: error, warn, info, debug or trace (RUST_LOG overrides it).
-    #[arg(long, global = true, default_value = "warn", env = "MONSTERVM_LOG")]
+    #[arg(long, global = true, default_value = "warn", env = LOG_LEVEL_ENV)]
     log_level: String,
 
     /// Folder that contains the VMs made by `create` [default: $XDG_STATE_HOME/monstervm or
@@ -66,7 +71,7 @@ struct Cli {
 
     /// Output of commands that print data: aligned tables, or JSON for scripts. No short
     /// form, because `disk create` and `disk convert` take qemu-img's `-o OPTS`.
-    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table, env = OUTPUT_ENV)]
     output: OutputFormat,
 
     #[command(subcommand)]
@@ -99,6 +104,10 @@ enum Command {
     Logs(LogsArgs),
     /// Attach this terminal to a running VM's serial console; Ctrl-] detaches.
     Console(NameArg),
+    /// Show a live dashboard of every VM, with keys to start, stop, pause and attach.
+    Top,
+    /// Read monstervm commands line by line, with history and tab completion.
+    Shell,
     /// The VMM process of one VM, as `start` spawns it.
     #[command(hide = true)]
     Vmm(VmmArgs),
@@ -207,7 +216,7 @@ pub struct VmmArgs {
 #[derive(Subcommand, Debug)]
 enum GuestCommand {
     /// Download Debian's cloud kernel and BusyBox and write DIR/vmlinuz,
-    /// DIR/initramfs.img and DIR/vmlinux.
+    /// DIR/initramfs.img, DIR/vmlinux and the ext4 root disk DIR/rootfs.img.
     Fetch(GuestFetchArgs),
 }
 
@@ -231,7 +240,7 @@ pub struct VmArgs {
     /// Initramfs to load beside the kernel.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1 nokaslr"].
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1 tsc=reliable"].
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
     /// Guest RAM in MiB [default: 256].
@@ -243,6 +252,15 @@ pub struct VmArgs {
     /// Engine that runs the guest: auto picks KVM only where it runs at hardware speed.
     #[arg(long, value_name = "auto|kvm|emulator")]
     pub backend: Option<BackendChoice>,
+    /// Virtio-blk disk, repeatable: the first is /dev/vda in the guest, the next vdb.
+    /// `readonly` shows it read-only, `format` skips detection, `backing=deny` rejects
+    /// images that name other files (for untrusted images), and `serial` sets the ID the
+    /// guest reads. Replaces the disks of --config.
+    #[arg(
+        long = "disk",
+        value_name = "PATH[,readonly][,format=raw|qcow2][,backing=deny][,serial=S]"
+    )]
+    pub disks: Vec<DiskConfig>,
     /// VM spec in TOML (or JSON with a .json extension); options given here override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -279,6 +297,9 @@ impl VmArgs {
         if let Some(backend) = self.backend {
             config.backend = backend;
         }
+        if !self.disks.is_empty() {
+            config.disks = self.disks.clone();
+        }
         config.validate()?;
         Ok(config)
     }
@@ -299,10 +320,24 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("monstervm: error: {e:#}");
+            eprintln!("monstervm: error: {}", error_chain(&e));
             lifecycle::exit_code(&e)
         }
     }
+}
+
+/// Formats an error and its causes on one line, leaving out causes whose text the message
+/// before them already contains (most of our errors embed their source's message).
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
@@ -358,6 +393,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(EXIT_OK)
         }
         Command::Vmm(args) => vmm::run(&state, &args.name, args.tcp.to_tcp_api()?),
+        Command::Top => crate::tui::run(&state),
+        Command::Shell => shell::run(
+            &state,
+            &shell::Globals {
+                log_level: cli.log_level.clone(),
+                output: format,
+            },
+        ),
     }
 }
 
@@ -442,12 +485,58 @@ fn guest_fetch(args: GuestFetchArgs, format: OutputFormat) -> anyhow::Result<i32
             if let Some(vmlinux) = &guest.vmlinux {
                 println!("vmlinux:   {}", vmlinux.display());
             }
+            if let Some(rootfs) = &guest.rootfs {
+                println!("rootfs:    {}", rootfs.display());
+            }
             println!(
                 "boot it with: monstervm run --kernel {} --initrd {}",
                 guest.kernel.display(),
                 guest.initramfs.display()
             );
+            if let Some(rootfs) = &guest.rootfs {
+                println!(
+                    "root on a copy-on-write disk: monstervm disk create -f qcow2 -b {} -F raw overlay.qcow2, then add --disk overlay.qcow2",
+                    rootfs.display()
+                );
+            }
         }
     }
     Ok(EXIT_OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<VmArgs, clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("monstervm").chain(args.iter().copied()))?;
+        match cli.command {
+            Command::Run(run) => Ok(run.vm),
+            other => panic!("parsed {other:?} instead of run"),
+        }
+    }
+
+    #[test]
+    fn repeated_disk_options_keep_order() {
+        let args = run_args(&[
+            "run",
+            "--disk",
+            "root.qcow2,backing=deny",
+            "--disk",
+            "data.img,readonly,serial=data",
+        ])
+        .unwrap();
+        let config = args.to_config().unwrap();
+        assert_eq!(config.disks.len(), 2);
+        assert_eq!(config.disks[0].path, PathBuf::from("root.qcow2"));
+        assert!(config.disks[1].read_only);
+        assert_eq!(config.disks[1].serial.as_deref(), Some("data"));
+    }
+
+    #[test]
+    fn bad_disk_option_is_a_usage_error() {
+        let error = run_args(&["run", "--disk", "a.img,format=vmdk"]).unwrap_err();
+        assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(error.to_string().contains("vmdk"), "{error}");
+    }
 }

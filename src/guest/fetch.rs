@@ -1,7 +1,7 @@
 //! `monstervm guest fetch`: downloads Debian's cloud kernel and static BusyBox with
 //! `apt-get download`, unpacks them with `dpkg-deb -x`, and writes `vmlinuz`,
-//! `initramfs.img` and the ELF `vmlinux` extracted from `vmlinuz`. Neither step needs
-//! root.
+//! `initramfs.img`, the ELF `vmlinux` extracted from `vmlinuz` and the ext4 root disk
+//! `rootfs.img`. No step needs root.
 
 use std::fs;
 use std::io::ErrorKind;
@@ -11,6 +11,7 @@ use std::process::Command;
 use serde::Serialize;
 
 use super::initramfs::{build_initramfs, InitramfsError, ModuleSource};
+use super::rootfs::{build_rootfs, RootfsError};
 use crate::core::boot::image::{probe, KernelImage};
 use crate::core::boot::vmlinux::extract_vmlinux;
 
@@ -45,6 +46,8 @@ pub struct FetchedGuest {
     /// The ELF vmlinux extracted from the bzImage, for booting without the in-kernel
     /// decompressor; `None` where the payload's compression is not supported.
     pub vmlinux: Option<PathBuf>,
+    /// The raw ext4 root disk with BusyBox; `None` where mke2fs is not installed.
+    pub rootfs: Option<PathBuf>,
     /// Kernel release, as `uname -r` prints it in the guest.
     pub kernel_version: String,
     /// Name of the .deb that held the kernel.
@@ -68,6 +71,8 @@ pub enum FetchError {
     BadKernel { path: PathBuf, reason: String },
     #[error(transparent)]
     Initramfs(#[from] InitramfsError),
+    #[error(transparent)]
+    Rootfs(#[from] RootfsError),
     #[error("failed to {action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -173,10 +178,13 @@ pub fn fetch_guest(
         }
     ));
 
+    let rootfs = write_rootfs(&busybox, &options.dir.join("rootfs.img"), &work.0, progress)?;
+
     Ok(FetchedGuest {
         kernel,
         initramfs,
         vmlinux,
+        rootfs,
         kernel_version,
         kernel_package,
         modules: summary.modules,
@@ -209,6 +217,34 @@ fn write_vmlinux(
         vmlinux.len() / 1024
     ));
     Ok(Some(output.to_path_buf()))
+}
+
+/// Writes the root disk to `output`. Without mke2fs it reports and skips the disk,
+/// because the kernel and initramfs boot without it.
+fn write_rootfs(
+    busybox: &Path,
+    output: &Path,
+    work: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Option<PathBuf>, FetchError> {
+    let tmp = work.join("rootfs.img");
+    match build_rootfs(busybox, work, &tmp) {
+        Ok(summary) => {
+            fs::rename(&tmp, output).map_err(io_error("write", output))?;
+            progress(&format!(
+                "wrote {} (raw ext4, {} MiB, {} BusyBox applet links)",
+                output.display(),
+                summary.size >> 20,
+                summary.applet_links
+            ));
+            Ok(Some(output.to_path_buf()))
+        }
+        Err(error @ RootfsError::Mke2fsMissing) => {
+            progress(&format!("not writing {}: {error}", output.display()));
+            Ok(None)
+        }
+        Err(error) => Err(error.into()),
+    }
 }
 
 fn file_name(path: &Path) -> String {

@@ -23,7 +23,7 @@ pub const VIRTIO_MODULES: [&str; 3] = ["virtio_pci", "virtio_blk", "virtio_net"]
 const LOAD_ORDER_FILE: &str = "lib/modules/load-order";
 
 /// The `/init` script. BusyBox installs its applet links first, so every later command is
-/// an applet. `cttyhack` opens the console named by `console=` (for example /dev/ttyS0) as
+/// an applet. With a root disk (see `rootfs`) it switches to the disk's `/sbin/init`. `cttyhack` opens the console named by `console=` (for example /dev/ttyS0) as
 /// the controlling terminal, so the shell has job control and typed commands echo.
 pub const INIT_SCRIPT: &str = r#"#!/bin/sh
 # /init of the MonsterVM test guest, written by `monstervm guest fetch`.
@@ -47,6 +47,45 @@ fi
 
 read -r uptime idle < /proc/uptime
 echo "MONSTERVM-INIT uptime=$uptime"
+
+# Root disk: the device named by root= (a path, LABEL= or UUID=), or else the disk
+# labelled monstervm-root. Without either, the shell below runs from the initramfs.
+root=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        root=*) root="${arg#root=}" ;;
+    esac
+done
+case "$root" in
+    "") root=$(findfs LABEL=monstervm-root 2>/dev/null) ;;
+    LABEL=*|UUID=*) root=$(findfs "$root" 2>/dev/null) ;;
+    *)
+        tries=0
+        while [ ! -b "$root" ] && [ "$tries" -lt 10 ]; do
+            sleep 1
+            tries=$((tries + 1))
+        done
+        ;;
+esac
+if [ -n "$root" ] && [ -b "$root" ]; then
+    mkdir -p /newroot
+    if mount -o rw "$root" /newroot 2>/dev/null || mount -o ro "$root" /newroot; then
+        if [ -x /newroot/sbin/init ]; then
+            echo "MONSTERVM-INIT switching root to $root"
+            umount /tmp
+            mount --move /dev /newroot/dev
+            mount --move /proc /newroot/proc
+            mount --move /sys /newroot/sys
+            exec switch_root /newroot /sbin/init
+        fi
+        echo "MONSTERVM-INIT $root has no /sbin/init; staying in the initramfs"
+        umount /newroot
+    else
+        echo "MONSTERVM-INIT failed to mount $root; staying in the initramfs"
+    fi
+elif [ -n "$root" ]; then
+    echo "MONSTERVM-INIT root device $root not found; staying in the initramfs"
+fi
 
 setsid cttyhack sh
 echo "MONSTERVM-INIT shell exited, powering off"
@@ -261,6 +300,11 @@ mod tests {
         assert!(INIT_SCRIPT.contains(&format!("echo \"{INIT_MARKER} uptime=$uptime\"")));
         assert!(INIT_SCRIPT.contains("mount -t devtmpfs devtmpfs /dev"));
         assert!(INIT_SCRIPT.contains("setsid cttyhack sh"));
+        assert!(INIT_SCRIPT.contains(&format!(
+            "findfs LABEL={}",
+            crate::guest::rootfs::ROOT_LABEL
+        )));
+        assert!(INIT_SCRIPT.contains("exec switch_root /newroot /sbin/init"));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! device raises an interrupt; a halt with interrupts disabled ends `run` with
 //! `VcpuExit::Halted`, because nothing can wake the CPU.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{
     BackendKind, CpuState, HypervisorError, HypervisorVm, IoHandler, IrqChip, PlatformDevices,
-    Vcpu, VcpuExit, VcpuKicker, VcpuStats,
+    SharedVcpuStats, Vcpu, VcpuExit, VcpuKicker,
 };
 use crate::core::cpu::{CodeWatch, Cpu, CpuBus, CpuConfig, CpuEvent};
 use crate::core::devices::irq_chip::EmulatedIrqChip;
@@ -28,7 +28,7 @@ use crate::core::devices::{Clock, HostClock, WindowedDevice};
 pub const SLICE_INSTRUCTIONS: u64 = 20_000;
 /// Frequency of the emulated TSC and of the LAPIC timer, in Hz.
 pub const TSC_HZ: u64 = 1_000_000_000;
-/// Longest sleep of a halted vCPU without a timer deadline, so that a lost wake-up costs
+/// Maximum sleep of a halted vCPU without a timer deadline, so that a lost wake-up costs
 /// at most this much latency.
 const MAX_HALT_SLEEP: Duration = Duration::from_millis(50);
 
@@ -166,9 +166,7 @@ impl HypervisorVm for EmulatorVm {
                 kicked: AtomicBool::new(false),
                 waker: self.platform.waker.clone(),
             }),
-            stats: VcpuStats::default(),
-            stats_pio: AtomicU64::new(0),
-            stats_mmio: AtomicU64::new(0),
+            stats: Arc::default(),
         }))
     }
 }
@@ -191,9 +189,7 @@ pub struct EmulatorVcpu {
     cpu: Cpu,
     platform: Arc<Platform>,
     kicker: Arc<EmulatorKicker>,
-    stats: VcpuStats,
-    stats_pio: AtomicU64,
-    stats_mmio: AtomicU64,
+    stats: Arc<SharedVcpuStats>,
 }
 
 impl EmulatorVcpu {
@@ -231,22 +227,21 @@ impl Vcpu for EmulatorVcpu {
             let mut bus = EmulatorBus {
                 platform: &self.platform,
                 io,
-                pio_exits: &self.stats_pio,
-                mmio_exits: &self.stats_mmio,
+                stats: &self.stats,
             };
-            let event = self.cpu.run(&mut bus, SLICE_INSTRUCTIONS).map_err(|e| {
-                HypervisorError::VcpuFailed {
-                    id: self.id,
-                    reason: e.to_string(),
-                    state: Box::new(self.cpu.state()),
-                }
+            let event = self.cpu.run(&mut bus, SLICE_INSTRUCTIONS);
+            self.stats.set_instructions(self.cpu.instructions());
+            let event = event.map_err(|e| HypervisorError::VcpuFailed {
+                id: self.id,
+                reason: e.to_string(),
+                state: Box::new(self.cpu.state()),
             })?;
 
             match event {
                 CpuEvent::BudgetExhausted => {}
                 CpuEvent::Shutdown => return Ok(VcpuExit::Shutdown),
                 CpuEvent::Halted => {
-                    self.stats.halt_exits += 1;
+                    self.stats.count_halt_exit();
                     if self.cpu.rflags() & (1 << 9) == 0 {
                         // NOTE: NMIs, which could still wake the CPU, are not delivered by
                         // the emulator yet.
@@ -278,13 +273,8 @@ impl Vcpu for EmulatorVcpu {
         self.kicker.clone()
     }
 
-    fn stats(&self) -> VcpuStats {
-        VcpuStats {
-            pio_exits: self.stats_pio.load(Ordering::Relaxed),
-            mmio_exits: self.stats_mmio.load(Ordering::Relaxed),
-            halt_exits: self.stats.halt_exits,
-            instructions: self.cpu.instructions(),
-        }
+    fn shared_stats(&self) -> Arc<SharedVcpuStats> {
+        self.stats.clone()
     }
 }
 
@@ -292,8 +282,7 @@ impl Vcpu for EmulatorVcpu {
 struct EmulatorBus<'a> {
     platform: &'a Platform,
     io: &'a dyn IoHandler,
-    pio_exits: &'a AtomicU64,
-    mmio_exits: &'a AtomicU64,
+    stats: &'a SharedVcpuStats,
 }
 
 impl CpuBus for EmulatorBus<'_> {
@@ -302,22 +291,22 @@ impl CpuBus for EmulatorBus<'_> {
     }
 
     fn pio_read(&mut self, port: u16, data: &mut [u8]) {
-        self.pio_exits.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_pio_exit();
         self.io.pio_read(port, data);
     }
 
     fn pio_write(&mut self, port: u16, data: &[u8]) {
-        self.pio_exits.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_pio_exit();
         self.io.pio_write(port, data);
     }
 
     fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
-        self.mmio_exits.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_mmio_exit();
         self.io.mmio_read(addr, data);
     }
 
     fn mmio_write(&mut self, addr: u64, data: &[u8]) {
-        self.mmio_exits.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_mmio_exit();
         self.io.mmio_write(addr, data);
     }
 

@@ -30,7 +30,7 @@ pub use regs::STATE_MSRS;
 
 use super::{
     BackendKind, CpuState, HypervisorError, HypervisorVm, IoHandler, IrqChip, PlatformDevices,
-    Vcpu, VcpuExit, VcpuKicker, VcpuStats,
+    SharedVcpuStats, Vcpu, VcpuExit, VcpuKicker,
 };
 use kick::{KickState, RunScope};
 
@@ -274,7 +274,7 @@ impl KvmVm {
             fd,
             run_size: self.run_size,
             kick: Arc::new(KickState::default()),
-            stats: VcpuStats::default(),
+            stats: Arc::default(),
             io_pending: false,
             has_xsave: self.kvm.check_extension(Cap::Xsave),
             _memory: self.memory.clone(),
@@ -402,7 +402,7 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     run_size: usize,
     kick: Arc<KickState>,
-    stats: VcpuStats,
+    stats: Arc<SharedVcpuStats>,
     /// Whether the last exit was port I/O or MMIO, which KVM finishes only on the
     /// next KVM_RUN (for example by loading the IN result into RAX).
     io_pending: bool,
@@ -442,17 +442,17 @@ impl KvmVcpu {
         let step = match exit {
             KvmExit::IoIn(..) | KvmExit::IoOut(..) => Step::PortIo,
             KvmExit::MmioRead(address, data) => {
-                self.stats.mmio_exits += 1;
+                self.stats.count_mmio_exit();
                 io.mmio_read(address, data);
                 Step::Continue
             }
             KvmExit::MmioWrite(address, data) => {
-                self.stats.mmio_exits += 1;
+                self.stats.count_mmio_exit();
                 io.mmio_write(address, data);
                 Step::Continue
             }
             KvmExit::Hlt => {
-                self.stats.halt_exits += 1;
+                self.stats.count_halt_exit();
                 Step::Return(VcpuExit::Halted)
             }
             KvmExit::Shutdown => Step::Return(VcpuExit::Shutdown),
@@ -522,7 +522,7 @@ impl KvmVcpu {
         for chunk in data.chunks_exact_mut(size) {
             // Counted per access, so a REP INS or OUTS counts each element, as the
             // emulator does, however many of them KVM batched into this exit.
-            self.stats.pio_exits += 1;
+            self.stats.count_pio_exit();
             if u32::from(exit.direction) == kvm_bindings::KVM_EXIT_IO_IN {
                 io.pio_read(exit.port, chunk);
             } else {
@@ -710,7 +710,7 @@ impl Vcpu for KvmVcpu {
                         return Ok(VcpuExit::Kicked);
                     }
                     if self.halted_for_good()? {
-                        self.stats.halt_exits += 1;
+                        self.stats.count_halt_exit();
                         return Ok(VcpuExit::Halted);
                     }
                 }
@@ -793,7 +793,7 @@ impl Vcpu for KvmVcpu {
         Arc::clone(&self.kick) as Arc<dyn VcpuKicker>
     }
 
-    fn stats(&self) -> VcpuStats {
+    fn shared_stats(&self) -> Arc<SharedVcpuStats> {
         self.stats.clone()
     }
 }

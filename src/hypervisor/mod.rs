@@ -4,6 +4,7 @@
 #[cfg(target_os = "linux")]
 pub mod emulator;
 pub mod kvm;
+pub mod probe_cache;
 pub mod traits;
 
 use std::fmt;
@@ -13,8 +14,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use traits::{
-    CpuState, DescriptorTable, FpuState, IoHandler, IrqChip, Segment, Vcpu, VcpuExit, VcpuKicker,
-    VcpuStats,
+    CpuState, DescriptorTable, FpuState, IoHandler, IrqChip, Segment, SharedVcpuStats, Vcpu,
+    VcpuExit, VcpuKicker, VcpuStats,
 };
 
 /// Errors raised by a backend.
@@ -142,19 +143,38 @@ pub fn select_backend(choice: BackendChoice) -> Result<BackendSelection, Hypervi
                 reason: "requested with --backend kvm".to_string(),
             })
         }
-        BackendChoice::Auto => match kvm::probe_hardware_speed() {
-            Ok(probe) if probe.hardware_speed => Ok(BackendSelection {
-                kind: BackendKind::Kvm,
-                reason: probe.to_string(),
-            }),
-            Ok(probe) => Ok(BackendSelection {
-                kind: BackendKind::Emulator,
-                reason: format!("{probe}; the built-in emulator is faster here"),
-            }),
-            Err(e) => Ok(BackendSelection {
-                kind: BackendKind::Emulator,
-                reason: format!("KVM is unusable ({e})"),
-            }),
+        BackendChoice::Auto => Ok(select_auto()),
+    }
+}
+
+/// Picks KVM when the speed probe (cached for this host boot) says it runs at hardware
+/// speed, and the emulator otherwise.
+fn select_auto() -> BackendSelection {
+    let verdict = match probe_cache::load() {
+        Some(cached) => Ok((
+            cached.hardware_speed,
+            format!("{} (cached for this host boot)", cached.summary),
+        )),
+        None => kvm::probe_hardware_speed().map(|probe| {
+            probe_cache::store(&probe_cache::CachedProbe {
+                hardware_speed: probe.hardware_speed,
+                summary: probe.to_string(),
+            });
+            (probe.hardware_speed, probe.to_string())
+        }),
+    };
+    match verdict {
+        Ok((true, summary)) => BackendSelection {
+            kind: BackendKind::Kvm,
+            reason: summary,
+        },
+        Ok((false, summary)) => BackendSelection {
+            kind: BackendKind::Emulator,
+            reason: format!("{summary}; the built-in emulator is faster here"),
+        },
+        Err(e) => BackendSelection {
+            kind: BackendKind::Emulator,
+            reason: format!("KVM is unusable ({e})"),
         },
     }
 }

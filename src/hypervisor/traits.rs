@@ -6,6 +6,7 @@
 //! that change the VM's lifecycle: a halt, a shutdown, a kick or a failure.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -83,8 +84,14 @@ pub trait Vcpu: Send {
     /// Returns a handle that other threads use to interrupt `run`.
     fn kicker(&self) -> Arc<dyn VcpuKicker>;
 
+    /// Returns the block where this vCPU publishes its counters, so that another thread
+    /// (the API's metrics) can read them while `run` executes.
+    fn shared_stats(&self) -> Arc<SharedVcpuStats>;
+
     /// Returns the counters of this vCPU's exits and, on the emulator, retired instructions.
-    fn stats(&self) -> VcpuStats;
+    fn stats(&self) -> VcpuStats {
+        self.shared_stats().snapshot()
+    }
 }
 
 /// Counters kept by every backend, read by `monstervm` metrics and benchmarks.
@@ -98,6 +105,52 @@ pub struct VcpuStats {
     pub halt_exits: u64,
     /// Instructions retired; zero on hardware backends, which do not count them.
     pub instructions: u64,
+}
+
+/// Counters of one vCPU, written by the thread that runs it and read by any thread.
+///
+/// Each counter is updated on its own with relaxed ordering, so a snapshot taken while the
+/// vCPU runs may pair values from slightly different moments, but every counter only grows.
+/// The emulator publishes its instruction count when each slice of at most
+/// `SLICE_INSTRUCTIONS` ends, so that count may lag the exit counters.
+#[derive(Debug, Default)]
+pub struct SharedVcpuStats {
+    pio_exits: AtomicU64,
+    mmio_exits: AtomicU64,
+    halt_exits: AtomicU64,
+    instructions: AtomicU64,
+}
+
+impl SharedVcpuStats {
+    /// Counts one port-I/O access.
+    pub fn count_pio_exit(&self) {
+        self.pio_exits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one MMIO access.
+    pub fn count_mmio_exit(&self) {
+        self.mmio_exits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one HLT exit.
+    pub fn count_halt_exit(&self) {
+        self.halt_exits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Publishes the total of instructions retired so far.
+    pub fn set_instructions(&self, total: u64) {
+        self.instructions.store(total, Ordering::Relaxed);
+    }
+
+    /// Reads every counter.
+    pub fn snapshot(&self) -> VcpuStats {
+        VcpuStats {
+            pio_exits: self.pio_exits.load(Ordering::Relaxed),
+            mmio_exits: self.mmio_exits.load(Ordering::Relaxed),
+            halt_exits: self.halt_exits.load(Ordering::Relaxed),
+            instructions: self.instructions.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// A segment register in the form that KVM and the emulator share.

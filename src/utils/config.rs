@@ -11,6 +11,10 @@ use crate::hypervisor::BackendChoice;
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
 /// Largest vCPU count accepted; the MP table and the local APIC IDs are 8-bit.
 pub const MAX_VCPUS: u8 = 64;
+/// Largest number of disks: PCI bus 0 has 32 slots and the host bridge takes slot 0.
+pub const MAX_DISKS: usize = 31;
+/// Longest disk serial number in bytes, the size of virtio-blk's GET_ID response.
+pub const MAX_DISK_SERIAL_BYTES: usize = 20;
 /// Largest config file read, in bytes; a VM spec is a few hundred bytes.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -65,6 +69,147 @@ pub struct VmConfig {
     /// Which engine runs the guest.
     #[serde(default)]
     pub backend: BackendChoice,
+    /// Virtio-blk disks, in the order the guest enumerates them (vda, vdb, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+}
+
+/// One virtio-blk disk of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Image file; a relative path is relative to the working directory of the VMM.
+    pub path: PathBuf,
+    /// Present the disk to the guest as read-only and open the image without write access.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Image format; `auto` opens a file with the qcow2 magic as qcow2 and anything else as
+    /// raw.
+    #[serde(default)]
+    pub format: DiskFormat,
+    /// Whether the image may name backing or external data files.
+    #[serde(default)]
+    pub backing: DiskBacking,
+    /// Serial number the guest reads with GET_ID (for example /sys/block/vda/serial), at
+    /// most 20 printable ASCII bytes; `None` uses the disk's position, `disk0`, `disk1`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+/// Image format of a [`DiskConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Auto,
+    Raw,
+    Qcow2,
+}
+
+/// Backing-file policy of a [`DiskConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBacking {
+    /// Follow backing files named by the image.
+    #[default]
+    Allow,
+    /// Reject an image that names any other file: the setting for untrusted images.
+    Deny,
+}
+
+/// Keys accepted after the path in `--disk PATH,KEY=VALUE,...`, for error messages.
+const DISK_KEYS: &str = "readonly, format=auto|raw|qcow2, backing=allow|deny, serial=S";
+
+impl DiskConfig {
+    /// Creates a writable disk of detected format with backing files allowed.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DiskConfig {
+            path: path.into(),
+            read_only: false,
+            format: DiskFormat::Auto,
+            backing: DiskBacking::Allow,
+            serial: None,
+        }
+    }
+
+    /// Checks the values that need no file system access.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.path.as_os_str().is_empty() {
+            return Err(invalid_disk("the image path is empty".to_string()));
+        }
+        if let Some(serial) = &self.serial {
+            if serial.is_empty()
+                || serial.len() > MAX_DISK_SERIAL_BYTES
+                || !serial.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(invalid_disk(format!(
+                    "serial {serial:?} of {} must be 1 to {MAX_DISK_SERIAL_BYTES} printable ASCII characters without spaces",
+                    self.path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid_disk(message: String) -> ConfigError {
+    ConfigError::Invalid {
+        field: "disk",
+        message,
+    }
+}
+
+fn parse_switch(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(invalid_disk(format!(
+            "invalid value {value:?} for {key}: use on or off"
+        ))),
+    }
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    /// Parses `PATH[,readonly][,format=raw|qcow2][,backing=deny][,serial=S]`.
+    ///
+    /// NOTE: the first comma ends the path, so an image whose path contains a comma must
+    /// be given in a config file instead.
+    fn from_str(text: &str) -> Result<Self, ConfigError> {
+        let mut parts = text.split(',');
+        let path = parts.next().unwrap_or_default();
+        let mut disk = DiskConfig::new(path);
+        for option in parts {
+            let (key, value) = match option.split_once('=') {
+                Some((key, value)) => (key, Some(value)),
+                None => (option, None),
+            };
+            match (key, value) {
+                ("readonly" | "ro", None) => disk.read_only = true,
+                ("readonly" | "ro", Some(value)) => disk.read_only = parse_switch(key, value)?,
+                ("format", Some("auto")) => disk.format = DiskFormat::Auto,
+                ("format", Some("raw")) => disk.format = DiskFormat::Raw,
+                ("format", Some("qcow2")) => disk.format = DiskFormat::Qcow2,
+                ("backing", Some("allow")) => disk.backing = DiskBacking::Allow,
+                ("backing", Some("deny")) => disk.backing = DiskBacking::Deny,
+                ("serial", Some(serial)) => disk.serial = Some(serial.to_string()),
+                ("format" | "backing" | "serial", value) => {
+                    return Err(invalid_disk(format!(
+                        "invalid value {:?} for {key} in {text:?}; supported: {DISK_KEYS}",
+                        value.unwrap_or("")
+                    )))
+                }
+                _ => {
+                    return Err(invalid_disk(format!(
+                        "unknown option {option:?} in {text:?}; supported: {DISK_KEYS}"
+                    )))
+                }
+            }
+        }
+        disk.validate()?;
+        Ok(disk)
+    }
 }
 
 fn default_name() -> String {
@@ -81,8 +226,13 @@ fn default_vcpus() -> u8 {
 
 /// The command line used when none is given: serial console, and a failure or reboot
 /// ends the VM instead of hanging it.
+///
+/// `tsc=reliable` turns off the kernel's TSC watchdog. Both backends give the guest a TSC
+/// that follows the host's monotonic clock, but on the emulator the PIT ticks that the
+/// watchdog compares against arrive late while the guest runs slowly, and the kernel would
+/// otherwise drop the TSC for the coarse jiffies clock.
 pub fn default_cmdline() -> &'static str {
-    "console=ttyS0 reboot=k panic=-1 nokaslr"
+    "console=ttyS0 reboot=k panic=-1 tsc=reliable"
 }
 
 impl Default for VmConfig {
@@ -95,6 +245,7 @@ impl Default for VmConfig {
             memory_mib: DEFAULT_MEMORY_MIB,
             vcpus: 1,
             backend: BackendChoice::Auto,
+            disks: Vec::new(),
         }
     }
 }
@@ -165,6 +316,18 @@ impl VmConfig {
                 message: "an initramfs needs a kernel: add --kernel".to_string(),
             });
         }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::Invalid {
+                field: "disks",
+                message: format!(
+                    "{} disks given, but PCI bus 0 holds at most {MAX_DISKS}",
+                    self.disks.len()
+                ),
+            });
+        }
+        for disk in &self.disks {
+            disk.validate()?;
+        }
         if let Some(cmdline) = &self.cmdline {
             if cmdline.len() >= 2048 || cmdline.contains('\0') {
                 return Err(ConfigError::Invalid {
@@ -234,6 +397,89 @@ mod tests {
     }
 
     #[test]
+    fn disk_option_parses_every_key() {
+        let disk: DiskConfig = "img/a.qcow2,readonly,format=qcow2,backing=deny,serial=root-1"
+            .parse()
+            .unwrap();
+        assert_eq!(disk.path, PathBuf::from("img/a.qcow2"));
+        assert!(disk.read_only);
+        assert_eq!(disk.format, DiskFormat::Qcow2);
+        assert_eq!(disk.backing, DiskBacking::Deny);
+        assert_eq!(disk.serial.as_deref(), Some("root-1"));
+
+        let plain: DiskConfig = "disk.img".parse().unwrap();
+        assert_eq!(plain, DiskConfig::new("disk.img"));
+        let explicit: DiskConfig = "disk.img,readonly=off,format=raw".parse().unwrap();
+        assert!(!explicit.read_only);
+        assert_eq!(explicit.format, DiskFormat::Raw);
+    }
+
+    #[test]
+    fn disk_option_errors_name_key_or_value() {
+        let cases = [
+            ("a.img,redonly", "\"redonly\""),
+            ("a.img,format=vmdk", "\"vmdk\""),
+            ("a.img,backing=maybe", "\"maybe\""),
+            ("a.img,readonly=perhaps", "\"perhaps\""),
+            ("a.img,serial=has space", "\"has space\""),
+            (
+                "a.img,serial=123456789012345678901",
+                "123456789012345678901",
+            ),
+            (",readonly", "path is empty"),
+        ];
+        for (text, expected) in cases {
+            let message = text.parse::<DiskConfig>().unwrap_err().to_string();
+            assert!(message.contains(expected), "{text}: {message}");
+        }
+    }
+
+    #[test]
+    fn disks_load_from_toml_and_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml_path = dir.path().join("vm.toml");
+        std::fs::write(
+            &toml_path,
+            "[[disks]]\npath = \"root.qcow2\"\nformat = \"qcow2\"\nbacking = \"deny\"\n\n\
+             [[disks]]\npath = \"data.img\"\nread_only = true\nserial = \"data\"\n",
+        )
+        .unwrap();
+        let config = VmConfig::load(&toml_path).unwrap();
+        assert_eq!(config.disks.len(), 2);
+        assert_eq!(config.disks[0].format, DiskFormat::Qcow2);
+        assert_eq!(config.disks[0].backing, DiskBacking::Deny);
+        assert!(config.disks[1].read_only);
+        assert_eq!(config.disks[1].serial.as_deref(), Some("data"));
+
+        let parsed: VmConfig = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(parsed, config);
+
+        let json_path = dir.path().join("vm.json");
+        std::fs::write(
+            &json_path,
+            r#"{"disks": [{"path": "a.img", "format": "raw"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            VmConfig::load(&json_path).unwrap().disks[0].format,
+            DiskFormat::Raw
+        );
+    }
+
+    #[test]
+    fn disk_spec_rejects_unknown_key_and_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.toml");
+        std::fs::write(&path, "[[disks]]\npath = \"a.img\"\nreadonly = true\n").unwrap();
+        let message = VmConfig::load(&path).unwrap_err().to_string();
+        assert!(message.contains("readonly"), "{message}");
+
+        std::fs::write(&path, "[[disks]]\npath = \"a.img\"\nformat = \"vmdk\"\n").unwrap();
+        let message = VmConfig::load(&path).unwrap_err().to_string();
+        assert!(message.contains("vmdk"), "{message}");
+    }
+
+    #[test]
     fn invalid_values_are_rejected() {
         let cases = [
             VmConfig {
@@ -250,6 +496,10 @@ mod tests {
             },
             VmConfig {
                 cmdline: Some("a\0b".into()),
+                ..VmConfig::default()
+            },
+            VmConfig {
+                disks: vec![DiskConfig::new("a.img"); MAX_DISKS + 1],
                 ..VmConfig::default()
             },
         ];

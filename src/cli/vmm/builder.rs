@@ -31,6 +31,8 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialSink) -> Result<BuiltVm, Bu
     let built = crate::core::vm::builder::build_vm(config, Box::new(serial_out))?;
     let input = ConsoleInput::new(built.serial);
     let control = built.vm.control().clone();
+    let vcpu_stats = built.vm.shared_vcpu_stats();
+    let stats: StatsReader = Arc::new(move || vcpu_stats.iter().map(|s| s.snapshot()).collect());
     let serial_input: SerialInput = Arc::new(move |bytes: &[u8]| {
         input.send(bytes, &|| control.stop_reason().is_some());
     });
@@ -38,9 +40,7 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialSink) -> Result<BuiltVm, Bu
         backend: built.backend.kind.to_string(),
         vm: built.vm,
         serial_input,
-        // NOTE: per-vCPU counters are read by the vCPU's owner only; the API reports
-        // them once the VM loop publishes them.
-        stats: None,
+        stats: Some(stats),
         // NOTE: the machine has no ACPI power button yet, so an API stop ends the vCPUs
         // without giving the guest a chance to shut down.
         power_button: None,

@@ -23,7 +23,7 @@ use crate::core::memory::create_guest_memory;
 use crate::core::vm::{Vm, VmControl, VmIo};
 use crate::hypervisor::{
     BackendKind, CpuState, HypervisorError, HypervisorVm, IoHandler, IrqChip, PlatformDevices,
-    Vcpu, VcpuExit, VcpuKicker, VcpuStats,
+    SharedVcpuStats, Vcpu, VcpuExit, VcpuKicker, VcpuStats,
 };
 use crate::utils::config::VmConfig;
 
@@ -64,6 +64,7 @@ impl HypervisorVm for IdleBackend {
     fn create_vcpu(&self, _id: u32) -> Result<Box<dyn Vcpu>, HypervisorError> {
         Ok(Box::new(IdleVcpu {
             kicker: Arc::new(IdleKicker::default()),
+            stats: Arc::default(),
         }))
     }
 }
@@ -83,6 +84,8 @@ impl VcpuKicker for IdleKicker {
 
 struct IdleVcpu {
     kicker: Arc<IdleKicker>,
+    /// Stays zero: the test double reports its echo count through its own reader.
+    stats: Arc<SharedVcpuStats>,
 }
 
 impl Vcpu for IdleVcpu {
@@ -111,8 +114,8 @@ impl Vcpu for IdleVcpu {
         self.kicker.clone()
     }
 
-    fn stats(&self) -> VcpuStats {
-        VcpuStats::default()
+    fn shared_stats(&self) -> Arc<SharedVcpuStats> {
+        self.stats.clone()
     }
 }
 

@@ -357,6 +357,29 @@ impl Cpu {
         Ok(())
     }
 
+    /// Reads `data.len()` bytes (at most 4096) at `linear` for a read-modify-write
+    /// instruction. Both pages are translated as writes, because the processor checks
+    /// the destination's write permission before it reads: a #PF reports the W bit.
+    pub(crate) fn read_linear_for_write(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        linear: u64,
+        data: &mut [u8],
+    ) -> Result<(), Exception> {
+        let first = (0x1000 - (linear & 0xfff) as usize).min(data.len());
+        let phys = self.translate(bus, linear, Access::Write, Privilege::Current)?;
+        if first == data.len() {
+            self.phys_read(bus, phys, data);
+            return Ok(());
+        }
+        let second_linear = self.wrap_linear(linear.wrapping_add(first as u64));
+        let second = self.translate(bus, second_linear, Access::Write, Privilege::Current)?;
+        let (head, tail) = data.split_at_mut(first);
+        self.phys_read(bus, phys, head);
+        self.phys_read(bus, second, tail);
+        Ok(())
+    }
+
     /// Truncates a linear address to 32 bits outside long mode.
     #[inline]
     fn wrap_linear(&self, linear: u64) -> u64 {
@@ -384,6 +407,25 @@ impl Cpu {
         let mut bytes = [0u8; 8];
         self.read_linear(bus, linear, &mut bytes[..size as usize], Privilege::Current)?;
         Ok(u64::from_le_bytes(bytes))
+    }
+
+    /// Reads the little-endian destination of `size` bytes (1 to 16) of a
+    /// read-modify-write instruction at `seg:offset`, checked as a write.
+    pub(crate) fn read_for_write(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        seg: usize,
+        offset: u64,
+        size: u8,
+    ) -> Result<u128, Exit> {
+        let linear = self.linear(seg, offset)?;
+        if size <= 8 && (linear & 0xfff) + u64::from(size) <= 0x1000 {
+            let phys = self.translate(bus, linear, Access::Write, Privilege::Current)?;
+            return Ok(u128::from(self.phys_load(bus, phys, size)));
+        }
+        let mut bytes = [0u8; 16];
+        self.read_linear_for_write(bus, linear, &mut bytes[..usize::from(size.min(16))])?;
+        Ok(u128::from_le_bytes(bytes))
     }
 
     /// Writes the low `size` bytes of `value` at `seg:offset`.

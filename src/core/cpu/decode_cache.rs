@@ -62,13 +62,13 @@ impl CodeWatch {
 
     /// Marks `page` as holding decoded code and returns its stamp, or `None` for a page
     /// outside RAM, whose code is never cached.
-    fn mark_code(&self, page: u64) -> Option<u32> {
+    pub(crate) fn mark_code(&self, page: u64) -> Option<u32> {
         let stamp = self.stamps.get(page as usize)?;
         Some(stamp.fetch_or(1, Ordering::AcqRel) | 1)
     }
 
     #[inline]
-    fn stamp(&self, page: u64) -> u32 {
+    pub(crate) fn stamp(&self, page: u64) -> u32 {
         self.stamps
             .get(page as usize)
             .map_or(0, |stamp| stamp.load(Ordering::Acquire))

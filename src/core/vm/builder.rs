@@ -5,6 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::disks::{attach_disks, DiskError};
 use super::{Vm, VmControl, VmIo};
 use crate::core::boot::embedded::{self, EmbeddedError};
 use crate::core::boot::linux::{load_linux, BootError, LinuxBootSpec};
@@ -33,6 +34,8 @@ pub enum BuildError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     #[error(transparent)]
     Embedded(#[from] EmbeddedError),
     #[error(transparent)]
@@ -66,9 +69,15 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<BuiltVm, 
     tracing::info!(vm = %config.name, backend = %backend_selection.kind, reason = %backend_selection.reason, "backend selected");
 
     let memory = create_guest_memory(config.memory_mib)?;
-    let backend: Arc<dyn HypervisorVm> = match backend_selection.kind {
-        BackendKind::Kvm => Arc::new(KvmVm::new(&memory)?),
-        BackendKind::Emulator => Arc::new(EmulatorVm::new(&memory)?),
+    // The emulator caches decoded instructions, so device DMA must tell it which guest
+    // RAM changed; KVM needs no such notice.
+    let (backend, code_watch): (Arc<dyn HypervisorVm>, _) = match backend_selection.kind {
+        BackendKind::Kvm => (Arc::new(KvmVm::new(&memory)?), None),
+        BackendKind::Emulator => {
+            let emulator = EmulatorVm::new(&memory)?;
+            let code_watch = emulator.code_watch();
+            (Arc::new(emulator), Some(code_watch))
+        }
     };
     let irq_chip = backend.irq_chip();
     let control = VmControl::new();
@@ -97,7 +106,15 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<BuiltVm, 
         Arc::new(Mutex::new(AcpiPm::new(platform, clock))),
     )?;
 
-    let pci_root = Arc::new(PciRoot::new());
+    let mut pci_root = PciRoot::new();
+    attach_disks(
+        &config.disks,
+        &memory,
+        &irq_chip,
+        code_watch.as_ref(),
+        &mut pci_root,
+    )?;
+    let pci_root = Arc::new(pci_root);
     pio.insert(
         "pci-config",
         BusRange::new(CONFIG_PORT_BASE, CONFIG_PORT_LEN),

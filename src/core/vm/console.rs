@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use crate::core::devices::serial::Serial;
 
-/// Longest wait for the guest to drain the receive FIFO before trying again; bounds the
-/// delay if a drain notification is missed.
+/// Maximum wait for the guest to drain the receive FIFO before trying again, which bounds
+/// the delay if a drain notification is missed.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 /// Delivers console input to a UART whose receive FIFO holds only a few bytes.

@@ -5,7 +5,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::core::devices::{PlatformControl, PlatformRequest};
 use crate::hypervisor::VcpuKicker;
 
-/// Why a VM should stop.
+/// The reason a VM stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
     /// The guest asked to power off.

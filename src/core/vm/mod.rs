@@ -3,6 +3,7 @@
 pub mod builder;
 pub mod console;
 pub mod control;
+pub mod disks;
 pub mod io;
 
 use std::sync::Arc;
@@ -29,7 +30,7 @@ pub enum VmError {
     },
 }
 
-/// How a VM ended without an error.
+/// The way a VM ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmExit {
     /// The guest powered off.
@@ -144,9 +145,14 @@ impl Vm {
         result
     }
 
-    /// Returns every vCPU's counters; call it while the VM is not running.
+    /// Returns every vCPU's counters; safe to call while the VM runs.
     pub fn vcpu_stats(&self) -> Vec<crate::hypervisor::VcpuStats> {
         self.vcpus.iter().map(|vcpu| vcpu.stats()).collect()
+    }
+
+    /// Returns every vCPU's counter block, which other threads may read while the VM runs.
+    pub fn shared_vcpu_stats(&self) -> Vec<Arc<crate::hypervisor::SharedVcpuStats>> {
+        self.vcpus.iter().map(|vcpu| vcpu.shared_stats()).collect()
     }
 
     /// Returns the architectural state of vCPU `id`.

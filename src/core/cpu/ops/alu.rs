@@ -122,7 +122,11 @@ impl Cpu {
     ) -> Exec {
         let size = Self::operand_size(insn, 0);
         let mask = size_mask(size);
-        let dst = self.read_operand(bus, insn, 0, size)?;
+        let dst = if matches!(OP, BINARY_CMP | BINARY_TEST) {
+            self.read_operand(bus, insn, 0, size)?
+        } else {
+            self.read_modify_operand(bus, insn, 0, size)?
+        };
         let src = self.read_operand(bus, insn, 1, size)?;
         let carry = matches!(OP, BINARY_ADC | BINARY_SBB) && self.carry();
         let (op, res) = match OP {
@@ -150,7 +154,7 @@ impl Cpu {
     pub(super) fn exec_unary(&mut self, bus: &mut dyn CpuBus, insn: &Instruction) -> Exec {
         let size = Self::operand_size(insn, 0);
         let mask = size_mask(size);
-        let dst = self.read_operand(bus, insn, 0, size)?;
+        let dst = self.read_modify_operand(bus, insn, 0, size)?;
         match insn.mnemonic() {
             Mnemonic::Not => return self.write_operand(bus, insn, 0, size, !dst & mask),
             Mnemonic::Neg => {
@@ -178,7 +182,7 @@ impl Cpu {
         let bits = u32::from(size) * 8;
         let mask = size_mask(size);
         let sign = sign_bit(size);
-        let dst = self.read_operand(bus, insn, 0, size)?;
+        let dst = self.read_modify_operand(bus, insn, 0, size)?;
         let raw_count = if insn.op_count() > 1 {
             self.read_operand(bus, insn, 1, 1)?
         } else {
@@ -256,7 +260,7 @@ impl Cpu {
         let size = Self::operand_size(insn, 0);
         let bits = u32::from(size) * 8;
         let mask = size_mask(size);
-        let dst = self.read_operand(bus, insn, 0, size)?;
+        let dst = self.read_modify_operand(bus, insn, 0, size)?;
         let src = self.read_operand(bus, insn, 1, size)?;
         let count =
             (self.read_operand(bus, insn, 2, 1)? & if size == 8 { 0x3f } else { 0x1f }) as u32;
@@ -264,10 +268,12 @@ impl Cpu {
             return self.write_operand(bus, insn, 0, size, dst);
         }
         let (res, cf) = if insn.mnemonic() == Mnemonic::Shld {
-            let wide = (u128::from(dst) << bits | u128::from(src)) << count;
+            // CF is the last bit shifted out of the 2 * bits wide DST:SRC. The count is
+            // below 2 * bits, so no shift here reaches 128 for 64-bit operands.
+            let wide = u128::from(dst) << bits | u128::from(src);
             (
-                ((wide >> bits) as u64) & mask,
-                (wide >> (2 * bits)) & 1 != 0,
+                ((wide << count) >> bits) as u64 & mask,
+                (wide >> (2 * bits - count)) & 1 != 0,
             )
         } else {
             let wide = u128::from(src) << bits | u128::from(dst);
@@ -382,11 +388,12 @@ impl Cpu {
                     .wrapping_add(((signed >> bits.trailing_zeros()) * i64::from(size)) as u64);
             }
             let seg = segment_index(insn.memory_segment());
-            (
-                self.read(bus, seg, address, size)?,
-                offset & (bits - 1),
-                Some((seg, address)),
-            )
+            let value = if insn.mnemonic() == Mnemonic::Bt {
+                self.read(bus, seg, address, size)?
+            } else {
+                self.read_for_write(bus, seg, address, size)? as u64
+            };
+            (value, offset & (bits - 1), Some((seg, address)))
         } else {
             (
                 self.read_operand(bus, insn, 0, size)?,
@@ -458,7 +465,7 @@ impl Cpu {
         match insn.mnemonic() {
             Mnemonic::Xadd => {
                 let size = Self::operand_size(insn, 0);
-                let dst = self.read_operand(bus, insn, 0, size)?;
+                let dst = self.read_modify_operand(bus, insn, 0, size)?;
                 let src = self.read_operand(bus, insn, 1, size)?;
                 let res = dst.wrapping_add(src) & size_mask(size);
                 self.write_operand(bus, insn, 0, size, res)?;
@@ -470,7 +477,7 @@ impl Cpu {
             }
             Mnemonic::Cmpxchg => {
                 let size = Self::operand_size(insn, 0);
-                let dst = self.read_operand(bus, insn, 0, size)?;
+                let dst = self.read_modify_operand(bus, insn, 0, size)?;
                 let src = self.read_operand(bus, insn, 1, size)?;
                 let acc = self.reg(accumulator(size, false));
                 let res = acc.wrapping_sub(dst) & size_mask(size);
@@ -490,12 +497,15 @@ impl Cpu {
                 let seg = segment_index(insn.memory_segment());
                 let address = self.effective_address(insn);
                 let (expected, replacement, value) = if wide {
-                    let value = self.read_u128(bus, seg, address, true)?;
+                    if self.linear(seg, address)? & 15 != 0 {
+                        return Err(Exception::gp(0).into());
+                    }
+                    let value = self.read_for_write(bus, seg, address, 16)?;
                     let expected = u128::from(self.gpr[0]) | u128::from(self.gpr[2]) << 64;
                     let replacement = u128::from(self.gpr[3]) | u128::from(self.gpr[1]) << 64;
                     (expected, replacement, value)
                 } else {
-                    let value = u128::from(self.read(bus, seg, address, 8)?);
+                    let value = self.read_for_write(bus, seg, address, 8)?;
                     let expected = u128::from(self.gpr[0] & 0xffff_ffff)
                         | u128::from(self.gpr[2] & 0xffff_ffff) << 32;
                     let replacement = u128::from(self.gpr[3] & 0xffff_ffff)

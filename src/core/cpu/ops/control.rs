@@ -185,7 +185,13 @@ impl Cpu {
             Mnemonic::Jcxz | Mnemonic::Jecxz | Mnemonic::Jrcxz => count == 0,
             mnemonic => {
                 let count = count.wrapping_sub(1) & mask;
-                self.gpr[1] = (self.gpr[1] & !mask) | count;
+                // A 16-bit counter (CX) merges into RCX; a 32-bit one (ECX, with the 0x67
+                // prefix in 64-bit mode) zero-extends like any 32-bit register write.
+                self.gpr[1] = if size == 4 {
+                    count
+                } else {
+                    (self.gpr[1] & !mask) | count
+                };
                 let zf = self.flag(crate::core::cpu::flags::ZF);
                 count != 0
                     && match mnemonic {

@@ -83,8 +83,8 @@ impl Cpu {
             _ => {
                 // XCHG: the memory operand (if any) is operand 0 or 1; write it first.
                 let size = Self::operand_size(insn, 0);
-                let a = self.read_operand(bus, insn, 0, size)?;
-                let b = self.read_operand(bus, insn, 1, size)?;
+                let a = self.read_modify_operand(bus, insn, 0, size)?;
+                let b = self.read_modify_operand(bus, insn, 1, size)?;
                 if insn.op_kind(1) == OpKind::Memory {
                     self.write_operand(bus, insn, 1, size, a)?;
                     self.write_operand(bus, insn, 0, size, b)

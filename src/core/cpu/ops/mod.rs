@@ -4,10 +4,14 @@
 mod alu;
 mod control;
 mod data;
+mod extended;
+mod softfloat;
 mod sse;
+mod sse_float;
 mod string;
 mod system;
 mod x87;
+mod x87_arith;
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
@@ -205,6 +209,25 @@ impl Cpu {
             }
             _ => Ok(insn.immediate(n) & size_mask(size)),
         }
+    }
+
+    /// Reads operand `n` of `size` bytes as the destination of a read-modify-write
+    /// instruction: a memory operand is checked for write access before it is read, so
+    /// that a #PF sets the W bit of its error code as the processor does.
+    #[inline(always)]
+    pub(crate) fn read_modify_operand(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        insn: &Instruction,
+        n: u32,
+        size: u8,
+    ) -> Result<u64, Exit> {
+        if insn.op_kind(n) != OpKind::Memory {
+            return self.read_operand(bus, insn, n, size);
+        }
+        let offset = self.effective_address(insn);
+        let value = self.read_for_write(bus, segment_index(insn.memory_segment()), offset, size)?;
+        Ok(value as u64)
     }
 
     /// Writes operand `n` (register or memory) of `size` bytes.
@@ -480,6 +503,50 @@ pub(crate) fn handler(insn: &Instruction) -> Handler {
         | M::Ldmxcsr
         | M::Stmxcsr
         | M::Emms => |cpu, bus, insn| cpu.exec_x87(bus, insn),
+        M::Fld
+        | M::Fld1
+        | M::Fldz
+        | M::Fst
+        | M::Fstp
+        | M::Fild
+        | M::Fist
+        | M::Fistp
+        | M::Fchs
+        | M::Fabs
+        | M::Fxch
+        | M::Fsqrt
+        | M::Frndint
+        | M::Fcom
+        | M::Fcomp
+        | M::Fcompp
+        | M::Fucom
+        | M::Fucomp
+        | M::Fucompp
+        | M::Fcomi
+        | M::Fcomip
+        | M::Fucomi
+        | M::Fucomip
+        | M::Fadd
+        | M::Faddp
+        | M::Fsub
+        | M::Fsubp
+        | M::Fsubr
+        | M::Fsubrp
+        | M::Fmul
+        | M::Fmulp
+        | M::Fdiv
+        | M::Fdivp
+        | M::Fdivr
+        | M::Fdivrp
+        | M::Fiadd
+        | M::Fisub
+        | M::Fisubr
+        | M::Fimul
+        | M::Fidiv
+        | M::Fidivr
+        | M::Ficom
+        | M::Ficomp
+        | M::Ftst => |cpu, bus, insn| cpu.exec_x87_arith(bus, insn),
 
         _ => |cpu, bus, insn| {
             if cpu.exec_sse(bus, insn)? {

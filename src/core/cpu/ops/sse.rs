@@ -1,17 +1,12 @@
-//! SSE and SSE2: moves, integer and logic operations, shuffles, packs, and scalar and
-//! packed floating point. MMX registers are accepted by the element-wise integer
-//! operations, MOVD, MOVQ and EMMS.
-//!
-//! NOTE: floating-point results use the host's IEEE arithmetic in round-to-nearest:
-//! MXCSR rounding control is honoured only by the CVT*2SI conversions, and MXCSR
-//! exception flags are never set.
+//! SSE and SSE2: moves, integer and logic operations, shuffles and packs. Floating-point
+//! arithmetic, comparisons and conversions live in `sse_float`. MMX registers are
+//! accepted by the element-wise integer operations, MOVD, MOVQ and EMMS.
 
 use iced_x86::{Instruction, Mnemonic as M, OpKind, Register};
 
 use super::{segment_index, Exec};
 use crate::core::cpu::bus::CpuBus;
 use crate::core::cpu::exceptions::Exception;
-use crate::core::cpu::flags::{self, CF, PF, ZF};
 use crate::core::cpu::state::Cpu;
 use crate::core::cpu::Exit;
 
@@ -97,103 +92,6 @@ fn pack(a: u128, b: u128, bits: u32, unsigned: bool) -> u128 {
         }
     }
     out
-}
-
-fn f32_of(v: u128) -> f32 {
-    f32::from_bits(v as u32)
-}
-fn f64_of(v: u128) -> f64 {
-    f64::from_bits(v as u64)
-}
-
-/// MINSS/MAXSS semantics: the second operand when either is NaN or both are zero.
-fn min_max<T: PartialOrd + Copy>(a: T, b: T, max: bool) -> T {
-    let pick_a = if max { a > b } else { a < b };
-    if pick_a {
-        a
-    } else {
-        b
-    }
-}
-
-fn compare<T: PartialOrd>(a: T, b: T, predicate: u8) -> bool {
-    use std::cmp::Ordering::{Equal, Less};
-    let ordering = a.partial_cmp(&b);
-    let less = ordering == Some(Less);
-    let less_equal = matches!(ordering, Some(Less | Equal));
-    match predicate & 7 {
-        0 => ordering == Some(Equal),
-        1 => less,
-        2 => less_equal,
-        3 => ordering.is_none(),
-        4 => ordering != Some(Equal),
-        5 => !less,
-        6 => !less_equal,
-        _ => ordering.is_some(),
-    }
-}
-
-/// Integer conversion of a float with x86's out-of-range result, the "integer
-/// indefinite" value with only the sign bit set.
-fn float_to_int(value: f64, size: u8, rounding: u32) -> u64 {
-    let rounded = match rounding {
-        0 => value.round_ties_even(),
-        1 => value.floor(),
-        2 => value.ceil(),
-        _ => value.trunc(),
-    };
-    if size == 4 {
-        if !(-2147483648.0..2147483648.0).contains(&rounded) {
-            0x8000_0000
-        } else {
-            rounded as i32 as u32 as u64
-        }
-    } else if !(-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&rounded) {
-        0x8000_0000_0000_0000
-    } else {
-        rounded as i64 as u64
-    }
-}
-
-#[derive(Clone, Copy)]
-enum FloatOp {
-    Add,
-    Sub,
-    Mul,
-    Div,
-    Min,
-    Max,
-    Sqrt,
-    Reciprocal,
-    ReciprocalSqrt,
-}
-
-fn apply32(op: FloatOp, a: f32, b: f32) -> f32 {
-    match op {
-        FloatOp::Add => a + b,
-        FloatOp::Sub => a - b,
-        FloatOp::Mul => a * b,
-        FloatOp::Div => a / b,
-        FloatOp::Min => min_max(a, b, false),
-        FloatOp::Max => min_max(a, b, true),
-        FloatOp::Sqrt => b.sqrt(),
-        FloatOp::Reciprocal => 1.0 / b,
-        FloatOp::ReciprocalSqrt => 1.0 / b.sqrt(),
-    }
-}
-
-fn apply64(op: FloatOp, a: f64, b: f64) -> f64 {
-    match op {
-        FloatOp::Add => a + b,
-        FloatOp::Sub => a - b,
-        FloatOp::Mul => a * b,
-        FloatOp::Div => a / b,
-        FloatOp::Min => min_max(a, b, false),
-        FloatOp::Max => min_max(a, b, true),
-        FloatOp::Sqrt => b.sqrt(),
-        FloatOp::Reciprocal => 1.0 / b,
-        FloatOp::ReciprocalSqrt => 1.0 / b.sqrt(),
-    }
 }
 
 /// A lane operation of an element-wise instruction.
@@ -299,7 +197,7 @@ impl Cpu {
 
     /// Reads operand `n` as a vector: a vector register, a GPR, or memory of the
     /// instruction's memory size (16-byte operands must be aligned when `aligned`).
-    fn read_vector(
+    pub(super) fn read_vector(
         &mut self,
         bus: &mut dyn CpuBus,
         insn: &Instruction,
@@ -334,7 +232,7 @@ impl Cpu {
     }
 
     /// Writes operand `n`: a whole vector register, a GPR, or memory of the memory size.
-    fn write_vector(
+    pub(super) fn write_vector(
         &mut self,
         bus: &mut dyn CpuBus,
         insn: &Instruction,
@@ -525,7 +423,6 @@ impl Cpu {
         let mnemonic = insn.mnemonic();
         let dst_is_register = insn.op_kind(0) == OpKind::Register;
         let src_is_memory = insn.op_kind(1) == OpKind::Memory;
-        let rounding = (self.mxcsr >> 13) & 3;
         match mnemonic {
             M::Movdqa | M::Movaps | M::Movapd | M::Movntdq | M::Movntps | M::Movntpd => {
                 let value = self.read_vector(bus, insn, 1, true)?;
@@ -727,226 +624,7 @@ impl Cpu {
                 let value = (dst & !(0xffff << shift)) | (word << shift);
                 self.write_vector(bus, insn, 0, value, false)
             }
-            M::Comiss | M::Ucomiss | M::Comisd | M::Ucomisd => {
-                let a = self.read_vector(bus, insn, 0, false)?;
-                let b = self.read_vector(bus, insn, 1, false)?;
-                let ordering = if matches!(mnemonic, M::Comiss | M::Ucomiss) {
-                    f32_of(a).partial_cmp(&f32_of(b))
-                } else {
-                    f64_of(a).partial_cmp(&f64_of(b))
-                };
-                let bits = match ordering {
-                    None => ZF | PF | CF,
-                    Some(std::cmp::Ordering::Less) => CF,
-                    Some(std::cmp::Ordering::Equal) => ZF,
-                    Some(std::cmp::Ordering::Greater) => 0,
-                };
-                let value = (self.rflags() & !flags::ARITH) | bits;
-                self.set_rflags(value);
-                Ok(())
-            }
-            M::Cmpss | M::Cmpsd | M::Cmpps | M::Cmppd => {
-                let a = self.read_vector(bus, insn, 0, true)?;
-                let b = self.read_vector(bus, insn, 1, true)?;
-                let predicate = insn.immediate8();
-                let value = match mnemonic {
-                    M::Cmpss => {
-                        (a & !u128::from(u32::MAX))
-                            | if compare(f32_of(a), f32_of(b), predicate) {
-                                u128::from(u32::MAX)
-                            } else {
-                                0
-                            }
-                    }
-                    M::Cmpsd => {
-                        (a & !u128::from(u64::MAX))
-                            | if compare(f64_of(a), f64_of(b), predicate) {
-                                u128::from(u64::MAX)
-                            } else {
-                                0
-                            }
-                    }
-                    M::Cmpps => lanes(a, b, 32, |x, y| {
-                        if compare(
-                            f32::from_bits(x as u32),
-                            f32::from_bits(y as u32),
-                            predicate,
-                        ) {
-                            u64::MAX
-                        } else {
-                            0
-                        }
-                    }),
-                    _ => lanes(a, b, 64, |x, y| {
-                        if compare(f64::from_bits(x), f64::from_bits(y), predicate) {
-                            u64::MAX
-                        } else {
-                            0
-                        }
-                    }),
-                };
-                self.write_vector(bus, insn, 0, value, true)
-            }
-            M::Cvtsi2ss | M::Cvtsi2sd => {
-                let size = Self::operand_size(insn, 1);
-                let src = self.read_operand(bus, insn, 1, size)?;
-                let integer = super::alu::sign_extend(src, size);
-                let dst = self.read_vector(bus, insn, 0, false)?;
-                let value = if mnemonic == M::Cvtsi2ss {
-                    (dst & !u128::from(u32::MAX)) | u128::from((integer as f32).to_bits())
-                } else {
-                    (dst & !u128::from(u64::MAX)) | u128::from((integer as f64).to_bits())
-                };
-                self.write_vector(bus, insn, 0, value, false)
-            }
-            M::Cvtss2sd | M::Cvtsd2ss => {
-                let src = self.read_vector(bus, insn, 1, false)?;
-                let dst = self.read_vector(bus, insn, 0, false)?;
-                let value = if mnemonic == M::Cvtss2sd {
-                    (dst & !u128::from(u64::MAX)) | u128::from((f32_of(src) as f64).to_bits())
-                } else {
-                    (dst & !u128::from(u32::MAX)) | u128::from((f64_of(src) as f32).to_bits())
-                };
-                self.write_vector(bus, insn, 0, value, false)
-            }
-            M::Cvttss2si | M::Cvttsd2si | M::Cvtss2si | M::Cvtsd2si => {
-                let src = self.read_vector(bus, insn, 1, false)?;
-                let size = Self::operand_size(insn, 0);
-                let value = if matches!(mnemonic, M::Cvttss2si | M::Cvtss2si) {
-                    f64::from(f32_of(src))
-                } else {
-                    f64_of(src)
-                };
-                let mode = if matches!(mnemonic, M::Cvttss2si | M::Cvttsd2si) {
-                    3
-                } else {
-                    rounding
-                };
-                self.set_reg(insn.op_register(0), float_to_int(value, size, mode));
-                Ok(())
-            }
-            M::Cvtdq2ps
-            | M::Cvtdq2pd
-            | M::Cvttps2dq
-            | M::Cvtps2dq
-            | M::Cvtpd2ps
-            | M::Cvtps2pd
-            | M::Cvttpd2dq
-            | M::Cvtpd2dq => {
-                let aligned = !matches!(mnemonic, M::Cvtdq2pd | M::Cvtps2pd);
-                let src = self.read_vector(bus, insn, 1, aligned)?;
-                let dword = |i: u32| (src >> (32 * i)) as u32;
-                let qword = |i: u32| (src >> (64 * i)) as u64;
-                let value: u128 = match mnemonic {
-                    M::Cvtdq2ps => lanes(src, 0, 32, |x, _| {
-                        u64::from((x as u32 as i32 as f32).to_bits())
-                    }),
-                    M::Cvtdq2pd => (0..2).fold(0, |acc, i| {
-                        acc | u128::from((dword(i) as i32 as f64).to_bits()) << (64 * i)
-                    }),
-                    M::Cvttps2dq | M::Cvtps2dq => {
-                        let mode = if mnemonic == M::Cvttps2dq {
-                            3
-                        } else {
-                            rounding
-                        };
-                        lanes(src, 0, 32, |x, _| {
-                            float_to_int(f64::from(f32::from_bits(x as u32)), 4, mode)
-                        })
-                    }
-                    M::Cvtpd2ps => (0..2).fold(0, |acc, i| {
-                        acc | u128::from((f64::from_bits(qword(i)) as f32).to_bits()) << (32 * i)
-                    }),
-                    M::Cvtps2pd => (0..2).fold(0, |acc, i| {
-                        acc | u128::from(f64::from(f32::from_bits(dword(i))).to_bits()) << (64 * i)
-                    }),
-                    _ => {
-                        let mode = if mnemonic == M::Cvttpd2dq {
-                            3
-                        } else {
-                            rounding
-                        };
-                        (0..2).fold(0, |acc, i| {
-                            acc | u128::from(float_to_int(f64::from_bits(qword(i)), 4, mode))
-                                << (32 * i)
-                        })
-                    }
-                };
-                self.write_vector(bus, insn, 0, value, true)
-            }
             _ => self.exec_sse_float(bus, insn),
         }
-    }
-
-    /// Scalar and packed arithmetic: ADD, SUB, MUL, DIV, MIN, MAX, SQRT, RCP, RSQRT.
-    fn exec_sse_float(&mut self, bus: &mut dyn CpuBus, insn: &Instruction) -> Exec {
-        let mnemonic = insn.mnemonic();
-        let op = match mnemonic {
-            M::Addss | M::Addsd | M::Addps | M::Addpd => FloatOp::Add,
-            M::Subss | M::Subsd | M::Subps | M::Subpd => FloatOp::Sub,
-            M::Mulss | M::Mulsd | M::Mulps | M::Mulpd => FloatOp::Mul,
-            M::Divss | M::Divsd | M::Divps | M::Divpd => FloatOp::Div,
-            M::Minss | M::Minsd | M::Minps | M::Minpd => FloatOp::Min,
-            M::Maxss | M::Maxsd | M::Maxps | M::Maxpd => FloatOp::Max,
-            M::Sqrtss | M::Sqrtsd | M::Sqrtps | M::Sqrtpd => FloatOp::Sqrt,
-            M::Rcpss | M::Rcpps => FloatOp::Reciprocal,
-            M::Rsqrtss | M::Rsqrtps => FloatOp::ReciprocalSqrt,
-            _ => return Err(Exception::ud().into()),
-        };
-        let packed = matches!(
-            mnemonic,
-            M::Addps
-                | M::Addpd
-                | M::Subps
-                | M::Subpd
-                | M::Mulps
-                | M::Mulpd
-                | M::Divps
-                | M::Divpd
-                | M::Minps
-                | M::Minpd
-                | M::Maxps
-                | M::Maxpd
-                | M::Sqrtps
-                | M::Sqrtpd
-                | M::Rcpps
-                | M::Rsqrtps
-        );
-        let double = matches!(
-            mnemonic,
-            M::Addsd
-                | M::Addpd
-                | M::Subsd
-                | M::Subpd
-                | M::Mulsd
-                | M::Mulpd
-                | M::Divsd
-                | M::Divpd
-                | M::Minsd
-                | M::Minpd
-                | M::Maxsd
-                | M::Maxpd
-                | M::Sqrtsd
-                | M::Sqrtpd
-        );
-        let a = self.read_vector(bus, insn, 0, packed)?;
-        let b = self.read_vector(bus, insn, 1, packed)?;
-        let value = match (packed, double) {
-            (false, false) => {
-                (a & !u128::from(u32::MAX))
-                    | u128::from(apply32(op, f32_of(a), f32_of(b)).to_bits())
-            }
-            (false, true) => {
-                (a & !u128::from(u64::MAX))
-                    | u128::from(apply64(op, f64_of(a), f64_of(b)).to_bits())
-            }
-            (true, false) => lanes(a, b, 32, |x, y| {
-                u64::from(apply32(op, f32::from_bits(x as u32), f32::from_bits(y as u32)).to_bits())
-            }),
-            (true, true) => lanes(a, b, 64, |x, y| {
-                apply64(op, f64::from_bits(x), f64::from_bits(y)).to_bits()
-            }),
-        };
-        self.write_vector(bus, insn, 0, value, packed)
     }
 }

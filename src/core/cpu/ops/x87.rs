@@ -1,7 +1,7 @@
 //! x87 control instructions, MMX state reset and the FXSAVE/FXRSTOR and MXCSR family.
 //!
-//! Only the x87 instructions that kernels and C runtimes use for setup are implemented
-//! (FNINIT, FLDCW, FNSTCW, FNSTSW, FNCLEX, FWAIT); x87 arithmetic raises #UD.
+//! The x87 setup instructions live here (FNINIT, FLDCW, FNSTCW, FNSTSW, FNCLEX, FWAIT);
+//! data movement and arithmetic live in `x87_arith`.
 
 use iced_x86::{Code, Instruction, Mnemonic, OpKind};
 
@@ -11,9 +11,8 @@ use crate::core::cpu::bus::CpuBus;
 use crate::core::cpu::exceptions::Exception;
 use crate::core::cpu::state::{Cpu, Mode, CR0_EM, CR0_MP, CR0_TS, CR4_OSFXSR, X87};
 
-/// MXCSR bits that software may set: flags, masks, rounding and flush-to-zero. DAZ (bit
-/// 6) is not supported, as the MXCSR_MASK field of FXSAVE reports.
-pub(crate) const MXCSR_MASK: u32 = 0xffbf;
+/// MXCSR bits that software may set: flags, DAZ, masks, rounding and flush-to-zero.
+pub(crate) const MXCSR_MASK: u32 = 0xffff;
 
 impl Cpu {
     /// Raises #UD or #NM as CR0.EM and CR0.TS require before an x87 instruction.

@@ -12,6 +12,7 @@ mod modes;
 mod paging;
 mod string;
 mod system;
+mod x87;
 
 use std::collections::VecDeque;
 use std::process::Command;

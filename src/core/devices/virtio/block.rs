@@ -2,7 +2,7 @@
 //!
 //! Requests are served on the thread that delivers the driver's notification. Every value
 //! in a request (sector numbers, lengths, descriptor layout) comes from the guest and is
-//! checked before it reaches the backend; a bad request completes with an error status
+//! checked before it reaches the backend. A bad request completes with an error status
 //! instead of stopping the device.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +11,9 @@ use std::sync::Arc;
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::{device_type, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
+use super::{
+    device_type, DmaWriteHook, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX,
+};
 use crate::storage::BlockBackend;
 
 /// Bytes per virtio-blk sector, fixed by the specification.
@@ -65,7 +67,7 @@ pub struct BlockStats {
     pub malformed_chains: AtomicU64,
 }
 
-/// Why a request failed; logged at debug level and counted.
+/// A request failure, logged at debug level and counted.
 #[derive(Debug, thiserror::Error)]
 enum RequestError {
     #[error("request header is missing or shorter than 16 bytes")]
@@ -112,6 +114,7 @@ pub struct VirtioBlock {
     queue: Option<Queue>,
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
     stats: Arc<BlockStats>,
+    dma_write_hook: Option<DmaWriteHook>,
 }
 
 impl VirtioBlock {
@@ -132,7 +135,14 @@ impl VirtioBlock {
             queue: None,
             interrupt: None,
             stats: Arc::new(BlockStats::default()),
+            dma_write_hook: None,
         }
+    }
+
+    /// Sets the callback called for every guest RAM range the device writes: request data,
+    /// status bytes and used-ring entries.
+    pub fn set_dma_write_hook(&mut self, hook: DmaWriteHook) {
+        self.dma_write_hook = Some(hook);
     }
 
     pub fn stats(&self) -> Arc<BlockStats> {
@@ -162,27 +172,57 @@ impl VirtioBlock {
         config
     }
 
-    /// Serves every available request, then notifies the driver if it asked to be told.
+    /// Serves every available request, then notifies the driver unless it suppressed
+    /// notifications.
     fn process_queue(&mut self) {
         let (Some(memory), Some(queue)) = (self.memory.as_ref(), self.queue.as_mut()) else {
             return;
         };
         let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(memory) {
-            let head = chain.head_index();
-            let written = serve_chain(
-                &self.disk,
-                self.read_only,
-                &self.serial,
-                &self.stats,
-                memory,
-                chain,
-            );
-            if let Err(e) = queue.add_used(memory, head, written) {
-                tracing::warn!(device = %self.name, error = ?e, "failed to return a virtio-blk request to the used ring");
+        loop {
+            // Sets VRING_USED_F_NO_NOTIFY while the device drains the ring; with EVENT_IDX
+            // the driver stops notifying by itself once avail_event is behind.
+            if let Err(e) = queue.disable_notification(memory) {
+                tracing::warn!(device = %self.name, error = ?e, "failed to disable virtio-blk notifications");
                 break;
             }
-            used_any = true;
+            let mut served = 0usize;
+            while let Some(chain) = queue.pop_descriptor_chain(memory) {
+                let head = chain.head_index();
+                let written = serve_chain(
+                    &self.disk,
+                    self.read_only,
+                    &self.serial,
+                    &self.stats,
+                    memory,
+                    chain,
+                    self.dma_write_hook.as_ref(),
+                );
+                if let Err(e) = queue.add_used(memory, head, written) {
+                    tracing::warn!(device = %self.name, error = ?e, "failed to return a virtio-blk request to the used ring");
+                    break;
+                }
+                served += 1;
+            }
+            used_any |= served > 0;
+
+            // Re-arm notifications: with EVENT_IDX this publishes avail_event, without
+            // which the driver never notifies again after its first request. Requests
+            // that arrived meanwhile are served in another pass, but a pass that serves
+            // nothing ends the loop, because a corrupt available index would repeat it
+            // forever.
+            match queue.enable_notification(memory) {
+                Ok(true) if served > 0 => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(device = %self.name, error = ?e, "failed to enable virtio-blk notifications");
+                    break;
+                }
+            }
+        }
+        if let Some(hook) = &self.dma_write_hook {
+            // The used ring: flags, index, one 8-byte entry per slot, then avail_event.
+            hook(queue.used_ring(), 6 + 8 * u64::from(queue.size()));
         }
         if used_any && queue.needs_notification(memory).unwrap_or(true) {
             if let Some(interrupt) = &self.interrupt {
@@ -192,7 +232,8 @@ impl VirtioBlock {
     }
 }
 
-/// Serves one request and returns the number of bytes written into guest buffers.
+/// Serves one request and returns the number of bytes written into guest buffers, which
+/// it reports to `dma_write_hook`.
 fn serve_chain(
     disk: &Arc<dyn BlockBackend>,
     read_only: bool,
@@ -200,7 +241,16 @@ fn serve_chain(
     stats: &BlockStats,
     memory: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
+    dma_write_hook: Option<&DmaWriteHook>,
 ) -> u32 {
+    let writable: Vec<(u64, u32)> = match dma_write_hook {
+        Some(_) => chain
+            .clone()
+            .writable()
+            .map(|descriptor| (descriptor.addr().0, descriptor.len()))
+            .collect(),
+        None => Vec::new(),
+    };
     let (mut reader, mut writer) = match (chain.clone().reader(memory), chain.writer(memory)) {
         (Ok(reader), Ok(writer)) => (reader, writer),
         _ => {
@@ -235,7 +285,37 @@ fn serve_chain(
     if status_writer.write_obj(status).is_err() {
         stats.malformed_chains.fetch_add(1, Ordering::Relaxed);
     }
+    if let Some(hook) = dma_write_hook {
+        // Data fills the writable buffers from their start and the status is their last
+        // byte.
+        report_writes(hook, &writable, 0, writer.bytes_written() as u64);
+        report_writes(
+            hook,
+            &writable,
+            data_len as u64,
+            status_writer.bytes_written() as u64,
+        );
+    }
     (writer.bytes_written() + status_writer.bytes_written()) as u32
+}
+
+/// Calls `hook` for each guest range that contains bytes `start..start + len` of a chain
+/// whose writable buffers are `writable` (address, length), in chain order.
+fn report_writes(hook: &DmaWriteHook, writable: &[(u64, u32)], start: u64, len: u64) {
+    let end = start.saturating_add(len);
+    let mut buffer_start = 0u64;
+    for &(address, buffer_len) in writable {
+        let buffer_end = buffer_start + u64::from(buffer_len);
+        let first = start.max(buffer_start);
+        let last = end.min(buffer_end);
+        if first < last {
+            hook(address.saturating_add(first - buffer_start), last - first);
+        }
+        if buffer_end >= end {
+            break;
+        }
+        buffer_start = buffer_end;
+    }
 }
 
 fn execute(

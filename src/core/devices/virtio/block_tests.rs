@@ -271,3 +271,129 @@ fn config_reports_capacity_in_sectors() {
     s.device.read_config(0x1000, &mut beyond);
     assert_eq!(beyond, [0; 4]);
 }
+
+/// Guest ranges (address, length) that a DMA write hook was called with.
+type RecordedRanges = Arc<Mutex<Vec<(u64, u64)>>>;
+
+/// Records every range passed to a DMA write hook.
+fn recording_hook() -> (DmaWriteHook, RecordedRanges) {
+    let ranges = Arc::new(Mutex::new(Vec::new()));
+    let recorded = ranges.clone();
+    let hook: DmaWriteHook = Arc::new(move |gpa, len| recorded.lock().unwrap().push((gpa, len)));
+    (hook, ranges)
+}
+
+#[test]
+fn dma_hook_sees_read_data_and_rings() {
+    let mut s = setup(false);
+    let (hook, ranges) = recording_hook();
+    s.device.set_dma_write_hook(hook);
+    let memory = s.memory.clone();
+    let mut queue = TestQueue::new(&memory, 0x10000, 16);
+    activate(&mut s, &queue);
+
+    // 1536 bytes read into two buffers, so the data spans two descriptors.
+    let head = queue.buffer(&header(T_IN, 0), 16);
+    let first = queue.buffer(&[], 1024);
+    let second = queue.buffer(&[], 512);
+    let status = queue.buffer(&[0xff], 1);
+    queue.submit(&[
+        (head, 16, false),
+        (first, 1024, true),
+        (second, 512, true),
+        (status, 1, true),
+    ]);
+    s.device.queue_notify(0);
+
+    assert_eq!(queue.read(status, 1), vec![S_OK]);
+    let ranges = ranges.lock().unwrap().clone();
+    assert!(ranges.contains(&(first, 1024)), "{ranges:x?}");
+    assert!(ranges.contains(&(second, 512)), "{ranges:x?}");
+    assert!(ranges.contains(&(status, 1)), "{ranges:x?}");
+    // The used ring of a 16-entry queue at 0x12000: flags, index, 16 entries, avail_event.
+    assert!(ranges.contains(&(0x12000, 6 + 16 * 8)), "{ranges:x?}");
+    assert!(
+        !ranges.iter().any(|&(gpa, _)| gpa == head),
+        "the header is device-readable and must not be reported: {ranges:x?}"
+    );
+}
+
+#[test]
+fn dma_hook_reports_only_status_for_writes() {
+    let mut s = setup(false);
+    let (hook, ranges) = recording_hook();
+    s.device.set_dma_write_hook(hook);
+    let memory = s.memory.clone();
+    let mut queue = TestQueue::new(&memory, 0x10000, 16);
+    activate(&mut s, &queue);
+
+    let head = queue.buffer(&header(T_OUT, 1), 16);
+    let data = queue.buffer(&[0x5a; 512], 512);
+    let status = queue.buffer(&[0xff], 1);
+    queue.submit(&[(head, 16, false), (data, 512, false), (status, 1, true)]);
+    s.device.queue_notify(0);
+
+    let ranges = ranges.lock().unwrap().clone();
+    assert_eq!(ranges[0], (status, 1), "{ranges:x?}");
+    assert!(
+        !ranges.iter().any(|&(gpa, _)| gpa == data),
+        "a disk write only reads guest memory: {ranges:x?}"
+    );
+}
+
+#[test]
+fn dma_hook_invalidates_emulator_code_watch() {
+    use crate::core::cpu::CodeWatch;
+
+    let mut s = setup(false);
+    let watch = Arc::new(CodeWatch::new(&s.memory));
+    let hook_watch = watch.clone();
+    s.device
+        .set_dma_write_hook(Arc::new(move |gpa, len| hook_watch.invalidate(gpa, len)));
+    let memory = s.memory.clone();
+    let mut queue = TestQueue::new(&memory, 0x10000, 16);
+    activate(&mut s, &queue);
+
+    let head = queue.buffer(&header(T_IN, 2), 16);
+    let data = queue.buffer(&[], 512);
+    let status = queue.buffer(&[0xff], 1);
+    let page = data >> 12;
+    let before = watch.mark_code(page).unwrap();
+    queue.submit(&[(head, 16, false), (data, 512, true), (status, 1, true)]);
+    s.device.queue_notify(0);
+
+    assert_ne!(
+        watch.stamp(page),
+        before,
+        "a disk read into a code page must change the page's stamp"
+    );
+}
+
+#[test]
+fn event_idx_avail_event_follows_served_requests() {
+    let mut s = setup(false);
+    let memory = s.memory.clone();
+    let mut queue = TestQueue::new(&memory, 0x10000, 16);
+    let mut device_queue = queue.device_queue();
+    device_queue.set_event_idx(true);
+    s.device
+        .activate(s.memory.clone(), vec![device_queue], s.interrupt.clone())
+        .unwrap();
+    // avail_event sits after the 16 used-ring entries: base 0x12000 + 4 + 16 * 8.
+    let avail_event = |memory: &GuestMemoryMmap| -> u16 {
+        vm_memory::Bytes::read_obj(memory, vm_memory::GuestAddress(0x12000 + 4 + 16 * 8)).unwrap()
+    };
+
+    for served in 1..=2u16 {
+        let head = queue.buffer(&header(T_IN, 0), 16);
+        let data = queue.buffer(&[], 512);
+        let status = queue.buffer(&[0xff], 1);
+        queue.submit(&[(head, 16, false), (data, 512, true), (status, 1, true)]);
+        s.device.queue_notify(0);
+
+        assert_eq!(queue.used_index(), served);
+        // A driver notifies only when its new available index passes avail_event, so
+        // avail_event must follow every request served.
+        assert_eq!(avail_event(&memory), served);
+    }
+}

@@ -35,7 +35,12 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
 }
 
-/// How a device model tells the driver that it used buffers or changed its config.
+/// Callback that a device calls with (guest-physical address, length in bytes) after it
+/// wrote that range of guest RAM. The emulator backend uses it to drop decoded
+/// instructions of pages that a disk read refilled.
+pub type DmaWriteHook = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// The interrupt path from a device model to the driver: used buffers and config changes.
 pub trait VirtioInterrupt: Send + Sync {
     /// Signals that queue `queue` has new used buffers.
     fn notify_queue(&self, queue: u16);
@@ -60,11 +65,11 @@ pub enum VirtioError {
 
 /// A virtio device model, independent of the transport.
 pub trait VirtioDevice: Send {
-    /// The device type (see [`device_type`]).
+    /// Returns the device type (see [`device_type`]).
     fn device_type(&self) -> u32;
-    /// The maximum size of each queue; the length is the number of queues.
+    /// Returns the maximum size of each queue, one entry per queue.
     fn queue_max_sizes(&self) -> &[u16];
-    /// The features the device offers.
+    /// Returns the features the device offers.
     fn features(&self) -> u64;
     /// Records the features the driver accepted (a subset of `features`).
     fn set_acked_features(&mut self, features: u64);
@@ -81,6 +86,6 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), VirtioError>;
     /// Handles a driver notification for queue `queue`.
     fn queue_notify(&mut self, queue: u16);
-    /// Stops serving the queues and forgets the negotiated state.
+    /// Stops serving the queues and clears the negotiated state.
     fn reset(&mut self);
 }

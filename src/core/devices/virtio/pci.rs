@@ -69,8 +69,8 @@ struct MsixState {
     function_masked: bool,
 }
 
-/// What a device's interrupt object needs: the transport's MSI-X table, vector
-/// assignments, the ISR and the INTx line.
+/// The interrupt state a device's interrupt object shares with the transport: the MSI-X
+/// table, vector assignments, the ISR and the INTx line.
 struct InterruptState {
     msix: Mutex<MsixState>,
     /// MSI-X vector of each queue, then the configuration vector last.
@@ -330,7 +330,7 @@ impl VirtioPciDevice {
         }
         if value & status::FEATURES_OK != 0 && self.device_status & status::FEATURES_OK == 0 {
             // A driver that does not accept VERSION_1 cannot use the modern transport:
-            // leave FEATURES_OK clear so it sees the refusal.
+            // leave FEATURES_OK clear so the driver reads back the rejection.
             if self.driver_features & VIRTIO_F_VERSION_1 == 0 {
                 tracing::warn!(device = %self.name, features = format_args!("{:#x}", self.driver_features), "driver did not accept VIRTIO_F_VERSION_1");
                 self.device_status = value & !status::FEATURES_OK;
@@ -509,7 +509,7 @@ impl VirtioPciDevice {
     }
 
     /// Assigns MSI-X vector `vector` to slot `index` (queues, then config); an
-    /// out-of-range vector reads back as NO_VECTOR, which tells the driver it was refused.
+    /// out-of-range vector reads back as NO_VECTOR, which signals the rejection to the driver.
     fn set_vector(&mut self, index: usize, vector: u16) {
         let table_size = self
             .interrupt

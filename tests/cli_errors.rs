@@ -1,0 +1,135 @@
+//! Bad input to `monstervm run` gets one clear line on stderr and a non-zero exit status,
+//! never a panic, and nothing boots.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn monstervm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_monstervm"))
+        .args(args)
+        .output()
+        .expect("failed to run monstervm")
+}
+
+/// Checks that `output` failed with `status` and one error line containing `expected`.
+fn assert_rejected(output: &Output, status: i32, expected: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(status), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert!(
+        stderr.contains(expected),
+        "expected {expected:?} in: {stderr}"
+    );
+    assert!(
+        output.stdout.is_empty(),
+        "the guest printed: {:?}",
+        output.stdout
+    );
+}
+
+#[test]
+fn missing_kernel_file() {
+    let output = monstervm(&["run", "--kernel", "/nonexistent/vmlinuz"]);
+    assert_rejected(&output, 1, "kernel file /nonexistent/vmlinuz not found");
+    assert_eq!(String::from_utf8_lossy(&output.stderr).lines().count(), 1);
+}
+
+#[test]
+fn file_that_is_not_a_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, "not a kernel at all\n".repeat(100)).unwrap();
+    let output = monstervm(&["run", "--kernel", path.to_str().unwrap()]);
+    assert_rejected(&output, 1, "is not a bootable Linux kernel");
+}
+
+#[test]
+fn initramfs_larger_than_memory() {
+    let kernel = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/vmlinuz");
+    if !kernel.is_file() {
+        eprintln!("skipping: no guest/vmlinuz; run `monstervm guest fetch --dir guest`");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("big.img");
+    let file = std::fs::File::create(&initrd).unwrap();
+    file.set_len(100 << 20).unwrap();
+    let output = monstervm(&[
+        "run",
+        "--memory",
+        "96",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+    ]);
+    assert_rejected(&output, 1, "larger than the 96 MiB of guest memory");
+}
+
+#[test]
+fn memory_of_zero_and_beyond_host() {
+    assert_rejected(&monstervm(&["run", "--memory", "0"]), 1, "too small");
+    assert_rejected(
+        &monstervm(&["run", "--memory", "999999999"]),
+        1,
+        "exceeds this host's",
+    );
+}
+
+#[test]
+fn unknown_backend_is_usage_error() {
+    let output = monstervm(&["run", "--backend", "bochs"]);
+    assert_rejected(&output, 2, "unknown backend \"bochs\"");
+}
+
+#[test]
+fn initramfs_without_kernel() {
+    let output = monstervm(&["run", "--initrd", "/tmp/initramfs.img"]);
+    assert_rejected(&output, 1, "an initramfs needs a kernel");
+}
+
+#[test]
+fn missing_config_file() {
+    let output = monstervm(&["run", "--config", "/nonexistent/vm.toml"]);
+    assert_rejected(
+        &output,
+        1,
+        "failed to read config file /nonexistent/vm.toml",
+    );
+}
+
+/// Runs `monstervm run --backend kvm` in a private mount namespace where `/dev/kvm` is
+/// replaced by `replacement` (a shell command), or returns `None` where namespaces cannot
+/// be created (not root, no unshare).
+fn run_with_hidden_kvm(replacement: &str) -> Option<Output> {
+    let script = format!(
+        "{replacement} || exit 99; exec {} run --backend kvm",
+        env!("CARGO_BIN_EXE_monstervm")
+    );
+    let output = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .output()
+        .ok()?;
+    (output.status.code() != Some(99)
+        && !String::from_utf8_lossy(&output.stderr).contains("unshare:"))
+    .then_some(output)
+}
+
+#[test]
+fn kvm_backend_without_kvm_device() {
+    let Some(output) = run_with_hidden_kvm("mount -t tmpfs none /dev") else {
+        eprintln!("skipping: cannot create a mount namespace here (needs root and unshare)");
+        return;
+    };
+    assert_rejected(&output, 1, "KVM is not available at /dev/kvm");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--backend emulator"));
+}
+
+#[test]
+fn kvm_backend_with_unusable_device() {
+    let Some(output) = run_with_hidden_kvm("mount --bind /dev/null /dev/kvm") else {
+        eprintln!("skipping: cannot create a mount namespace here (needs root and unshare)");
+        return;
+    };
+    assert_rejected(&output, 1, "not a KVM device");
+}
