@@ -315,9 +315,12 @@ impl CpuBus for EmulatorBus<'_> {
     }
 
     fn interrupt_pending(&self) -> bool {
-        // Clear the hint before looking, so that an interrupt raised during the look sets
-        // it again and is seen at the next boundary.
-        if !self.platform.interrupt_hint.swap(false, Ordering::AcqRel) {
+        // This runs at every instruction boundary with IF set, so the common case is one
+        // plain load. Clear the hint before looking, so that an interrupt raised during the
+        // look sets it again and is seen at the next boundary.
+        if !self.platform.interrupt_hint.load(Ordering::Relaxed)
+            || !self.platform.interrupt_hint.swap(false, Ordering::AcqRel)
+        {
             return false;
         }
         let pending = self.platform.irq_chip.interrupt_pending();

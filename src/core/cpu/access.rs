@@ -1,9 +1,12 @@
 //! The CPU's path to memory: segmentation, translation through the TLB or a page walk,
 //! and physical accesses to RAM or MMIO.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 
 use super::bus::CpuBus;
 use super::exceptions::{Exception, PF_ID, PF_P, PF_RSVD, PF_US, PF_WR};
@@ -22,6 +25,66 @@ pub enum Privilege {
     Supervisor,
     /// A user access (interrupt delivery onto a CPL 3 stack).
     User,
+}
+
+/// The host mapping of one guest RAM region, cached so that aligned loads and stores skip
+/// the region lookup in `GuestMemoryMmap`.
+///
+/// It is filled only between [`RamWindow::open`] and [`RamWindow::close`], which
+/// `Cpu::run` calls around each slice while it borrows the bus, whose memory keeps the
+/// mapping alive. `Cpu::run` is the only public entry point that reaches memory, and it
+/// opens the window (dropping any stale host address) before its first access.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct RamWindow {
+    /// Guest-physical address of the region's first byte.
+    start: u64,
+    /// Length of the region in bytes, or zero when no region is cached.
+    len: u64,
+    /// Host address of the region's first byte.
+    host: usize,
+    /// Whether `Cpu::run` is executing, so that a region found now may be cached.
+    open: bool,
+}
+
+impl RamWindow {
+    /// Allows caching for the duration of one `Cpu::run` call.
+    pub(crate) fn open(&mut self) {
+        *self = RamWindow {
+            open: true,
+            ..RamWindow::default()
+        };
+    }
+
+    /// Drops the cached region and stops caching.
+    pub(crate) fn close(&mut self) {
+        *self = RamWindow::default();
+    }
+
+    /// Returns the host address of the `size` bytes at `phys` if they lie in the region.
+    #[inline(always)]
+    fn host_address(&self, phys: u64, size: u8) -> Option<usize> {
+        let offset = phys.wrapping_sub(self.start);
+        if offset < self.len && self.len - offset >= u64::from(size) {
+            Some(self.host + offset as usize)
+        } else {
+            None
+        }
+    }
+
+    /// Caches the RAM region that contains `phys`, if any and if the window is open.
+    #[cold]
+    fn fill(&mut self, memory: &GuestMemoryMmap, phys: u64) {
+        if !self.open {
+            return;
+        }
+        if let Some(region) = memory.find_region(GuestAddress(phys)) {
+            if let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) {
+                self.start = region.start_addr().0;
+                self.len = region.len();
+                self.host = host as usize;
+            }
+        }
+    }
 }
 
 impl Cpu {
@@ -172,6 +235,27 @@ impl Cpu {
     #[inline]
     fn phys_load(&mut self, bus: &mut dyn CpuBus, phys: u64, size: u8) -> u64 {
         if phys & (u64::from(size) - 1) == 0 {
+            if let Some(host) = self.ram.host_address(phys, size) {
+                // SAFETY: `host_address` checked that the `size` bytes lie in the cached
+                // region, which stays mapped while `run` borrows the bus (see
+                // `RamWindow`). The host mapping is page-aligned and `phys` is aligned to
+                // `size`, so the atomic types' alignment holds. Atomic loads keep a
+                // concurrent write by a device or another vCPU from being a data race.
+                let value = unsafe {
+                    match size {
+                        1 => u64::from(AtomicU8::from_ptr(host as *mut u8).load(Ordering::Relaxed)),
+                        2 => {
+                            u64::from(AtomicU16::from_ptr(host as *mut u16).load(Ordering::Relaxed))
+                        }
+                        4 => {
+                            u64::from(AtomicU32::from_ptr(host as *mut u32).load(Ordering::Relaxed))
+                        }
+                        _ => AtomicU64::from_ptr(host as *mut u64).load(Ordering::Relaxed),
+                    }
+                };
+                return value;
+            }
+            self.ram.fill(bus.memory(), phys);
             if let Some(region) = bus.memory().find_region(GuestAddress(phys)) {
                 let offset = MemoryRegionAddress(phys - region.start_addr().0);
                 let value = match size {
@@ -194,6 +278,24 @@ impl Cpu {
     #[inline]
     fn phys_store(&mut self, bus: &mut dyn CpuBus, phys: u64, size: u8, value: u64) {
         if phys & (u64::from(size) - 1) == 0 {
+            if let Some(host) = self.ram.host_address(phys, size) {
+                // SAFETY: as in `phys_load`: the bytes lie in the cached region, which
+                // stays mapped during `run`, the address is aligned, and the store is atomic.
+                unsafe {
+                    match size {
+                        1 => AtomicU8::from_ptr(host as *mut u8)
+                            .store(value as u8, Ordering::Relaxed),
+                        2 => AtomicU16::from_ptr(host as *mut u16)
+                            .store(value as u16, Ordering::Relaxed),
+                        4 => AtomicU32::from_ptr(host as *mut u32)
+                            .store(value as u32, Ordering::Relaxed),
+                        _ => AtomicU64::from_ptr(host as *mut u64).store(value, Ordering::Relaxed),
+                    }
+                }
+                self.code_watch.note_write(phys >> 12);
+                return;
+            }
+            self.ram.fill(bus.memory(), phys);
             if let Some(region) = bus.memory().find_region(GuestAddress(phys)) {
                 let offset = MemoryRegionAddress(phys - region.start_addr().0);
                 let stored = match size {

@@ -10,7 +10,8 @@ use vm_memory::GuestMemoryMmap;
 /// crosses a 4 KiB page. Unclaimed port and MMIO reads are expected to fill `data` with
 /// all ones, as on a PC.
 pub trait CpuBus {
-    /// Guest RAM.
+    /// Guest RAM. It must be the same memory for the whole of one `Cpu::run` call, because
+    /// the CPU caches host addresses of its regions until `run` returns.
     fn memory(&self) -> &GuestMemoryMmap;
     /// Reads `data.len()` bytes (1, 2 or 4) from I/O port `port`.
     fn pio_read(&mut self, port: u16, data: &mut [u8]);

@@ -97,6 +97,18 @@ impl Cpu {
         bus: &mut dyn CpuBus,
         max_instructions: u64,
     ) -> Result<CpuEvent, CpuError> {
+        self.ram.open();
+        let result = self.run_slice(bus, max_instructions);
+        // `bus` may present other memory at the next call, so forget its host addresses.
+        self.ram.close();
+        result
+    }
+
+    fn run_slice(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        max_instructions: u64,
+    ) -> Result<CpuEvent, CpuError> {
         let mut budget = max_instructions;
         loop {
             if self.halted {

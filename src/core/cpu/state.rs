@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::hypervisor::{CpuState, DescriptorTable, FpuState, Segment};
 
+use super::access::RamWindow;
 use super::decode_cache::{CodeWatch, DecodeCache};
 use super::flags::{self, FlagOp, LazyFlags};
 use super::mmu::Tlb;
@@ -176,6 +177,8 @@ pub struct Cpu {
     pub(crate) tlb: Tlb,
     pub(crate) decode_cache: DecodeCache,
     pub(crate) code_watch: Arc<CodeWatch>,
+    /// Host mapping of the RAM region last accessed, valid only inside `Cpu::run`.
+    pub(crate) ram: RamWindow,
     pub(crate) unimplemented_reports: u32,
 }
 
@@ -254,6 +257,7 @@ impl Cpu {
             tlb: Tlb::new(),
             decode_cache: DecodeCache::new(),
             code_watch,
+            ram: RamWindow::default(),
             unimplemented_reports: 0,
         };
         // Family 6 signature in EDX after reset, as on Intel processors.
