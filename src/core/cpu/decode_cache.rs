@@ -1,5 +1,10 @@
-//! Decoded-instruction cache, keyed by guest-physical address, and the per-page write
-//! generations that invalidate it.
+//! Decoded-instruction caches, keyed by guest-physical address, and the per-page write
+//! generations that invalidate them.
+//!
+//! [`BlockCache`] holds straight-line runs of decoded instructions (blocks), which the
+//! interpreter executes without fetching, translating or looking up each instruction;
+//! [`DecodeCache`] holds single instructions for the cases a block cannot serve
+//! (single-stepping, instructions that cross a page, code in MMIO).
 //!
 //! Every 4 KiB page of guest RAM has a 32-bit stamp in [`CodeWatch`]. Bit 0 is set once
 //! some CPU decoded code from the page, and the other bits count writes made while bit 0
@@ -75,8 +80,115 @@ impl CodeWatch {
     }
 }
 
-/// Number of cache entries; a power of two.
-const CACHE_SIZE: usize = 65536;
+/// Number of single-instruction cache entries; a power of two.
+const CACHE_SIZE: usize = 4096;
+
+/// Number of block cache slots; a power of two.
+const BLOCK_SLOTS: usize = 8192;
+
+/// Most instructions in one block, which bounds the latency of interrupts (taken only
+/// between blocks) and the cost of decoding a block that runs once.
+pub(crate) const BLOCK_MAX_INSTRUCTIONS: usize = 64;
+
+/// One decoded instruction of a block.
+pub(crate) struct BlockEntry {
+    pub(crate) instruction: Instruction,
+    /// The function that executes `instruction`.
+    pub(crate) handler: Handler,
+}
+
+/// Instructions decoded from consecutive addresses of one page, executed in order until
+/// one branches, faults or writes to the page.
+pub(crate) struct Block {
+    /// `tag(phys, bits)` of the first instruction.
+    tag: u64,
+    /// Stamp of the code page when the block was decoded.
+    pub(crate) stamp: u32,
+    /// Guest-physical page number of every instruction in the block.
+    pub(crate) page: u64,
+    pub(crate) entries: Vec<BlockEntry>,
+}
+
+impl Block {
+    /// Starts an empty block for the code at `phys` in `bits`-bit mode, decoded under
+    /// `stamp` (from [`CodeWatch::mark_code`], taken before reading the bytes).
+    pub(crate) fn new(phys: u64, bits: u32, stamp: u32) -> Self {
+        Block {
+            tag: tag(phys, bits),
+            stamp,
+            page: phys >> 12,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Appends a decoded instruction.
+    pub(crate) fn push(&mut self, instruction: &Instruction) {
+        self.entries.push(BlockEntry {
+            instruction: *instruction,
+            handler: handler(instruction),
+        });
+    }
+}
+
+/// A direct-mapped cache of blocks.
+///
+/// The interpreter takes a block out of its slot to run it and puts it back afterwards,
+/// so that the handlers can borrow the CPU mutably while the block is borrowed too.
+pub(crate) struct BlockCache {
+    slots: Box<[Option<Box<Block>>]>,
+    /// Lookups that had to decode a block.
+    pub(crate) misses: u64,
+}
+
+impl Default for BlockCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BlockCache {
+    /// Creates an empty cache.
+    pub(crate) fn new() -> Self {
+        BlockCache {
+            slots: (0..BLOCK_SLOTS).map(|_| None).collect(),
+            misses: 0,
+        }
+    }
+
+    /// Takes the valid block that starts at `phys` for `bits`-bit code out of its slot.
+    #[inline]
+    pub(crate) fn take(&mut self, watch: &CodeWatch, phys: u64, bits: u32) -> Option<Box<Block>> {
+        let slot = &mut self.slots[block_slot(phys)];
+        match slot {
+            Some(block)
+                if block.tag == tag(phys, bits) && block.stamp == watch.stamp(phys >> 12) =>
+            {
+                slot.take()
+            }
+            _ => {
+                self.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Puts a block (taken or newly decoded) into its slot, replacing what is there.
+    #[inline]
+    pub(crate) fn put(&mut self, block: Box<Block>) {
+        let index = block_slot(block.tag >> 2);
+        self.slots[index] = Some(block);
+    }
+
+    /// Drops every block.
+    pub(crate) fn clear(&mut self) {
+        self.slots.iter_mut().for_each(|slot| *slot = None);
+    }
+}
+
+#[inline]
+fn block_slot(phys: u64) -> usize {
+    (phys ^ (phys >> 12) ^ (phys >> 25)) as usize & (BLOCK_SLOTS - 1)
+}
 
 #[derive(Clone, Copy)]
 struct Entry {

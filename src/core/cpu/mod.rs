@@ -6,12 +6,21 @@
 //! with an instruction budget and gets back why it stopped:
 //!
 //! ```text
-//! Cpu::run ── step ──┬─ interrupt pending and IF=1, no shadow ─> deliver through IDT
-//!                    ├─ fetch: TLB/walk ─> DecodeCache (phys, code size) ─> iced-x86
-//!                    └─ handler (ops/*) ─┬─ Ok: RIP = next_rip, count instruction
-//!                                        ├─ Exception: RIP kept, deliver (#DF, triple)
-//!                                        └─ HLT / triple fault ─> CpuEvent
+//! Cpu::run ── step_block ─┬─ interrupt pending and IF=1 ─> deliver through IDT
+//!                         ├─ RIP: TLB/walk ─> BlockCache (phys, code size) ─> iced-x86
+//!                         └─ each instruction of the block: handler (ops/*)
+//!                              ├─ Ok: RIP = next_rip; next unless it branched or
+//!                              │      wrote to the block's code page
+//!                              ├─ Exception: RIP kept, deliver (#DF, triple)
+//!                              └─ HLT / triple fault ─> CpuEvent
+//!          ── step (TF set, interrupt shadow, code crossing a page or in MMIO):
+//!             the same for one instruction, through DecodeCache
 //! ```
+//!
+//! A block is a straight run of instructions within one page that ends at the first
+//! branch or at an instruction that changes what decoding, translation or interrupt
+//! delivery depend on (see `ops::ends_block`), so the interpreter fetches, translates
+//! and checks for interrupts once per block rather than once per instruction.
 
 mod access;
 pub mod bus;
@@ -34,6 +43,7 @@ use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
 
 pub use bus::CpuBus;
 pub use decode_cache::CodeWatch;
+use decode_cache::{Block, BLOCK_MAX_INSTRUCTIONS};
 pub use exceptions::Exception;
 pub use state::{Cpu, CpuConfig, Mode};
 
@@ -121,8 +131,15 @@ impl Cpu {
             if budget == 0 {
                 return Ok(CpuEvent::BudgetExhausted);
             }
-            budget -= 1;
-            match self.step(bus) {
+            // Single-stepping and the instruction after STI or MOV SS, after which a
+            // pending interrupt is due, run one instruction at a time.
+            let result = if self.flags & flags::TF != 0 || self.interrupt_shadow {
+                budget -= 1;
+                self.step(bus)
+            } else {
+                self.step_block(bus, &mut budget)
+            };
+            match result {
                 Ok(()) => {}
                 Err(Exit::Halt) => {
                     self.halted = true;
@@ -165,33 +182,159 @@ impl Cpu {
                 }
                 Ok(())
             }
-            Err(Exit::Exception(exception)) => {
+            Err(exit) => self.finish(bus, start, exit),
+        }
+    }
+
+    /// Takes a pending interrupt, or executes the block of instructions at RIP, at most
+    /// `budget` of them, and counts them off `budget`.
+    ///
+    /// Interrupts are checked only before the block: the block ends at every instruction
+    /// that could unmask one, so none waits longer than [`BLOCK_MAX_INSTRUCTIONS`]. The
+    /// block stops early when an instruction branches, faults or writes to the block's
+    /// own code page, and the caller runs the instruction after STI or MOV SS alone.
+    fn step_block(&mut self, bus: &mut dyn CpuBus, budget: &mut u64) -> Result<(), Exit> {
+        if self.flags & flags::IF != 0 && bus.interrupt_pending() {
+            if let Some(vector) = bus.acknowledge_interrupt() {
+                *budget -= 1;
+                return self.interrupt(bus, vector, Source::External, self.rip);
+            }
+        }
+        let bits = self.code_bits();
+        let start = self.rip;
+        let linear = match self.code_linear(start, bits) {
+            Ok(linear) => linear,
+            Err(exception) => return self.raise(bus, exception),
+        };
+        let phys = match self.translate(bus, linear, Access::Execute, Privilege::Current) {
+            Ok(phys) => phys,
+            Err(exception) => return self.raise(bus, exception),
+        };
+        let block = match self.blocks.take(&self.code_watch, phys, bits) {
+            Some(block) => block,
+            None => match self.decode_block(bus, linear, phys, bits) {
+                Some(block) => block,
+                None => {
+                    // The first instruction crosses the page, lies in MMIO or does not
+                    // decode: the single-instruction path deals with each case.
+                    *budget -= 1;
+                    return self.step(bus);
+                }
+            },
+        };
+
+        let mut result = Ok(());
+        for entry in &block.entries {
+            if *budget == 0 {
+                break;
+            }
+            let start = self.rip;
+            let fallthrough = start.wrapping_add(entry.instruction.len() as u64);
+            self.next_rip = fallthrough;
+            match (entry.handler)(self, bus, &entry.instruction) {
+                Ok(()) => {
+                    self.rip = self.next_rip;
+                    self.instructions += 1;
+                    *budget -= 1;
+                    if self.next_rip != fallthrough
+                        || self.code_watch.stamp(block.page) != block.stamp
+                    {
+                        break;
+                    }
+                }
+                Err(exit) => {
+                    *budget -= 1;
+                    result = self.finish(bus, start, exit);
+                    break;
+                }
+            }
+        }
+        self.blocks.put(block);
+        result
+    }
+
+    /// Ends an instruction that returned `exit`: delivers its exception with RIP at the
+    /// instruction (`start`), or passes HLT, triple faults and errors on.
+    fn finish(&mut self, bus: &mut dyn CpuBus, start: u64, exit: Exit) -> Result<(), Exit> {
+        match exit {
+            Exit::Exception(exception) => {
                 self.rip = start;
                 self.raise(bus, exception)
             }
-            Err(Exit::Halt) => {
+            Exit::Halt => {
                 self.rip = self.next_rip;
                 self.instructions += 1;
                 Err(Exit::Halt)
             }
-            Err(other) => {
+            other => {
                 self.rip = start;
                 Err(other)
             }
         }
     }
 
+    /// Returns the linear address of the instruction at `rip`, or #GP for a
+    /// non-canonical RIP in 64-bit mode.
+    #[inline]
+    fn code_linear(&self, rip: u64, bits: u32) -> Result<u64, Exception> {
+        if bits == 64 {
+            if !msr::is_canonical(rip) {
+                return Err(Exception::gp(0));
+            }
+            Ok(rip)
+        } else {
+            Ok(self.seg[state::CS].base.wrapping_add(rip) & 0xffff_ffff)
+        }
+    }
+
+    /// Decodes the block that starts at `linear` (physical `phys`): instructions up to
+    /// the first that ends a block, the end of the page or [`BLOCK_MAX_INSTRUCTIONS`].
+    ///
+    /// Returns `None` when the first instruction cannot start a block: it crosses the
+    /// page, lies outside RAM or is invalid.
+    #[cold]
+    #[inline(never)]
+    fn decode_block(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        linear: u64,
+        phys: u64,
+        bits: u32,
+    ) -> Option<Box<Block>> {
+        let stamp = self.code_watch.mark_code(phys >> 12)?;
+        let mut bytes = [0u8; 512];
+        let available = (0x1000 - (linear & 0xfff) as usize).min(bytes.len());
+        self.phys_read(bus, phys, &mut bytes[..available]);
+
+        let mut block = Block::new(phys, bits, stamp);
+        let mut offset = 0;
+        let mut instruction = Instruction::default();
+        while block.entries.len() < BLOCK_MAX_INSTRUCTIONS && offset < available {
+            // Decoding at IP 0 makes branch targets and RIP-relative addresses offsets
+            // from the instruction's start, as the handlers expect.
+            let mut decoder =
+                Decoder::with_ip(bits, &bytes[offset..available], 0, DecoderOptions::NONE);
+            decoder.decode_out(&mut instruction);
+            if instruction.is_invalid() {
+                break;
+            }
+            offset += instruction.len();
+            block.push(&instruction);
+            if ops::ends_block(&instruction) {
+                break;
+            }
+        }
+        if block.entries.is_empty() {
+            None
+        } else {
+            Some(Box::new(block))
+        }
+    }
+
     /// Returns the decode-cache slot of the instruction at RIP, decoding it on a miss.
     fn fetch(&mut self, bus: &mut dyn CpuBus) -> Result<usize, Exit> {
         let bits = self.code_bits();
-        let linear = if bits == 64 {
-            if !msr::is_canonical(self.rip) {
-                return Err(Exception::gp(0).into());
-            }
-            self.rip
-        } else {
-            self.seg[state::CS].base.wrapping_add(self.rip) & 0xffff_ffff
-        };
+        let linear = self.code_linear(self.rip, bits)?;
         let phys = self.translate(bus, linear, Access::Execute, Privilege::Current)?;
         if let Some(slot) = self.decode_cache.get(&self.code_watch, phys, bits) {
             return Ok(slot);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crate::hypervisor::{CpuState, DescriptorTable, FpuState, Segment};
 
 use super::access::RamWindow;
-use super::decode_cache::{CodeWatch, DecodeCache};
+use super::decode_cache::{BlockCache, CodeWatch, DecodeCache};
 use super::flags::{self, FlagOp, LazyFlags};
 use super::mmu::Tlb;
 use super::msr::Msrs;
@@ -176,6 +176,7 @@ pub struct Cpu {
     pub(crate) instructions: u64,
     pub(crate) tlb: Tlb,
     pub(crate) decode_cache: DecodeCache,
+    pub(crate) blocks: BlockCache,
     pub(crate) code_watch: Arc<CodeWatch>,
     /// Host mapping of the RAM region last accessed, valid only inside `Cpu::run`.
     pub(crate) ram: RamWindow,
@@ -256,6 +257,7 @@ impl Cpu {
             instructions: 0,
             tlb: Tlb::new(),
             decode_cache: DecodeCache::new(),
+            blocks: BlockCache::new(),
             code_watch,
             ram: RamWindow::default(),
             unimplemented_reports: 0,
@@ -295,7 +297,7 @@ impl Cpu {
 
     /// Returns how many instruction fetches missed the decode cache and ran the decoder.
     pub fn decode_cache_misses(&self) -> u64 {
-        self.decode_cache.misses
+        self.decode_cache.misses + self.blocks.misses
     }
 
     /// Returns the handle through which DMA and other CPUs invalidate decoded code.
@@ -494,5 +496,6 @@ impl Cpu {
         self.halted = state.halted;
         self.tlb.flush_all();
         self.decode_cache.clear();
+        self.blocks.clear();
     }
 }

@@ -558,6 +558,39 @@ pub(crate) fn handler(insn: &Instruction) -> Handler {
     }
 }
 
+/// Returns whether a block must end after `insn`: it may branch, or it may change what
+/// the following instructions' decoding, translation or interrupt checks depend on
+/// (CS, segments, paging, control registers, MSRs, EFLAGS.IF/TF), or it talks to a
+/// device, after which a pending interrupt should be taken at once.
+pub(crate) fn ends_block(insn: &Instruction) -> bool {
+    if insn.flow_control() != iced_x86::FlowControl::Next {
+        return true;
+    }
+    use Mnemonic as M;
+    match insn.mnemonic() {
+        M::Mov => moves_special_register(insn),
+        M::Pop => insn.op_kind(0) == OpKind::Register && insn.op0_register().is_segment_register(),
+        M::Popf | M::Popfd | M::Popfq => true,
+        M::Lds | M::Les | M::Lfs | M::Lgs | M::Lss => true,
+        M::In | M::Out | M::Insb | M::Insw | M::Insd | M::Outsb | M::Outsw | M::Outsd => true,
+        M::Cli | M::Sti | M::Hlt => true,
+        M::Cpuid | M::Rdmsr | M::Wrmsr | M::Rdpmc => true,
+        M::Lgdt
+        | M::Lidt
+        | M::Lldt
+        | M::Ltr
+        | M::Lmsw
+        | M::Clts
+        | M::Invlpg
+        | M::Wbinvd
+        | M::Invd
+        | M::Swapgs
+        | M::Fxrstor
+        | M::Fxrstor64 => true,
+        _ => false,
+    }
+}
+
 /// Returns whether a MOV reads or writes a segment, control or debug register.
 fn moves_special_register(insn: &Instruction) -> bool {
     (0..2).any(|n| {
