@@ -20,6 +20,7 @@ use iced_x86::Instruction;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 
 use super::exceptions::Exception;
+use super::ops::fast::{self, FastHandler, Operands};
 use super::ops::{handler, Handler};
 
 /// Write stamps of every guest RAM page, shared by all CPUs and DMA-capable devices.
@@ -95,6 +96,9 @@ pub(crate) struct BlockEntry {
     pub(crate) instruction: Instruction,
     /// The function that executes `instruction`.
     pub(crate) handler: Handler,
+    /// A specialized handler for `operands`, which replaces `handler` when present.
+    pub(crate) fast: Option<FastHandler>,
+    pub(crate) operands: Operands,
 }
 
 /// Instructions decoded from consecutive addresses of one page, executed in order until
@@ -123,9 +127,20 @@ impl Block {
 
     /// Appends a decoded instruction.
     pub(crate) fn push(&mut self, instruction: &Instruction) {
+        let specialized = if self.tag & 3 == tag(0, 64) {
+            fast::select(instruction)
+        } else {
+            None
+        };
+        let (fast, operands) = match specialized {
+            Some((fast, operands)) => (Some(fast), operands),
+            None => (None, Operands::EMPTY),
+        };
         self.entries.push(BlockEntry {
             instruction: *instruction,
             handler: handler(instruction),
+            fast,
+            operands,
         });
     }
 }

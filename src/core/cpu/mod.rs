@@ -231,7 +231,11 @@ impl Cpu {
             let start = self.rip;
             let fallthrough = start.wrapping_add(entry.instruction.len() as u64);
             self.next_rip = fallthrough;
-            match (entry.handler)(self, bus, &entry.instruction) {
+            let executed = match entry.fast {
+                Some(fast) => fast(self, bus, &entry.operands),
+                None => (entry.handler)(self, bus, &entry.instruction),
+            };
+            match executed {
                 Ok(()) => {
                     self.rip = self.next_rip;
                     self.instructions += 1;

@@ -96,7 +96,7 @@ impl Cpu {
     }
 
     /// Sets CF and OF (and AF) explicitly, ZF, SF and PF from `res`.
-    fn set_result_flags(&mut self, size: u8, res: u64, cf: bool, of: bool) {
+    pub(super) fn set_result_flags(&mut self, size: u8, res: u64, cf: bool, of: bool) {
         let stored = if cf { CF } else { 0 } | if of { OF } else { 0 };
         self.set_lazy(FlagOp::Result, size, 0, stored, res);
     }

@@ -5,6 +5,7 @@ mod alu;
 mod control;
 mod data;
 mod extended;
+pub(crate) mod fast;
 mod softfloat;
 mod sse;
 mod sse_float;

@@ -1,0 +1,421 @@
+//! Specialized handlers for the commonest forms of 64-bit code: MOV, LEA, INC, DEC and
+//! the two-operand ALU instructions on 32- and 64-bit registers, immediates and simple
+//! memory operands.
+//!
+//! The generic handlers ask iced-x86's `Instruction` for operand kinds, registers and
+//! sizes every time they run. A block instead resolves those once, when it is decoded,
+//! into [`Operands`], and runs a handler monomorphized for the form and size. Results
+//! and flags are the generic handlers' to the bit; every form not listed here keeps its
+//! generic handler.
+
+use iced_x86::{Instruction, Mnemonic, OpKind, Register};
+
+use super::alu::sign_extend;
+use super::alu::{
+    BINARY_ADC, BINARY_ADD, BINARY_AND, BINARY_CMP, BINARY_OR, BINARY_SBB, BINARY_SUB, BINARY_TEST,
+    BINARY_XOR,
+};
+use super::{segment_index, Exec};
+use crate::core::cpu::bus::CpuBus;
+use crate::core::cpu::flags::{size_mask, FlagOp};
+use crate::core::cpu::state::Cpu;
+
+/// A handler that takes the operands resolved at decode time.
+pub(crate) type FastHandler = fn(&mut Cpu, &mut dyn CpuBus, &Operands) -> Exec;
+
+/// Marks an absent base or index register in [`Operands`].
+const NO_REGISTER: u8 = 0xff;
+/// Marks RIP as the base register in [`Operands`].
+const RIP_BASE: u8 = 0xfe;
+
+/// Operands of one instruction, resolved when its block was decoded.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Operands {
+    /// GPR index of the register operand written (or compared), or of the only one.
+    dst: u8,
+    /// GPR index of the source register.
+    src: u8,
+    /// Memory base: a GPR index, [`RIP_BASE`] or [`NO_REGISTER`].
+    base: u8,
+    /// Memory index: a GPR index or [`NO_REGISTER`].
+    index: u8,
+    /// log2 of the index scale.
+    scale: u8,
+    /// Segment of the memory operand (ES=0 .. GS=5).
+    segment: u8,
+    /// Displacement (RIP-relative: from the instruction's start), as a two's complement.
+    displacement: u64,
+    /// Immediate operand, sign-extended and masked to the operand size.
+    immediate: u64,
+}
+
+impl Operands {
+    /// Operands of an instruction that has no specialized handler.
+    pub(crate) const EMPTY: Operands = Operands {
+        dst: 0,
+        src: 0,
+        base: NO_REGISTER,
+        index: NO_REGISTER,
+        scale: 0,
+        segment: 0,
+        displacement: 0,
+        immediate: 0,
+    };
+}
+
+/// Returns the GPR index of a 32- or 64-bit general-purpose register with its size.
+fn gpr(register: Register) -> Option<(u8, u8)> {
+    if register.is_gpr64() {
+        Some((register.number() as u8, 8))
+    } else if register.is_gpr32() {
+        Some((register.number() as u8, 4))
+    } else {
+        None
+    }
+}
+
+/// Resolves a memory operand with 64-bit addressing, or `None` for other forms.
+fn memory(insn: &Instruction, ops: &mut Operands) -> Option<()> {
+    let base = insn.memory_base();
+    ops.base = match base {
+        Register::None => NO_REGISTER,
+        Register::RIP => RIP_BASE,
+        r if r.is_gpr64() => r.number() as u8,
+        _ => return None,
+    };
+    ops.index = match insn.memory_index() {
+        Register::None => NO_REGISTER,
+        r if r.is_gpr64() => r.number() as u8,
+        _ => return None,
+    };
+    if base == Register::None && ops.index == NO_REGISTER && insn.memory_displ_size() != 8 {
+        // An absolute 32-bit address without base or index: rare, left to the generic path.
+        return None;
+    }
+    ops.scale = insn.memory_index_scale().trailing_zeros() as u8;
+    ops.segment = segment_index(insn.memory_segment()) as u8;
+    ops.displacement = insn.memory_displacement64();
+    Some(())
+}
+
+/// Returns the specialized handler and resolved operands for `insn` in 64-bit code, or
+/// `None` when it has no specialized form.
+pub(crate) fn select(insn: &Instruction) -> Option<(FastHandler, Operands)> {
+    if insn.has_lock_prefix() || insn.op_count() == 0 {
+        return None;
+    }
+    let mut ops = Operands::EMPTY;
+    let kind0 = insn.op_kind(0);
+    let (dst, size) = if kind0 == OpKind::Register {
+        gpr(insn.op0_register())?
+    } else if kind0 == OpKind::Memory {
+        memory(insn, &mut ops)?;
+        match insn.memory_size().size() {
+            4 => (0, 4),
+            8 => (0, 8),
+            _ => return None,
+        }
+    } else {
+        return None;
+    };
+    ops.dst = dst;
+    let wide = size == 8;
+
+    let mnemonic = insn.mnemonic();
+    if matches!(mnemonic, Mnemonic::Inc | Mnemonic::Dec) {
+        if kind0 != OpKind::Register {
+            return None;
+        }
+        let handler: FastHandler = match (mnemonic == Mnemonic::Inc, wide) {
+            (true, true) => step_reg::<true, 8>,
+            (true, false) => step_reg::<true, 4>,
+            (false, true) => step_reg::<false, 8>,
+            (false, false) => step_reg::<false, 4>,
+        };
+        return Some((handler, ops));
+    }
+    if insn.op_count() != 2 {
+        return None;
+    }
+    if kind0 == OpKind::Register && insn.op_kind(1) == OpKind::Immediate8 {
+        // Shifts by an immediate count.
+        ops.immediate = u64::from(insn.immediate8());
+        let handler: FastHandler = match (mnemonic, wide) {
+            (Mnemonic::Shl | Mnemonic::Sal, true) => shift::<SHIFT_LEFT, 8>,
+            (Mnemonic::Shl | Mnemonic::Sal, false) => shift::<SHIFT_LEFT, 4>,
+            (Mnemonic::Shr, true) => shift::<SHIFT_RIGHT, 8>,
+            (Mnemonic::Shr, false) => shift::<SHIFT_RIGHT, 4>,
+            (Mnemonic::Sar, true) => shift::<SHIFT_ARITHMETIC, 8>,
+            (Mnemonic::Sar, false) => shift::<SHIFT_ARITHMETIC, 4>,
+            _ => return None,
+        };
+        return Some((handler, ops));
+    }
+
+    // The source: a register of the same size, an immediate or a memory operand.
+    let kind1 = insn.op_kind(1);
+    let form = match kind1 {
+        OpKind::Register => {
+            let (src, src_size) = gpr(insn.op1_register())?;
+            if src_size != size {
+                return None;
+            }
+            ops.src = src;
+            Form::Register
+        }
+        OpKind::Immediate8to32
+        | OpKind::Immediate32
+        | OpKind::Immediate8to64
+        | OpKind::Immediate32to64
+        | OpKind::Immediate64 => {
+            ops.immediate = insn.immediate(1) & size_mask(size);
+            Form::Immediate
+        }
+        OpKind::Memory if kind0 == OpKind::Register => {
+            memory(insn, &mut ops)?;
+            if insn.memory_size().size() != usize::from(size) && mnemonic != Mnemonic::Lea {
+                return None;
+            }
+            Form::Memory
+        }
+        _ => return None,
+    };
+
+    let memory_destination = kind0 == OpKind::Memory;
+    macro_rules! by_form {
+        ($handler:ident, $op:expr) => {
+            match (memory_destination, form, wide) {
+                (false, Form::Register, true) => $handler::<{ $op }, 8, SRC_REGISTER>,
+                (false, Form::Register, false) => $handler::<{ $op }, 4, SRC_REGISTER>,
+                (false, Form::Immediate, true) => $handler::<{ $op }, 8, SRC_IMMEDIATE>,
+                (false, Form::Immediate, false) => $handler::<{ $op }, 4, SRC_IMMEDIATE>,
+                (false, Form::Memory, true) => $handler::<{ $op }, 8, SRC_MEMORY>,
+                (false, Form::Memory, false) => $handler::<{ $op }, 4, SRC_MEMORY>,
+                _ => return None,
+            }
+        };
+    }
+    let handler: FastHandler = match mnemonic {
+        Mnemonic::Add => by_form!(binary, BINARY_ADD),
+        Mnemonic::Or => by_form!(binary, BINARY_OR),
+        Mnemonic::Adc => by_form!(binary, BINARY_ADC),
+        Mnemonic::Sbb => by_form!(binary, BINARY_SBB),
+        Mnemonic::And => by_form!(binary, BINARY_AND),
+        Mnemonic::Sub => by_form!(binary, BINARY_SUB),
+        Mnemonic::Xor => by_form!(binary, BINARY_XOR),
+        Mnemonic::Cmp => by_form!(binary, BINARY_CMP),
+        Mnemonic::Test if form != Form::Memory => by_form!(binary, BINARY_TEST),
+        Mnemonic::Mov if memory_destination => match (form, wide) {
+            (Form::Register, true) => store::<8, SRC_REGISTER>,
+            (Form::Register, false) => store::<4, SRC_REGISTER>,
+            (Form::Immediate, true) => store::<8, SRC_IMMEDIATE>,
+            (Form::Immediate, false) => store::<4, SRC_IMMEDIATE>,
+            _ => return None,
+        },
+        Mnemonic::Mov => match (form, wide) {
+            (Form::Register, true) => load::<8, SRC_REGISTER>,
+            (Form::Register, false) => load::<4, SRC_REGISTER>,
+            (Form::Immediate, true) => load::<8, SRC_IMMEDIATE>,
+            (Form::Immediate, false) => load::<4, SRC_IMMEDIATE>,
+            (Form::Memory, true) => load::<8, SRC_MEMORY>,
+            (Form::Memory, false) => load::<4, SRC_MEMORY>,
+        },
+        Mnemonic::Imul => match (form, wide) {
+            (Form::Register, true) => multiply::<8, SRC_REGISTER>,
+            (Form::Register, false) => multiply::<4, SRC_REGISTER>,
+            (Form::Memory, true) => multiply::<8, SRC_MEMORY>,
+            (Form::Memory, false) => multiply::<4, SRC_MEMORY>,
+            _ => return None,
+        },
+        Mnemonic::Lea => match (form, wide) {
+            (Form::Memory, true) => lea::<8>,
+            (Form::Memory, false) => lea::<4>,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some((handler, ops))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Register,
+    Immediate,
+    Memory,
+}
+
+const SHIFT_LEFT: u8 = 0;
+const SHIFT_RIGHT: u8 = 1;
+const SHIFT_ARITHMETIC: u8 = 2;
+
+const SRC_REGISTER: u8 = 0;
+const SRC_IMMEDIATE: u8 = 1;
+const SRC_MEMORY: u8 = 2;
+
+impl Cpu {
+    /// Returns the offset of the memory operand within its segment.
+    #[inline(always)]
+    fn fast_address(&self, ops: &Operands) -> u64 {
+        let mut address = ops.displacement;
+        if ops.base < 16 {
+            address = address.wrapping_add(self.gpr[usize::from(ops.base)]);
+        } else if ops.base == RIP_BASE {
+            address = address.wrapping_add(self.rip);
+        }
+        if ops.index < 16 {
+            address = address.wrapping_add(self.gpr[usize::from(ops.index)] << ops.scale);
+        }
+        address
+    }
+
+    /// Reads the source operand of `SIZE` bytes.
+    #[inline(always)]
+    fn fast_source<const SIZE: u8, const SRC: u8>(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        ops: &Operands,
+    ) -> Result<u64, crate::core::cpu::Exit> {
+        Ok(match SRC {
+            SRC_REGISTER => self.gpr[usize::from(ops.src)] & size_mask(SIZE),
+            SRC_IMMEDIATE => ops.immediate,
+            _ => {
+                let offset = self.fast_address(ops);
+                self.read(bus, usize::from(ops.segment), offset, SIZE)?
+            }
+        })
+    }
+
+    /// Writes a 32-bit (zero-extended) or 64-bit register.
+    #[inline(always)]
+    fn fast_set<const SIZE: u8>(&mut self, register: u8, value: u64) {
+        self.gpr[usize::from(register) & 15] = value & size_mask(SIZE);
+    }
+}
+
+/// ALU instruction `OP` with a register destination.
+fn binary<const OP: u8, const SIZE: u8, const SRC: u8>(
+    cpu: &mut Cpu,
+    bus: &mut dyn CpuBus,
+    ops: &Operands,
+) -> Exec {
+    let src = cpu.fast_source::<SIZE, SRC>(bus, ops)?;
+    let dst = cpu.gpr[usize::from(ops.dst) & 15] & size_mask(SIZE);
+    let carry = matches!(OP, BINARY_ADC | BINARY_SBB) && cpu.carry();
+    let (op, res) = match OP {
+        BINARY_ADD | BINARY_ADC => (
+            FlagOp::Add,
+            dst.wrapping_add(src).wrapping_add(carry as u64),
+        ),
+        BINARY_SUB | BINARY_SBB | BINARY_CMP => (
+            FlagOp::Sub,
+            dst.wrapping_sub(src).wrapping_sub(carry as u64),
+        ),
+        BINARY_AND | BINARY_TEST => (FlagOp::Logic, dst & src),
+        BINARY_OR => (FlagOp::Logic, dst | src),
+        _ => (FlagOp::Logic, dst ^ src),
+    };
+    let res = res & size_mask(SIZE);
+    if !matches!(OP, BINARY_CMP | BINARY_TEST) {
+        cpu.fast_set::<SIZE>(ops.dst, res);
+    }
+    cpu.set_lazy(op, SIZE, dst, src, res);
+    cpu.lazy.carry_in = carry;
+    Ok(())
+}
+
+/// MOV into a register.
+fn load<const SIZE: u8, const SRC: u8>(
+    cpu: &mut Cpu,
+    bus: &mut dyn CpuBus,
+    ops: &Operands,
+) -> Exec {
+    let value = cpu.fast_source::<SIZE, SRC>(bus, ops)?;
+    cpu.fast_set::<SIZE>(ops.dst, value);
+    Ok(())
+}
+
+/// MOV into memory.
+fn store<const SIZE: u8, const SRC: u8>(
+    cpu: &mut Cpu,
+    bus: &mut dyn CpuBus,
+    ops: &Operands,
+) -> Exec {
+    let value = cpu.fast_source::<SIZE, SRC>(bus, ops)?;
+    let offset = cpu.fast_address(ops);
+    cpu.write(bus, usize::from(ops.segment), offset, SIZE, value)
+}
+
+/// LEA with 64-bit addressing.
+fn lea<const SIZE: u8>(cpu: &mut Cpu, _bus: &mut dyn CpuBus, ops: &Operands) -> Exec {
+    let address = cpu.fast_address(ops);
+    cpu.fast_set::<SIZE>(ops.dst, address);
+    Ok(())
+}
+
+/// INC (`UP`) or DEC of a register; CF is kept.
+fn step_reg<const UP: bool, const SIZE: u8>(
+    cpu: &mut Cpu,
+    _bus: &mut dyn CpuBus,
+    ops: &Operands,
+) -> Exec {
+    let carry = cpu.carry();
+    let dst = cpu.gpr[usize::from(ops.dst) & 15] & size_mask(SIZE);
+    let (op, res) = if UP {
+        (FlagOp::Inc, dst.wrapping_add(1) & size_mask(SIZE))
+    } else {
+        (FlagOp::Dec, dst.wrapping_sub(1) & size_mask(SIZE))
+    };
+    cpu.fast_set::<SIZE>(ops.dst, res);
+    cpu.set_lazy(op, SIZE, dst, 1, res);
+    cpu.lazy.carry_in = carry;
+    Ok(())
+}
+
+/// SHL, SHR or SAR of a register by an immediate count.
+fn shift<const KIND: u8, const SIZE: u8>(
+    cpu: &mut Cpu,
+    _bus: &mut dyn CpuBus,
+    ops: &Operands,
+) -> Exec {
+    let bits = u32::from(SIZE) * 8;
+    let count = (ops.immediate & if SIZE == 8 { 0x3f } else { 0x1f }) as u32;
+    let dst = cpu.gpr[usize::from(ops.dst) & 15] & size_mask(SIZE);
+    if count == 0 {
+        // No flags change; a 32-bit destination is still zero-extended.
+        cpu.fast_set::<SIZE>(ops.dst, dst);
+        return Ok(());
+    }
+    let sign = 1u64 << (bits - 1);
+    let (res, cf, of) = match KIND {
+        SHIFT_LEFT => {
+            let res = (dst << count) & size_mask(SIZE);
+            let cf = (dst >> (bits - count)) & 1 != 0;
+            (res, cf, (res & sign != 0) != cf)
+        }
+        SHIFT_RIGHT => (dst >> count, (dst >> (count - 1)) & 1 != 0, dst & sign != 0),
+        _ => {
+            let value = sign_extend(dst, SIZE);
+            let res = (value >> count) as u64 & size_mask(SIZE);
+            (res, (value >> (count - 1)) & 1 != 0, false)
+        }
+    };
+    cpu.fast_set::<SIZE>(ops.dst, res);
+    cpu.set_result_flags(SIZE, res, cf, of);
+    Ok(())
+}
+
+/// Two-operand IMUL into a register.
+fn multiply<const SIZE: u8, const SRC: u8>(
+    cpu: &mut Cpu,
+    bus: &mut dyn CpuBus,
+    ops: &Operands,
+) -> Exec {
+    let b = cpu.fast_source::<SIZE, SRC>(bus, ops)?;
+    let a = cpu.gpr[usize::from(ops.dst) & 15] & size_mask(SIZE);
+    let product = i128::from(sign_extend(a, SIZE)) * i128::from(sign_extend(b, SIZE));
+    let res = product as u64 & size_mask(SIZE);
+    let overflow = i128::from(sign_extend(res, SIZE)) != product;
+    cpu.fast_set::<SIZE>(ops.dst, res);
+    cpu.set_result_flags(SIZE, res, overflow, overflow);
+    Ok(())
+}
