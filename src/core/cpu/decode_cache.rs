@@ -99,6 +99,11 @@ pub(crate) struct BlockEntry {
     /// A specialized handler for `operands`, which replaces `handler` when present.
     pub(crate) fast: Option<FastHandler>,
     pub(crate) operands: Operands,
+    /// Length of the instruction in bytes.
+    pub(crate) len: u8,
+    /// Whether the instruction may write memory, after which the block checks that its
+    /// code page is unchanged.
+    pub(crate) writes_memory: bool,
 }
 
 /// Instructions decoded from consecutive addresses of one page, executed in order until
@@ -141,8 +146,33 @@ impl Block {
             handler: handler(instruction),
             fast,
             operands,
+            len: instruction.len() as u8,
+            writes_memory: may_write_memory(instruction),
         });
     }
+}
+
+/// Returns whether `instruction` may write guest memory: it has a memory operand (the
+/// destination or not, which is conservative), uses the stack, or is a string or
+/// system instruction with implicit memory operands.
+fn may_write_memory(instruction: &Instruction) -> bool {
+    use iced_x86::OpKind;
+    (0..instruction.op_count()).any(|n| {
+        matches!(
+            instruction.op_kind(n),
+            OpKind::Memory
+                | OpKind::MemorySegSI
+                | OpKind::MemorySegESI
+                | OpKind::MemorySegRSI
+                | OpKind::MemorySegDI
+                | OpKind::MemorySegEDI
+                | OpKind::MemorySegRDI
+                | OpKind::MemoryESDI
+                | OpKind::MemoryESEDI
+                | OpKind::MemoryESRDI
+        )
+    }) || instruction.stack_pointer_increment() != 0
+        || instruction.op_count() == 0
 }
 
 /// A direct-mapped cache of blocks.

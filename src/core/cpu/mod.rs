@@ -223,26 +223,26 @@ impl Cpu {
             },
         };
 
+        // Only the last instruction of a block can branch (see `ops::ends_block`), so
+        // the loop need not compare RIP with the fall-through address.
+        let count = block
+            .entries
+            .len()
+            .min(usize::try_from(*budget).unwrap_or(usize::MAX));
+        let mut executed = 0;
         let mut result = Ok(());
-        for entry in &block.entries {
-            if *budget == 0 {
-                break;
-            }
+        for entry in &block.entries[..count] {
             let start = self.rip;
-            let fallthrough = start.wrapping_add(entry.instruction.len() as u64);
-            self.next_rip = fallthrough;
-            let executed = match entry.fast {
+            self.next_rip = start.wrapping_add(u64::from(entry.len));
+            let outcome = match entry.fast {
                 Some(fast) => fast(self, bus, &entry.operands),
                 None => (entry.handler)(self, bus, &entry.instruction),
             };
-            match executed {
+            match outcome {
                 Ok(()) => {
                     self.rip = self.next_rip;
-                    self.instructions += 1;
-                    *budget -= 1;
-                    if self.next_rip != fallthrough
-                        || self.code_watch.stamp(block.page) != block.stamp
-                    {
+                    executed += 1;
+                    if entry.writes_memory && self.code_watch.stamp(block.page) != block.stamp {
                         break;
                     }
                 }
@@ -253,6 +253,8 @@ impl Cpu {
                 }
             }
         }
+        self.instructions += executed;
+        *budget -= executed;
         self.blocks.put(block);
         result
     }

@@ -8,16 +8,18 @@
 //! and flags are the generic handlers' to the bit; every form not listed here keeps its
 //! generic handler.
 
-use iced_x86::{Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind, Register};
 
 use super::alu::sign_extend;
 use super::alu::{
     BINARY_ADC, BINARY_ADD, BINARY_AND, BINARY_CMP, BINARY_OR, BINARY_SBB, BINARY_SUB, BINARY_TEST,
     BINARY_XOR,
 };
-use super::{segment_index, Exec};
+use super::{segment_index, Exec, REGISTERS};
 use crate::core::cpu::bus::CpuBus;
+use crate::core::cpu::exceptions::Exception;
 use crate::core::cpu::flags::{size_mask, FlagOp};
+use crate::core::cpu::msr::is_canonical;
 use crate::core::cpu::state::Cpu;
 
 /// A handler that takes the operands resolved at decode time.
@@ -45,8 +47,13 @@ pub(crate) struct Operands {
     segment: u8,
     /// Displacement (RIP-relative: from the instruction's start), as a two's complement.
     displacement: u64,
-    /// Immediate operand, sign-extended and masked to the operand size.
+    /// Immediate operand, sign-extended and masked to the operand size; for a near
+    /// branch, the target's offset from the instruction's start.
     immediate: u64,
+    /// Condition of Jcc, SETcc and CMOVcc.
+    condition: ConditionCode,
+    /// Bit offset of an 8-bit source or destination register: 8 for AH-BH, else 0.
+    shift: u8,
 }
 
 impl Operands {
@@ -60,6 +67,8 @@ impl Operands {
         segment: 0,
         displacement: 0,
         immediate: 0,
+        condition: ConditionCode::None,
+        shift: 0,
     };
 }
 
@@ -72,6 +81,15 @@ fn gpr(register: Register) -> Option<(u8, u8)> {
     } else {
         None
     }
+}
+
+/// Returns the GPR index and bit offset of an 8-bit register.
+fn gpr8(register: Register) -> Option<(u8, u8)> {
+    if !register.is_gpr8() {
+        return None;
+    }
+    let info = REGISTERS[register as usize];
+    Some((info.index, info.shift))
 }
 
 /// Resolves a memory operand with 64-bit addressing, or `None` for other forms.
@@ -101,7 +119,14 @@ fn memory(insn: &Instruction, ops: &mut Operands) -> Option<()> {
 /// Returns the specialized handler and resolved operands for `insn` in 64-bit code, or
 /// `None` when it has no specialized form.
 pub(crate) fn select(insn: &Instruction) -> Option<(FastHandler, Operands)> {
-    if insn.has_lock_prefix() || insn.op_count() == 0 {
+    if insn.has_lock_prefix() {
+        return None;
+    }
+    let mut ops = Operands::EMPTY;
+    if let Some(handler) = select_other(insn, &mut ops) {
+        return Some((handler, ops));
+    }
+    if insn.op_count() == 0 {
         return None;
     }
     let mut ops = Operands::EMPTY;
@@ -235,6 +260,182 @@ pub(crate) fn select(insn: &Instruction) -> Option<(FastHandler, Operands)> {
         _ => return None,
     };
     Some((handler, ops))
+}
+
+/// Selects branches, stack operations, zero and sign extension, SETcc, CMOVcc and NOP.
+fn select_other(insn: &Instruction, ops: &mut Operands) -> Option<FastHandler> {
+    let kind = |n| insn.op_kind(n);
+    let register = |n| insn.op_register(n);
+    ops.condition = insn.condition_code();
+    Some(match insn.mnemonic() {
+        Mnemonic::Nop => nop,
+        Mnemonic::Jmp | Mnemonic::Call if kind(0) == OpKind::NearBranch64 => {
+            ops.immediate = insn.near_branch64();
+            if insn.mnemonic() == Mnemonic::Jmp {
+                branch::<false>
+            } else {
+                call
+            }
+        }
+        _ if insn.is_jcc_short_or_near() && kind(0) == OpKind::NearBranch64 => {
+            ops.immediate = insn.near_branch64();
+            branch::<true>
+        }
+        Mnemonic::Ret if insn.op_count() == 0 && insn.stack_pointer_increment() == 8 => ret,
+        Mnemonic::Push | Mnemonic::Pop
+            if kind(0) == OpKind::Register
+                && register(0).is_gpr64()
+                && register(0) != Register::RSP =>
+        {
+            ops.dst = register(0).number() as u8;
+            if insn.mnemonic() == Mnemonic::Push {
+                push
+            } else {
+                pop
+            }
+        }
+        Mnemonic::Movsxd | Mnemonic::Movzx | Mnemonic::Movsx => {
+            let (dst, size) = gpr(register(0))?;
+            ops.dst = dst;
+            let source_size = match kind(1) {
+                OpKind::Register => {
+                    let source = register(1);
+                    if let Some((src, shift)) = gpr8(source) {
+                        ops.src = src;
+                        ops.shift = shift;
+                        1
+                    } else if source.is_gpr16() {
+                        ops.src = source.number() as u8;
+                        2
+                    } else if source.is_gpr32() {
+                        ops.src = source.number() as u8;
+                        4
+                    } else {
+                        return None;
+                    }
+                }
+                OpKind::Memory => {
+                    memory(insn, ops)?;
+                    return Some(extend_memory(
+                        insn.mnemonic() != Mnemonic::Movzx,
+                        size,
+                        insn.memory_size().size(),
+                    )?);
+                }
+                _ => return None,
+            };
+            extend_register(insn.mnemonic() != Mnemonic::Movzx, size, source_size)?
+        }
+        _ if insn.condition_code() != ConditionCode::None
+            && matches!(
+                insn.mnemonic(),
+                Mnemonic::Sete
+                    | Mnemonic::Setne
+                    | Mnemonic::Setb
+                    | Mnemonic::Setae
+                    | Mnemonic::Setbe
+                    | Mnemonic::Seta
+                    | Mnemonic::Setl
+                    | Mnemonic::Setge
+                    | Mnemonic::Setle
+                    | Mnemonic::Setg
+                    | Mnemonic::Sets
+                    | Mnemonic::Setns
+                    | Mnemonic::Seto
+                    | Mnemonic::Setno
+                    | Mnemonic::Setp
+                    | Mnemonic::Setnp
+            )
+            && kind(0) == OpKind::Register =>
+        {
+            let (dst, shift) = gpr8(register(0))?;
+            ops.dst = dst;
+            ops.shift = shift;
+            set_condition
+        }
+        _ if insn.condition_code() != ConditionCode::None
+            && insn.op_count() == 2
+            && kind(0) == OpKind::Register
+            && matches!(
+                insn.mnemonic(),
+                Mnemonic::Cmove
+                    | Mnemonic::Cmovne
+                    | Mnemonic::Cmovb
+                    | Mnemonic::Cmovae
+                    | Mnemonic::Cmovbe
+                    | Mnemonic::Cmova
+                    | Mnemonic::Cmovl
+                    | Mnemonic::Cmovge
+                    | Mnemonic::Cmovle
+                    | Mnemonic::Cmovg
+                    | Mnemonic::Cmovs
+                    | Mnemonic::Cmovns
+                    | Mnemonic::Cmovo
+                    | Mnemonic::Cmovno
+                    | Mnemonic::Cmovp
+                    | Mnemonic::Cmovnp
+            ) =>
+        {
+            let (dst, size) = gpr(register(0))?;
+            ops.dst = dst;
+            match kind(1) {
+                OpKind::Register => {
+                    let (src, src_size) = gpr(register(1))?;
+                    if src_size != size {
+                        return None;
+                    }
+                    ops.src = src;
+                    if size == 8 {
+                        conditional_move::<8, SRC_REGISTER>
+                    } else {
+                        conditional_move::<4, SRC_REGISTER>
+                    }
+                }
+                OpKind::Memory => {
+                    memory(insn, ops)?;
+                    if size == 8 {
+                        conditional_move::<8, SRC_MEMORY>
+                    } else {
+                        conditional_move::<4, SRC_MEMORY>
+                    }
+                }
+                _ => return None,
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// Picks MOVZX, MOVSX or MOVSXD from a register of `from` bytes into one of `to` bytes.
+fn extend_register(signed: bool, to: u8, from: u8) -> Option<FastHandler> {
+    Some(match (signed, to, from) {
+        (false, 4, 1) => extend::<false, 4, 1, SRC_REGISTER>,
+        (false, 8, 1) => extend::<false, 8, 1, SRC_REGISTER>,
+        (false, 4, 2) => extend::<false, 4, 2, SRC_REGISTER>,
+        (false, 8, 2) => extend::<false, 8, 2, SRC_REGISTER>,
+        (true, 4, 1) => extend::<true, 4, 1, SRC_REGISTER>,
+        (true, 8, 1) => extend::<true, 8, 1, SRC_REGISTER>,
+        (true, 4, 2) => extend::<true, 4, 2, SRC_REGISTER>,
+        (true, 8, 2) => extend::<true, 8, 2, SRC_REGISTER>,
+        (true, 8, 4) => extend::<true, 8, 4, SRC_REGISTER>,
+        _ => return None,
+    })
+}
+
+/// Picks MOVZX, MOVSX or MOVSXD from memory of `from` bytes into a register of `to`.
+fn extend_memory(signed: bool, to: u8, from: usize) -> Option<FastHandler> {
+    Some(match (signed, to, from) {
+        (false, 4, 1) => extend::<false, 4, 1, SRC_MEMORY>,
+        (false, 8, 1) => extend::<false, 8, 1, SRC_MEMORY>,
+        (false, 4, 2) => extend::<false, 4, 2, SRC_MEMORY>,
+        (false, 8, 2) => extend::<false, 8, 2, SRC_MEMORY>,
+        (true, 4, 1) => extend::<true, 4, 1, SRC_MEMORY>,
+        (true, 8, 1) => extend::<true, 8, 1, SRC_MEMORY>,
+        (true, 4, 2) => extend::<true, 4, 2, SRC_MEMORY>,
+        (true, 8, 2) => extend::<true, 8, 2, SRC_MEMORY>,
+        (true, 8, 4) => extend::<true, 8, 4, SRC_MEMORY>,
+        _ => return None,
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -417,5 +618,102 @@ fn multiply<const SIZE: u8, const SRC: u8>(
     let overflow = i128::from(sign_extend(res, SIZE)) != product;
     cpu.fast_set::<SIZE>(ops.dst, res);
     cpu.set_result_flags(SIZE, res, overflow, overflow);
+    Ok(())
+}
+
+/// NOP in any of its forms.
+fn nop(_cpu: &mut Cpu, _bus: &mut dyn CpuBus, _ops: &Operands) -> Exec {
+    Ok(())
+}
+
+/// Checks a 64-bit branch target: a non-canonical one raises #GP(0) at the branch.
+#[inline(always)]
+fn canonical_target(target: u64) -> Result<u64, crate::core::cpu::Exit> {
+    if is_canonical(target) {
+        Ok(target)
+    } else {
+        Err(Exception::gp(0).into())
+    }
+}
+
+/// Near JMP (`CONDITIONAL` false) or Jcc with a relative target.
+fn branch<const CONDITIONAL: bool>(cpu: &mut Cpu, _bus: &mut dyn CpuBus, ops: &Operands) -> Exec {
+    if !CONDITIONAL || cpu.condition(ops.condition) {
+        cpu.next_rip = canonical_target(cpu.rip.wrapping_add(ops.immediate))?;
+    }
+    Ok(())
+}
+
+/// Near CALL with a relative target.
+fn call(cpu: &mut Cpu, bus: &mut dyn CpuBus, ops: &Operands) -> Exec {
+    let target = canonical_target(cpu.rip.wrapping_add(ops.immediate))?;
+    cpu.push(bus, 8, cpu.next_rip)?;
+    cpu.next_rip = target;
+    Ok(())
+}
+
+/// Near RET without an immediate, with a 64-bit stack.
+fn ret(cpu: &mut Cpu, bus: &mut dyn CpuBus, _ops: &Operands) -> Exec {
+    let target = canonical_target(cpu.peek(bus, 8, 0)?)?;
+    cpu.gpr[4] = cpu.gpr[4].wrapping_add(8);
+    cpu.next_rip = target;
+    Ok(())
+}
+
+/// PUSH of a 64-bit register.
+fn push(cpu: &mut Cpu, bus: &mut dyn CpuBus, ops: &Operands) -> Exec {
+    cpu.push(bus, 8, cpu.gpr[usize::from(ops.dst) & 15])
+}
+
+/// POP into a 64-bit register other than RSP.
+fn pop(cpu: &mut Cpu, bus: &mut dyn CpuBus, ops: &Operands) -> Exec {
+    let value = cpu.pop(bus, 8)?;
+    cpu.gpr[usize::from(ops.dst) & 15] = value;
+    Ok(())
+}
+
+/// MOVZX (`SIGNED` false), MOVSX or MOVSXD from `FROM` bytes into `TO` bytes.
+fn extend<const SIGNED: bool, const TO: u8, const FROM: u8, const SRC: u8>(
+    cpu: &mut Cpu,
+    bus: &mut dyn CpuBus,
+    ops: &Operands,
+) -> Exec {
+    let value = if SRC == SRC_REGISTER {
+        (cpu.gpr[usize::from(ops.src) & 15] >> ops.shift) & size_mask(FROM)
+    } else {
+        let offset = cpu.fast_address(ops);
+        cpu.read(bus, usize::from(ops.segment), offset, FROM)?
+    };
+    let value = if SIGNED {
+        sign_extend(value, FROM) as u64
+    } else {
+        value
+    };
+    cpu.fast_set::<TO>(ops.dst, value);
+    Ok(())
+}
+
+/// SETcc of an 8-bit register.
+fn set_condition(cpu: &mut Cpu, _bus: &mut dyn CpuBus, ops: &Operands) -> Exec {
+    let value = u64::from(cpu.condition(ops.condition));
+    let slot = &mut cpu.gpr[usize::from(ops.dst) & 15];
+    *slot = (*slot & !(0xff << ops.shift)) | (value << ops.shift);
+    Ok(())
+}
+
+/// CMOVcc into a 32- or 64-bit register; the source is read, and a 32-bit destination
+/// zero-extended, whether or not the condition holds.
+fn conditional_move<const SIZE: u8, const SRC: u8>(
+    cpu: &mut Cpu,
+    bus: &mut dyn CpuBus,
+    ops: &Operands,
+) -> Exec {
+    let src = cpu.fast_source::<SIZE, SRC>(bus, ops)?;
+    let value = if cpu.condition(ops.condition) {
+        src
+    } else {
+        cpu.gpr[usize::from(ops.dst) & 15]
+    };
+    cpu.fast_set::<SIZE>(ops.dst, value);
     Ok(())
 }

@@ -567,6 +567,10 @@ pub(crate) fn ends_block(insn: &Instruction) -> bool {
     if insn.flow_control() != iced_x86::FlowControl::Next {
         return true;
     }
+    // A repeated string instruction runs again (RIP unchanged) until its count ends.
+    if insn.has_rep_prefix() || insn.has_repne_prefix() {
+        return true;
+    }
     use Mnemonic as M;
     match insn.mnemonic() {
         M::Mov => moves_special_register(insn),
