@@ -316,11 +316,11 @@ fn select_other(insn: &Instruction, ops: &mut Operands) -> Option<FastHandler> {
                 }
                 OpKind::Memory => {
                     memory(insn, ops)?;
-                    return Some(extend_memory(
+                    return extend_memory(
                         insn.mnemonic() != Mnemonic::Movzx,
                         size,
                         insn.memory_size().size(),
-                    )?);
+                    );
                 }
                 _ => return None,
             };
