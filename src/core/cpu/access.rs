@@ -87,6 +87,43 @@ impl RamWindow {
     }
 }
 
+/// Loads `size` bytes (1, 2, 4 or 8) from host address `host` atomically.
+///
+/// # Safety
+///
+/// `host` must point to `size` mapped bytes aligned to `size`.
+#[inline(always)]
+unsafe fn load_host(host: usize, size: u8) -> u64 {
+    // SAFETY: the caller guarantees a mapped, aligned location of this size.
+    unsafe {
+        match size {
+            1 => u64::from(AtomicU8::from_ptr(host as *mut u8).load(Ordering::Relaxed)),
+            2 => u64::from(AtomicU16::from_ptr(host as *mut u16).load(Ordering::Relaxed)),
+            4 => u64::from(AtomicU32::from_ptr(host as *mut u32).load(Ordering::Relaxed)),
+            _ => AtomicU64::from_ptr(host as *mut u64).load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Stores the low `size` bytes (1, 2, 4 or 8) of `value` at host address `host`
+/// atomically.
+///
+/// # Safety
+///
+/// `host` must point to `size` mapped, writable bytes aligned to `size`.
+#[inline(always)]
+unsafe fn store_host(host: usize, size: u8, value: u64) {
+    // SAFETY: the caller guarantees a mapped, writable, aligned location of this size.
+    unsafe {
+        match size {
+            1 => AtomicU8::from_ptr(host as *mut u8).store(value as u8, Ordering::Relaxed),
+            2 => AtomicU16::from_ptr(host as *mut u16).store(value as u16, Ordering::Relaxed),
+            4 => AtomicU32::from_ptr(host as *mut u32).store(value as u32, Ordering::Relaxed),
+            _ => AtomicU64::from_ptr(host as *mut u64).store(value, Ordering::Relaxed),
+        }
+    }
+}
+
 impl Cpu {
     pub(crate) fn paging_registers(&self) -> PagingRegisters {
         PagingRegisters {
@@ -232,8 +269,8 @@ impl Cpu {
 
     /// Loads a little-endian value of `size` bytes (1, 2, 4 or 8) that does not cross a
     /// page: an aligned RAM access is one load, anything else goes through `phys_read`.
-    #[inline]
-    fn phys_load(&mut self, bus: &mut dyn CpuBus, phys: u64, size: u8) -> u64 {
+    #[inline(always)]
+    pub(crate) fn phys_load(&mut self, bus: &mut dyn CpuBus, phys: u64, size: u8) -> u64 {
         if phys & (u64::from(size) - 1) == 0 {
             if let Some(host) = self.ram.host_address(phys, size) {
                 // SAFETY: `host_address` checked that the `size` bytes lie in the cached
@@ -241,20 +278,16 @@ impl Cpu {
                 // `RamWindow`). The host mapping is page-aligned and `phys` is aligned to
                 // `size`, so the atomic types' alignment holds. Atomic loads keep a
                 // concurrent write by a device or another vCPU from being a data race.
-                let value = unsafe {
-                    match size {
-                        1 => u64::from(AtomicU8::from_ptr(host as *mut u8).load(Ordering::Relaxed)),
-                        2 => {
-                            u64::from(AtomicU16::from_ptr(host as *mut u16).load(Ordering::Relaxed))
-                        }
-                        4 => {
-                            u64::from(AtomicU32::from_ptr(host as *mut u32).load(Ordering::Relaxed))
-                        }
-                        _ => AtomicU64::from_ptr(host as *mut u64).load(Ordering::Relaxed),
-                    }
-                };
-                return value;
+                return unsafe { load_host(host, size) };
             }
+        }
+        self.phys_load_slow(bus, phys, size)
+    }
+
+    /// `phys_load` for an address outside the cached RAM window or not aligned.
+    #[inline(never)]
+    fn phys_load_slow(&mut self, bus: &mut dyn CpuBus, phys: u64, size: u8) -> u64 {
+        if phys & (u64::from(size) - 1) == 0 {
             self.ram.fill(bus.memory(), phys);
             if let Some(region) = bus.memory().find_region(GuestAddress(phys)) {
                 let offset = MemoryRegionAddress(phys - region.start_addr().0);
@@ -275,26 +308,24 @@ impl Cpu {
     }
 
     /// Stores the low `size` bytes of `value` without crossing a page, as `phys_load`.
-    #[inline]
-    fn phys_store(&mut self, bus: &mut dyn CpuBus, phys: u64, size: u8, value: u64) {
+    #[inline(always)]
+    pub(crate) fn phys_store(&mut self, bus: &mut dyn CpuBus, phys: u64, size: u8, value: u64) {
         if phys & (u64::from(size) - 1) == 0 {
             if let Some(host) = self.ram.host_address(phys, size) {
                 // SAFETY: as in `phys_load`: the bytes lie in the cached region, which
                 // stays mapped during `run`, the address is aligned, and the store is atomic.
-                unsafe {
-                    match size {
-                        1 => AtomicU8::from_ptr(host as *mut u8)
-                            .store(value as u8, Ordering::Relaxed),
-                        2 => AtomicU16::from_ptr(host as *mut u16)
-                            .store(value as u16, Ordering::Relaxed),
-                        4 => AtomicU32::from_ptr(host as *mut u32)
-                            .store(value as u32, Ordering::Relaxed),
-                        _ => AtomicU64::from_ptr(host as *mut u64).store(value, Ordering::Relaxed),
-                    }
-                }
+                unsafe { store_host(host, size, value) };
                 self.code_watch.note_write(phys >> 12);
                 return;
             }
+        }
+        self.phys_store_slow(bus, phys, size, value);
+    }
+
+    /// `phys_store` for an address outside the cached RAM window or not aligned.
+    #[inline(never)]
+    fn phys_store_slow(&mut self, bus: &mut dyn CpuBus, phys: u64, size: u8, value: u64) {
+        if phys & (u64::from(size) - 1) == 0 {
             self.ram.fill(bus.memory(), phys);
             if let Some(region) = bus.memory().find_region(GuestAddress(phys)) {
                 let offset = MemoryRegionAddress(phys - region.start_addr().0);

@@ -19,8 +19,10 @@ use super::{segment_index, Exec, REGISTERS};
 use crate::core::cpu::bus::CpuBus;
 use crate::core::cpu::exceptions::Exception;
 use crate::core::cpu::flags::{size_mask, FlagOp};
+use crate::core::cpu::mmu::Access;
 use crate::core::cpu::msr::is_canonical;
 use crate::core::cpu::state::Cpu;
+use crate::core::cpu::state::{CS, FS, SS};
 
 /// A handler that takes the operands resolved at decode time.
 pub(crate) type FastHandler = fn(&mut Cpu, &mut dyn CpuBus, &Operands) -> Exec;
@@ -469,6 +471,66 @@ impl Cpu {
         address
     }
 
+    /// Returns the physical address of `size` bytes at `segment:offset` for `access`
+    /// when the TLB already allows it, or `None` for the general path, which also
+    /// raises the right fault.
+    ///
+    /// Fast handlers run only in 64-bit mode, so paging is on, only FS and GS have a
+    /// base, and the CPL is CS.DPL.
+    #[inline(always)]
+    fn fast_physical(&self, segment: u8, offset: u64, size: u8, access: Access) -> Option<u64> {
+        let linear = if usize::from(segment) >= FS {
+            self.seg[usize::from(segment)].base.wrapping_add(offset)
+        } else {
+            offset
+        };
+        if !is_canonical(linear) || (linear & 0xfff) + u64::from(size) > 0x1000 {
+            return None;
+        }
+        self.tlb.lookup(linear, access, self.seg[CS].dpl == 3)
+    }
+
+    /// Reads `SIZE` bytes of memory at `segment:offset`.
+    #[inline(always)]
+    fn fast_read<const SIZE: u8>(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        segment: u8,
+        offset: u64,
+    ) -> Result<u64, crate::core::cpu::Exit> {
+        match self.fast_physical(segment, offset, SIZE, Access::Read) {
+            Some(phys) => Ok(self.phys_load(bus, phys, SIZE)),
+            None => self.read(bus, usize::from(segment), offset, SIZE),
+        }
+    }
+
+    /// Writes `SIZE` bytes of memory at `segment:offset`.
+    #[inline(always)]
+    fn fast_write<const SIZE: u8>(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        segment: u8,
+        offset: u64,
+        value: u64,
+    ) -> Exec {
+        match self.fast_physical(segment, offset, SIZE, Access::Write) {
+            Some(phys) => {
+                self.phys_store(bus, phys, SIZE, value);
+                Ok(())
+            }
+            None => self.write(bus, usize::from(segment), offset, SIZE, value),
+        }
+    }
+
+    /// Pushes 8 bytes onto the 64-bit stack; RSP changes only if the write succeeds.
+    #[inline(always)]
+    fn fast_push(&mut self, bus: &mut dyn CpuBus, value: u64) -> Exec {
+        let sp = self.gpr[4].wrapping_sub(8);
+        self.fast_write::<8>(bus, SS as u8, sp, value)?;
+        self.gpr[4] = sp;
+        Ok(())
+    }
+
     /// Reads the source operand of `SIZE` bytes.
     #[inline(always)]
     fn fast_source<const SIZE: u8, const SRC: u8>(
@@ -481,7 +543,7 @@ impl Cpu {
             SRC_IMMEDIATE => ops.immediate,
             _ => {
                 let offset = self.fast_address(ops);
-                self.read(bus, usize::from(ops.segment), offset, SIZE)?
+                self.fast_read::<SIZE>(bus, ops.segment, offset)?
             }
         })
     }
@@ -543,7 +605,7 @@ fn store<const SIZE: u8, const SRC: u8>(
 ) -> Exec {
     let value = cpu.fast_source::<SIZE, SRC>(bus, ops)?;
     let offset = cpu.fast_address(ops);
-    cpu.write(bus, usize::from(ops.segment), offset, SIZE, value)
+    cpu.fast_write::<SIZE>(bus, ops.segment, offset, value)
 }
 
 /// LEA with 64-bit addressing.
@@ -647,14 +709,14 @@ fn branch<const CONDITIONAL: bool>(cpu: &mut Cpu, _bus: &mut dyn CpuBus, ops: &O
 /// Near CALL with a relative target.
 fn call(cpu: &mut Cpu, bus: &mut dyn CpuBus, ops: &Operands) -> Exec {
     let target = canonical_target(cpu.rip.wrapping_add(ops.immediate))?;
-    cpu.push(bus, 8, cpu.next_rip)?;
+    cpu.fast_push(bus, cpu.next_rip)?;
     cpu.next_rip = target;
     Ok(())
 }
 
 /// Near RET without an immediate, with a 64-bit stack.
 fn ret(cpu: &mut Cpu, bus: &mut dyn CpuBus, _ops: &Operands) -> Exec {
-    let target = canonical_target(cpu.peek(bus, 8, 0)?)?;
+    let target = canonical_target(cpu.fast_read::<8>(bus, SS as u8, cpu.gpr[4])?)?;
     cpu.gpr[4] = cpu.gpr[4].wrapping_add(8);
     cpu.next_rip = target;
     Ok(())
@@ -662,12 +724,13 @@ fn ret(cpu: &mut Cpu, bus: &mut dyn CpuBus, _ops: &Operands) -> Exec {
 
 /// PUSH of a 64-bit register.
 fn push(cpu: &mut Cpu, bus: &mut dyn CpuBus, ops: &Operands) -> Exec {
-    cpu.push(bus, 8, cpu.gpr[usize::from(ops.dst) & 15])
+    cpu.fast_push(bus, cpu.gpr[usize::from(ops.dst) & 15])
 }
 
 /// POP into a 64-bit register other than RSP.
 fn pop(cpu: &mut Cpu, bus: &mut dyn CpuBus, ops: &Operands) -> Exec {
-    let value = cpu.pop(bus, 8)?;
+    let value = cpu.fast_read::<8>(bus, SS as u8, cpu.gpr[4])?;
+    cpu.gpr[4] = cpu.gpr[4].wrapping_add(8);
     cpu.gpr[usize::from(ops.dst) & 15] = value;
     Ok(())
 }
@@ -682,7 +745,7 @@ fn extend<const SIGNED: bool, const TO: u8, const FROM: u8, const SRC: u8>(
         (cpu.gpr[usize::from(ops.src) & 15] >> ops.shift) & size_mask(FROM)
     } else {
         let offset = cpu.fast_address(ops);
-        cpu.read(bus, usize::from(ops.segment), offset, FROM)?
+        cpu.fast_read::<FROM>(bus, ops.segment, offset)?
     };
     let value = if SIGNED {
         sign_extend(value, FROM) as u64
