@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub mod disk;
@@ -21,11 +22,13 @@ pub mod console;
 pub mod lifecycle;
 pub mod output;
 pub mod shell;
+pub mod signals;
 pub mod state;
 pub mod terminal;
 pub mod vmm;
 
 use output::OutputFormat;
+use signals::StopSignal;
 use state::StateDir;
 
 /// Exit status for success, including a guest that powered off.
@@ -406,6 +409,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 
 fn run(args: RunArgs) -> anyhow::Result<i32> {
     let config = args.vm.to_config()?;
+    // Before any thread starts, so that every thread of the VM inherits the mask.
+    let stop_signals =
+        signals::block_stop_signals().context("failed to block SIGTERM, SIGINT and SIGHUP")?;
     let BuiltVm {
         mut vm,
         serial,
@@ -440,6 +446,27 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         move || quit_control.request_stop(StopReason::UserStop),
     )?;
 
+    let received = Arc::new(OnceLock::new());
+    {
+        let received = received.clone();
+        let control = vm.control().clone();
+        let terminal = raw_mode.as_ref().map(|guard| guard.saved());
+        stop_signals
+            .spawn_waiter(move |signal: StopSignal| {
+                if received.set(signal).is_ok() {
+                    tracing::warn!(%signal, "stopping the VM on a signal");
+                    control.request_stop(StopReason::UserStop);
+                    return;
+                }
+                tracing::error!(%signal, "signal repeated while the VM stops; exiting without closing the disks");
+                if let Some(terminal) = terminal {
+                    terminal.restore();
+                }
+                std::process::exit(signal.exit_status());
+            })
+            .context("failed to start the signal thread")?;
+    }
+
     let started = std::time::Instant::now();
     let result = vm.run();
     drop(raw_mode);
@@ -456,7 +483,15 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             "vCPU counters at exit"
         );
     }
+    // Dropping the VM flushes and closes its disks, which clears the qcow2 dirty bit.
+    drop(vm);
+    tracing::info!(vm = %config.name, "disks closed");
     let exit = result?;
+
+    if let Some(signal) = received.get() {
+        eprintln!("monstervm: stopped by {signal}");
+        return Ok(signal.exit_status());
+    }
     let message = match exit {
         VmExit::PowerOff => "the guest powered off",
         VmExit::Reset => "the guest reset the machine",

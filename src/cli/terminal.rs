@@ -13,8 +13,22 @@ pub const ESCAPE_KEY: u8 = 0x1d;
 
 /// Restores the terminal's settings when dropped.
 pub struct RawModeGuard {
+    saved: SavedTerminal,
+}
+
+/// A terminal's settings from before raw mode, which any thread can put back.
+#[derive(Clone, Copy)]
+pub struct SavedTerminal {
     fd: RawFd,
-    saved: libc::termios,
+    settings: libc::termios,
+}
+
+impl SavedTerminal {
+    /// Puts the saved settings back on the terminal.
+    pub fn restore(&self) {
+        // SAFETY: `settings` came from tcgetattr on the same descriptor.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.settings) };
+    }
 }
 
 impl RawModeGuard {
@@ -42,14 +56,23 @@ impl RawModeGuard {
             tracing::warn!(error = %std::io::Error::last_os_error(), "failed to set raw mode; console stays in line mode");
             return None;
         }
-        Some(RawModeGuard { fd, saved })
+        Some(RawModeGuard {
+            saved: SavedTerminal {
+                fd,
+                settings: saved,
+            },
+        })
+    }
+
+    /// Returns the settings this guard restores, for a path that exits without dropping it.
+    pub fn saved(&self) -> SavedTerminal {
+        self.saved
     }
 }
 
 impl Drop for RawModeGuard {
     fn drop(&mut self) {
-        // SAFETY: `saved` came from tcgetattr on the same descriptor.
-        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+        self.saved.restore();
     }
 }
 
