@@ -257,11 +257,12 @@ pub struct VmArgs {
     pub backend: Option<BackendChoice>,
     /// Virtio-blk disk, repeatable: the first is /dev/vda in the guest, the next vdb.
     /// `readonly` shows it read-only, `format` skips detection, `backing=deny` rejects
-    /// images that name other files (for untrusted images), and `serial` sets the ID the
-    /// guest reads. Replaces the disks of --config.
+    /// images that name other files (for untrusted images), `serial` sets the ID the guest
+    /// reads, and `locking=off` skips the QEMU-compatible image lock. Replaces the disks of
+    /// --config.
     #[arg(
         long = "disk",
-        value_name = "PATH[,readonly][,format=raw|qcow2][,backing=deny][,serial=S]"
+        value_name = "PATH[,readonly][,format=raw|qcow2][,backing=deny][,serial=S][,locking=off]"
     )]
     pub disks: Vec<DiskConfig>,
     /// VM spec in TOML (or JSON with a .json extension); options given here override it.

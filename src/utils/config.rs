@@ -94,6 +94,9 @@ pub struct DiskConfig {
     /// most 20 printable ASCII bytes; `None` uses the disk's position, `disk0`, `disk1`, ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// Whether the image is locked against other writers, with QEMU's lock bytes.
+    #[serde(default, skip_serializing_if = "DiskLocking::is_on")]
+    pub locking: DiskLocking,
 }
 
 /// Image format of a [`DiskConfig`].
@@ -117,8 +120,26 @@ pub enum DiskBacking {
     Deny,
 }
 
+/// Image locking of a [`DiskConfig`], as QEMU's `file.locking` option sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskLocking {
+    /// Lock the image: writing excludes every other user, and reading excludes writers.
+    #[default]
+    On,
+    /// Take no lock, for file systems without OFD locks or writers coordinated otherwise.
+    Off,
+}
+
+impl DiskLocking {
+    fn is_on(&self) -> bool {
+        *self == DiskLocking::On
+    }
+}
+
 /// Keys accepted after the path in `--disk PATH,KEY=VALUE,...`, for error messages.
-const DISK_KEYS: &str = "readonly, format=auto|raw|qcow2, backing=allow|deny, serial=S";
+const DISK_KEYS: &str =
+    "readonly, format=auto|raw|qcow2, backing=allow|deny, serial=S, locking=on|off";
 
 impl DiskConfig {
     /// Creates a writable disk of detected format with backing files allowed.
@@ -129,6 +150,7 @@ impl DiskConfig {
             format: DiskFormat::Auto,
             backing: DiskBacking::Allow,
             serial: None,
+            locking: DiskLocking::On,
         }
     }
 
@@ -172,7 +194,7 @@ fn parse_switch(key: &str, value: &str) -> Result<bool, ConfigError> {
 impl std::str::FromStr for DiskConfig {
     type Err = ConfigError;
 
-    /// Parses `PATH[,readonly][,format=raw|qcow2][,backing=deny][,serial=S]`.
+    /// Parses `PATH[,readonly][,format=raw|qcow2][,backing=deny][,serial=S][,locking=off]`.
     ///
     /// NOTE: the first comma ends the path, so an image whose path contains a comma must
     /// be given in a config file instead.
@@ -194,7 +216,14 @@ impl std::str::FromStr for DiskConfig {
                 ("backing", Some("allow")) => disk.backing = DiskBacking::Allow,
                 ("backing", Some("deny")) => disk.backing = DiskBacking::Deny,
                 ("serial", Some(serial)) => disk.serial = Some(serial.to_string()),
-                ("format" | "backing" | "serial", value) => {
+                ("locking", Some(value)) => {
+                    disk.locking = if parse_switch(key, value)? {
+                        DiskLocking::On
+                    } else {
+                        DiskLocking::Off
+                    }
+                }
+                ("format" | "backing" | "serial" | "locking", value) => {
                     return Err(invalid_disk(format!(
                         "invalid value {:?} for {key} in {text:?}; supported: {DISK_KEYS}",
                         value.unwrap_or("")
@@ -412,6 +441,9 @@ mod tests {
         let explicit: DiskConfig = "disk.img,readonly=off,format=raw".parse().unwrap();
         assert!(!explicit.read_only);
         assert_eq!(explicit.format, DiskFormat::Raw);
+        assert_eq!(explicit.locking, DiskLocking::On);
+        let unlocked: DiskConfig = "disk.img,locking=off".parse().unwrap();
+        assert_eq!(unlocked.locking, DiskLocking::Off);
     }
 
     #[test]
