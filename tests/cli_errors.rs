@@ -133,3 +133,33 @@ fn kvm_backend_with_unusable_device() {
     };
     assert_rejected(&output, 1, "not a KVM device");
 }
+
+#[test]
+fn bzimage_cut_to_one_mib() {
+    let kernel = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/vmlinuz");
+    if !kernel.is_file() {
+        eprintln!("skipping: no guest/vmlinuz; run `monstervm guest fetch --dir guest`");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("vmlinuz-cut");
+    let mut bytes = std::fs::read(&kernel).unwrap();
+    bytes.truncate(1 << 20);
+    std::fs::write(&short, &bytes).unwrap();
+
+    let output = monstervm(&[
+        "run",
+        "--backend",
+        "emulator",
+        "--kernel",
+        short.to_str().unwrap(),
+    ]);
+    assert_rejected(
+        &output,
+        1,
+        "the bzImage is truncated: the file is 1048576 bytes",
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("syssize"), "{stderr}");
+    assert!(!stderr.contains("triple"), "{stderr}");
+}
