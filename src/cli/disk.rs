@@ -581,7 +581,7 @@ fn print_check(name: &str, report: &CheckReport, output: OutputFormat) -> anyhow
 fn check(args: CheckArgs) -> anyhow::Result<i32> {
     let format = detect_format(&args.image, args.format.as_deref())?;
     if format != ImageFormat::Qcow2 {
-        eprintln!("monstervm: this image format ({format}) does not support checks");
+        report!("monstervm: this image format ({format}) does not support checks");
         return Ok(EXIT_CHECK_UNSUPPORTED);
     }
     let mode = match args.repair.as_deref() {
@@ -682,14 +682,14 @@ fn convert(args: ConvertArgs) -> anyhow::Result<i32> {
         if args.progress {
             let percent = (offset * 10_000 / size.max(1)) as i64;
             if percent != last_percent {
-                eprint!("    ({:.2}/100%)\r", percent as f64 / 100.0);
+                report_inline!("    ({:.2}/100%)\r", percent as f64 / 100.0);
                 let _ = std::io::stderr().flush();
                 last_percent = percent;
             }
         }
     }
     if args.progress {
-        eprintln!();
+        report!("");
     }
     match destination {
         Destination::Raw(raw) => raw.flush()?,

@@ -5,6 +5,23 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+/// Writes to stderr like `eprint!` but ignores failures: a closed stderr (EPIPE, or EBADF
+/// where it was never open) must not end a command with a panic.
+macro_rules! report_inline {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Writes a line to stderr like `eprintln!` but ignores failures, as [`report_inline!`].
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod disk;
 
 use anyhow::Context as _;
@@ -324,7 +341,7 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("monstervm: error: {}", error_chain(&e));
+            report!("monstervm: error: {}", error_chain(&e));
             lifecycle::exit_code(&e)
         }
     }
@@ -413,12 +430,17 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
     // Before any thread starts, so that every thread of the VM inherits the mask.
     let stop_signals =
         signals::block_stop_signals().context("failed to block SIGTERM, SIGINT and SIGHUP")?;
+    let (console, console_out) = terminal::ConsoleOutput::new();
     let BuiltVm {
         mut vm,
         serial,
         backend,
         guest,
-    } = build_vm(&config, Box::new(terminal::ConsoleOutput))?;
+    } = build_vm(&config, Box::new(console))?;
+    {
+        let control = vm.control().clone();
+        console_out.on_failure(move || control.request_stop(StopReason::UserStop));
+    }
 
     let raw_mode = terminal::RawModeGuard::enable(terminal::stdin_fd());
     let guest_name = match &guest {
@@ -430,7 +452,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     tracing::info!(vm = %config.name, guest = %guest_name, backend = %backend.kind, "booting");
     if raw_mode.is_some() {
-        eprint!(
+        report_inline!(
             "monstervm: booting {guest_name} on the {} backend; press Ctrl-] to quit\r\n",
             backend.kind
         );
@@ -489,8 +511,13 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
     tracing::info!(vm = %config.name, "disks closed");
     let exit = result?;
 
+    if let Some(error) = console_out.failure() {
+        anyhow::bail!(
+            "failed to write the guest console to stdout ({error}), so the VM was stopped"
+        );
+    }
     if let Some(signal) = received.get() {
-        eprintln!("monstervm: stopped by {signal}");
+        report!("monstervm: stopped by {signal}");
         return Ok(signal.exit_status());
     }
     let message = match exit {
@@ -499,7 +526,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         VmExit::Halted => "the guest halted its CPU with interrupts disabled",
         VmExit::UserStop => "stopped at the user's request",
     };
-    eprintln!("monstervm: {message}");
+    report!("monstervm: {message}");
     Ok(EXIT_OK)
 }
 
@@ -512,7 +539,7 @@ fn guest_fetch(args: GuestFetchArgs, format: OutputFormat) -> anyhow::Result<i32
         dir,
         debs: args.debs,
     };
-    let guest = crate::guest::fetch_guest(&options, &mut |line| eprintln!("{line}"))?;
+    let guest = crate::guest::fetch_guest(&options, &mut |line| report!("{line}"))?;
     match format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&guest)?),
         OutputFormat::Table => {
