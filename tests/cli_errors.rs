@@ -67,13 +67,52 @@ fn initramfs_larger_than_memory() {
 }
 
 #[test]
-fn memory_of_zero_and_beyond_host() {
-    assert_rejected(&monstervm(&["run", "--memory", "0"]), 1, "too small");
+fn memory_out_of_range_is_usage_error() {
+    assert_rejected(
+        &monstervm(&["run", "--memory", "0"]),
+        2,
+        "0 is out of range: give 2 to 1048576 MiB",
+    );
     assert_rejected(
         &monstervm(&["run", "--memory", "999999999"]),
-        1,
-        "exceeds this host's",
+        2,
+        "999999999 is out of range",
     );
+}
+
+#[test]
+fn memory_beyond_host() {
+    // The maximum of --memory, 1 TiB, is more than this host has unless it is very large.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let host_kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("MemTotal in /proc/meminfo");
+    if host_kib >= 1 << 30 {
+        eprintln!("skipping: this host has 1 TiB of RAM or more");
+        return;
+    }
+    let output = monstervm(&["run", "--memory", "1048576"]);
+    assert_rejected(&output, 1, "exceeds this host's");
+}
+
+#[test]
+fn vcpus_out_of_range_is_usage_error() {
+    for value in ["300", "65", "0"] {
+        let output = monstervm(&["run", "--vcpus", value]);
+        assert_rejected(
+            &output,
+            2,
+            &format!("{value} is out of range: give 1 to 64 vCPUs"),
+        );
+    }
+}
+
+#[test]
+fn timeout_out_of_range_is_usage_error() {
+    let output = monstervm(&["stop", "vm0", "--timeout", "18446744073709551615"]);
+    assert_rejected(&output, 2, "is out of range: give 0 to 604800 seconds");
 }
 
 #[test]

@@ -37,6 +37,7 @@ use crate::utils::logger;
 
 pub mod console;
 pub mod lifecycle;
+pub mod numbers;
 pub mod output;
 pub mod shell;
 pub mod signals;
@@ -185,8 +186,8 @@ impl TcpApiArgs {
 pub struct StartArgs {
     /// Name of the VM.
     pub name: String,
-    /// Seconds to wait for the VM to run before killing its VMM and failing.
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    /// Seconds to wait for the VM to run before killing its VMM and failing, up to 604800.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = numbers::parse_timeout_secs)]
     pub timeout: u64,
     #[command(flatten)]
     pub tcp: TcpApiArgs,
@@ -196,8 +197,9 @@ pub struct StartArgs {
 pub struct StopArgs {
     /// Name of the VM.
     pub name: String,
-    /// Seconds to wait after the stop request before killing the VMM with SIGKILL.
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    /// Seconds to wait after the stop request before killing the VMM with SIGKILL, up to
+    /// 604800.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = numbers::parse_timeout_secs)]
     pub timeout: u64,
     /// Kill the VMM with SIGKILL at once.
     #[arg(long)]
@@ -263,11 +265,11 @@ pub struct VmArgs {
     /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1 tsc=reliable"].
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
-    /// Guest RAM in MiB [default: 256].
-    #[arg(long, value_name = "MIB")]
+    /// Guest RAM in MiB, 2 to 1048576 [default: 256].
+    #[arg(long, value_name = "MIB", value_parser = numbers::parse_memory_mib)]
     pub memory: Option<u64>,
-    /// Number of virtual CPUs [default: 1].
-    #[arg(long, value_name = "N")]
+    /// Number of virtual CPUs, 1 to 64 [default: 1].
+    #[arg(long, value_name = "N", value_parser = numbers::parse_vcpus)]
     pub vcpus: Option<u8>,
     /// Engine that runs the guest: auto picks KVM only where it runs at hardware speed.
     #[arg(long, value_name = "auto|kvm|emulator")]

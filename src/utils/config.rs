@@ -11,6 +11,20 @@ use crate::hypervisor::BackendChoice;
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
 /// Largest vCPU count accepted; the MP table and the local APIC IDs are 8-bit.
 pub const MAX_VCPUS: u8 = 64;
+/// Range of `vcpus`.
+pub const VCPUS_LIMIT: NumericLimit = NumericLimit {
+    min: 1,
+    max: MAX_VCPUS as u64,
+    unit: "vCPUs",
+};
+/// Range of `memory_mib`. The minimum is what the boot structures need. The maximum, 1 TiB,
+/// keeps byte sizes far from u64 overflow, and the host's own RAM is checked when the VM
+/// is built.
+pub const MEMORY_MIB_LIMIT: NumericLimit = NumericLimit {
+    min: crate::core::memory::MIN_MEMORY_MIB,
+    max: 1 << 20,
+    unit: "MiB",
+};
 /// Largest number of disks: PCI bus 0 has 32 slots and the host bridge takes slot 0.
 pub const MAX_DISKS: usize = 31;
 /// Longest disk serial number in bytes, the size of virtio-blk's GET_ID response.
@@ -42,6 +56,31 @@ pub enum ConfigError {
         field: &'static str,
         message: String,
     },
+}
+
+/// The inclusive range of a numeric setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NumericLimit {
+    pub min: u64,
+    pub max: u64,
+    /// Unit named in messages, such as "MiB".
+    pub unit: &'static str,
+}
+
+impl NumericLimit {
+    /// Returns the allowed range as a phrase for messages.
+    pub fn describe(&self) -> String {
+        format!("give {} to {} {}", self.min, self.max, self.unit)
+    }
+
+    /// Returns `value` if it lies in the range, or a message naming it and the range.
+    pub fn check(&self, value: u64) -> Result<u64, String> {
+        if (self.min..=self.max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(format!("{value} is out of range: {}", self.describe()))
+        }
+    }
 }
 
 /// One VM's definition.
@@ -333,10 +372,16 @@ impl VmConfig {
                 ),
             });
         }
-        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+        if let Err(message) = VCPUS_LIMIT.check(self.vcpus.into()) {
             return Err(ConfigError::Invalid {
                 field: "vcpus",
-                message: format!("{} is out of range: give 1 to {MAX_VCPUS}", self.vcpus),
+                message,
+            });
+        }
+        if let Err(message) = MEMORY_MIB_LIMIT.check(self.memory_mib) {
+            return Err(ConfigError::Invalid {
+                field: "memory_mib",
+                message,
             });
         }
         if self.initrd.is_some() && self.kernel.is_none() {
