@@ -137,6 +137,23 @@ fn missing_config_file() {
     );
 }
 
+#[test]
+fn config_type_error_names_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.toml");
+    std::fs::write(&path, "name = \"web\"\nmemory_mib = \"lots\"\n").unwrap();
+    let output = monstervm(&["run", "--config", path.to_str().unwrap()]);
+    assert_rejected(
+        &output,
+        1,
+        &format!(
+            "invalid TOML in config file {}, line 2, key memory_mib: invalid type: string \"lots\", expected u64",
+            path.display()
+        ),
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stderr).lines().count(), 1);
+}
+
 /// Runs `monstervm run --backend kvm` in a private mount namespace where `/dev/kvm` is
 /// replaced by `replacement` (a shell command), or returns `None` where namespaces cannot
 /// be created (not root, no unshare).

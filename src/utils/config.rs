@@ -43,8 +43,13 @@ pub enum ConfigError {
     },
     #[error("config file {path} is {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit")]
     TooLarge { path: PathBuf, size: u64 },
-    #[error("invalid TOML in config file {path}: {message}")]
-    Toml { path: PathBuf, message: String },
+    #[error("invalid TOML in config file {path}{location}: {message}")]
+    Toml {
+        path: PathBuf,
+        /// ", line N, key K" where the parser's span locates the error, or empty.
+        location: String,
+        message: String,
+    },
     #[error("invalid JSON in config file {path}: {source}")]
     Json {
         path: PathBuf,
@@ -280,6 +285,41 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+/// Describes where `span` of a TOML document lies: ", line N, key K (in [TABLE])" with
+/// the parts that can be found, or an empty string without a span.
+///
+/// serde's type errors name only the expected type, so the key comes from the line the
+/// span starts on: the text before its `=`, or the key itself for an unknown-key error.
+fn toml_location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return String::new();
+    };
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line_number = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line = &text[line_start..line_end];
+
+    let mut location = format!(", line {line_number}");
+    let key = match line.split_once('=') {
+        Some((key, _)) => key.trim(),
+        None => text[start..span.end.min(line_end).max(start)].trim(),
+    };
+    if !key.is_empty() && !key.starts_with('[') {
+        location.push_str(&format!(", key {key}"));
+        let table = before
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|line| line.starts_with('['));
+        if let Some(table) = table {
+            location.push_str(&format!(" (in {table})"));
+        }
+    }
+    location
+}
+
 fn default_name() -> String {
     "vm0".to_string()
 }
@@ -342,7 +382,8 @@ impl VmConfig {
         } else {
             toml::from_str(&text).map_err(|e| ConfigError::Toml {
                 path: path.to_path_buf(),
-                message: e.message().to_string(),
+                location: toml_location(&text, e.span()),
+                message: e.message().trim_end().replace('\n', ", "),
             })?
         };
         config.validate()?;
@@ -460,6 +501,38 @@ mod tests {
 
         let message = VmConfig::load(&path).unwrap_err().to_string();
         assert!(message.contains("memroy_mib"), "{message}");
+    }
+
+    #[test]
+    fn toml_type_error_names_line_key_and_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.toml");
+        std::fs::write(&path, "name = \"web\"\nvcpus = \"two\"\n").unwrap();
+
+        let message = VmConfig::load(&path).unwrap_err().to_string();
+        assert!(message.contains("vm.toml"), "{message}");
+        assert!(message.contains("line 2"), "{message}");
+        assert!(message.contains("key vcpus"), "{message}");
+        assert!(message.contains("expected u8"), "{message}");
+    }
+
+    #[test]
+    fn toml_error_in_table_names_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.toml");
+        std::fs::write(
+            &path,
+            "memory_mib = 64\n\n[[disks]]\npath = \"a.img\"\nread_only = \"yes\"\n",
+        )
+        .unwrap();
+
+        let message = VmConfig::load(&path).unwrap_err().to_string();
+        assert!(message.contains("line 5"), "{message}");
+        assert!(
+            message.contains("key read_only (in [[disks]])"),
+            "{message}"
+        );
+        assert!(message.contains("expected a boolean"), "{message}");
     }
 
     #[test]
