@@ -219,3 +219,10 @@ fn bzimage_cut_to_one_mib() {
     assert!(stderr.contains("syssize"), "{stderr}");
     assert!(!stderr.contains("triple"), "{stderr}");
 }
+
+#[test]
+fn duplicate_disk_key_is_usage_error() {
+    let output = monstervm(&["run", "--disk", "x.img,format=raw,format=qcow2"]);
+    assert_rejected(&output, 2, "duplicate option \"format\"");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("supported: readonly"));
+}

@@ -246,11 +246,20 @@ impl std::str::FromStr for DiskConfig {
         let mut parts = text.split(',');
         let path = parts.next().unwrap_or_default();
         let mut disk = DiskConfig::new(path);
+        let mut seen: Vec<&str> = Vec::new();
         for option in parts {
             let (key, value) = match option.split_once('=') {
                 Some((key, value)) => (key, Some(value)),
                 None => (option, None),
             };
+            // `ro` is another spelling of `readonly`, so both count as one key.
+            let canonical = if key == "ro" { "readonly" } else { key };
+            if seen.contains(&canonical) {
+                return Err(invalid_disk(format!(
+                    "duplicate option {canonical:?} in {text:?}: give each key once; supported: {DISK_KEYS}"
+                )));
+            }
+            seen.push(canonical);
             match (key, value) {
                 ("readonly" | "ro", None) => disk.read_only = true,
                 ("readonly" | "ro", Some(value)) => disk.read_only = parse_switch(key, value)?,
@@ -581,6 +590,32 @@ mod tests {
         for (text, expected) in cases {
             let message = text.parse::<DiskConfig>().unwrap_err().to_string();
             assert!(message.contains(expected), "{text}: {message}");
+        }
+    }
+
+    #[test]
+    fn disk_option_rejects_duplicate_and_unknown_keys() {
+        let cases = [
+            (
+                "a.img,format=raw,format=qcow2",
+                "duplicate option \"format\"",
+            ),
+            ("a.img,format=raw,format=raw", "duplicate option \"format\""),
+            ("a.img,readonly,ro", "duplicate option \"readonly\""),
+            ("a.img,serial=a,serial=b", "duplicate option \"serial\""),
+            (
+                "a.img,locking=off,locking=on",
+                "duplicate option \"locking\"",
+            ),
+            ("a.img,size=1G", "unknown option \"size=1G\""),
+        ];
+        for (text, expected) in cases {
+            let message = text.parse::<DiskConfig>().unwrap_err().to_string();
+            assert!(message.contains(expected), "{text}: {message}");
+            assert!(
+                message.contains(&format!("supported: {DISK_KEYS}")),
+                "{text}: {message}"
+            );
         }
     }
 
