@@ -59,6 +59,8 @@ pub struct ControlHandle {
     /// Set by a stop that arrives while no boot is attached, so the VMM does not boot again.
     stop_requested: AtomicBool,
     reset_requested: AtomicBool,
+    /// Set when a boot ended because the guest kernel reported a panic.
+    guest_panicked: AtomicBool,
 }
 
 impl ControlHandle {
@@ -87,6 +89,7 @@ impl ControlHandle {
             boots: AtomicU32::new(0),
             stop_requested: AtomicBool::new(false),
             reset_requested: AtomicBool::new(false),
+            guest_panicked: AtomicBool::new(false),
         })
     }
 
@@ -106,6 +109,9 @@ impl ControlHandle {
     /// Detaches the finished boot and returns whether an API reset asked to boot again.
     pub fn detach(&self) -> bool {
         let mut current = self.boot.lock().unwrap_or_else(|e| e.into_inner());
+        if current.as_ref().is_some_and(Self::panicked) {
+            self.guest_panicked.store(true, Ordering::SeqCst);
+        }
         *current = None;
         let reset = self.reset_requested.swap(false, Ordering::SeqCst);
         reset && !self.stop_requested.load(Ordering::SeqCst)
@@ -114,6 +120,10 @@ impl ControlHandle {
     /// Returns the serial hub that this handle's consoles read from.
     pub fn serial(&self) -> &SerialHub {
         &self.serial
+    }
+
+    fn panicked(boot: &Boot) -> bool {
+        boot.control.stop_reason() == Some(StopReason::GuestPanic)
     }
 
     fn current(&self) -> Option<Boot> {
@@ -142,7 +152,10 @@ impl ControlHandle {
 impl VmHandle for ControlHandle {
     fn info(&self) -> VmInfo {
         let boot = self.current();
+        let guest_panicked =
+            self.guest_panicked.load(Ordering::SeqCst) || boot.as_ref().is_some_and(Self::panicked);
         VmInfo {
+            guest_panicked,
             name: self.identity.name.clone(),
             state: self.state_of(boot.as_ref()),
             backend: boot.map(|b| b.backend).unwrap_or_default(),
@@ -309,6 +322,23 @@ mod tests {
 
         *release.0.lock().unwrap() = true;
         release.1.notify_all();
+    }
+
+    #[test]
+    fn guest_panic_shows_in_info() {
+        let handle = handle();
+        let boot = boot(Arc::default());
+        let control = boot.control.clone();
+        handle.attach(boot);
+        assert!(!handle.info().guest_panicked);
+
+        control.request_stop(StopReason::GuestPanic);
+        assert!(handle.info().guest_panicked);
+        assert!(!handle.detach());
+        assert!(
+            handle.info().guest_panicked,
+            "the panic must outlive the boot"
+        );
     }
 
     #[test]

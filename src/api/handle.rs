@@ -72,6 +72,10 @@ pub struct VmInfo {
     pub uptime_secs: f64,
     /// Number of times the VM was built and booted: 1, plus one per API reset.
     pub boots: u32,
+    /// Whether the guest kernel reported a panic through the pvpanic device, which ends
+    /// the VM.
+    #[serde(default)]
+    pub guest_panicked: bool,
 }
 
 /// Exit counters summed over every vCPU.

@@ -120,7 +120,8 @@ pub fn document() -> Value {
                         "memory_mib": {"type": "integer"},
                         "pid": {"type": "integer"},
                         "uptime_secs": {"type": "number"},
-                        "boots": {"type": "integer"}
+                        "boots": {"type": "integer"},
+                        "guest_panicked": {"type": "boolean", "description": "the guest kernel reported a panic through pvpanic; the VM stops"}
                     }
                 },
                 "VmMetrics": {

@@ -62,6 +62,8 @@ pub const EXIT_NOT_FOUND: i32 = 3;
 pub const EXIT_CONFLICT: i32 = 4;
 /// Exit status when a VM did not become ready in time.
 pub const EXIT_TIMEOUT: i32 = 5;
+/// Exit status when the guest kernel reported a panic through the pvpanic device.
+pub const EXIT_GUEST_PANIC: i32 = 6;
 
 /// Environment variable read by `start` and `vmm` for the API's TCP address.
 pub const API_LISTEN_ENV: &str = "MONSTERVM_API_LISTEN";
@@ -522,7 +524,12 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         report!("monstervm: stopped by {signal}");
         return Ok(signal.exit_status());
     }
+    if exit == VmExit::GuestPanic {
+        report!("monstervm: the guest kernel panicked (reported through pvpanic)");
+        return Ok(EXIT_GUEST_PANIC);
+    }
     let message = match exit {
+        VmExit::GuestPanic => unreachable!("handled above"),
         VmExit::PowerOff => "the guest powered off",
         VmExit::Reset => "the guest reset the machine",
         VmExit::Halted => "the guest halted its CPU with interrupts disabled",

@@ -14,9 +14,10 @@ use super::modules::{index_modules, modules_dep, resolve, Module, ModuleError};
 /// ` uptime=<seconds>`; tests wait for it on the serial console.
 pub const INIT_MARKER: &str = "MONSTERVM-INIT";
 
-/// Modules that `/init` loads, with their dependencies: the virtio-pci transport and the
-/// block and network drivers.
-pub const VIRTIO_MODULES: [&str; 3] = ["virtio_pci", "virtio_blk", "virtio_net"];
+/// Modules that `/init` loads, with their dependencies: the virtio-pci transport, the
+/// block and network drivers, and the ACPI pvpanic driver (`pvpanic-mmio`, which also
+/// binds to the I/O port of QEMU0001) that reports a kernel panic to the VMM.
+pub const GUEST_MODULES: [&str; 4] = ["virtio_pci", "virtio_blk", "virtio_net", "pvpanic_mmio"];
 
 /// File under `/lib/modules` listing the module paths to load, one a line, dependencies
 /// first.
@@ -38,7 +39,8 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
 hostname monstervm
 
-# Virtio drivers, dependencies first. A module that is missing or built in fails quietly.
+# Virtio and pvpanic drivers, dependencies first. A module that is missing or built in
+# fails quietly.
 if [ -f /lib/modules/load-order ]; then
     while read -r module; do
         insmod "/lib/modules/$module" 2>/dev/null
@@ -152,7 +154,7 @@ pub fn build_initramfs(
     let (resolved, missing) = match modules {
         Some(source) => {
             let index = index_modules(&source.root)?;
-            resolve(&source.root, &index, &VIRTIO_MODULES)?
+            resolve(&source.root, &index, &GUEST_MODULES)?
         }
         None => (Vec::new(), Vec::new()),
     };

@@ -66,6 +66,15 @@ pub fn run(state: &StateDir, name: &str, tcp: Option<TcpApi>) -> anyhow::Result<
     let result = serve(&vm_dir, &config, tcp);
 
     let code = match &result {
+        Ok(VmExit::GuestPanic) => {
+            tracing::error!(vm = %name, "VMM stopped: the guest kernel panicked");
+            if let Err(write_error) =
+                vm_dir.write_last_error("the guest kernel panicked (reported through pvpanic)")
+            {
+                tracing::error!(vm = %name, error = %write_error, "failed to record the last error");
+            }
+            crate::cli::EXIT_GUEST_PANIC
+        }
         Ok(exit) => {
             tracing::info!(vm = %name, ?exit, "VMM stopped");
             crate::cli::EXIT_OK

@@ -14,6 +14,7 @@ use crate::core::devices::i8042::{I8042, I8042_WINDOWS};
 use crate::core::devices::pci::{
     PciConfigPorts, PciError, PciMmioWindow, PciRoot, CONFIG_PORT_BASE, CONFIG_PORT_LEN,
 };
+use crate::core::devices::pvpanic::{PvPanic, PVPANIC_WINDOWS};
 use crate::core::devices::rtc::{Rtc, RTC_WINDOWS};
 use crate::core::devices::serial::{Serial, SerialOutput, COM1_IRQ, COM1_WINDOWS};
 use crate::core::devices::{Bus, BusError, BusRange, HostClock, PlatformControl};
@@ -103,7 +104,11 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<BuiltVm, 
     )?;
     pio.insert_windows(
         &ACPI_PM_WINDOWS,
-        Arc::new(Mutex::new(AcpiPm::new(platform, clock))),
+        Arc::new(Mutex::new(AcpiPm::new(platform.clone(), clock))),
+    )?;
+    pio.insert_windows(
+        &PVPANIC_WINDOWS,
+        Arc::new(Mutex::new(PvPanic::new(platform))),
     )?;
 
     let mut pci_root = PciRoot::new();

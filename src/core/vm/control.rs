@@ -14,6 +14,8 @@ pub enum StopReason {
     Reset,
     /// The user or an API client asked the VMM to stop.
     UserStop,
+    /// The guest kernel reported a panic through the pvpanic device.
+    GuestPanic,
 }
 
 /// The shared stop and pause flags of one VM and the kickers of its vCPUs.
@@ -101,6 +103,7 @@ impl PlatformControl for VmControl {
         self.request_stop(match request {
             PlatformRequest::PowerOff => StopReason::PowerOff,
             PlatformRequest::Reset => StopReason::Reset,
+            PlatformRequest::GuestPanic => StopReason::GuestPanic,
         });
     }
 }
