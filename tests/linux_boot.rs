@@ -8,139 +8,16 @@
 //! minutes for a boot; run `cargo test --release`) and where apt-get cannot download the
 //! kernel.
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::console::{guest_dir, Console};
 
 /// Maximum wait for the init line. A boot takes minutes on this emulator under load.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 /// Maximum wait for a command's output once the shell runs.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The console output of a running `monstervm run`, collected by a reader thread.
-struct Console {
-    child: Child,
-    stdin: ChildStdin,
-    output: Arc<Mutex<Vec<u8>>>,
-}
-
-impl Console {
-    fn start(kernel: &Path, initrd: &Path) -> Console {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_monstervm"))
-            .args(["run", "--backend", "emulator", "--kernel"])
-            .arg(kernel)
-            .arg("--initrd")
-            .arg(initrd)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("failed to start monstervm run");
-        let stdin = child.stdin.take().unwrap();
-        let output = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let output = output.clone();
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut buffer = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buffer) {
-                    if n == 0 {
-                        break;
-                    }
-                    output.lock().unwrap().extend_from_slice(&buffer[..n]);
-                }
-            });
-        }
-        Console {
-            child,
-            stdin,
-            output,
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
-    }
-
-    /// Waits until the output after byte `from` contains `pattern`; returns the offset
-    /// just past it. Panics with the output's tail on timeout.
-    fn wait_for(&mut self, pattern: &str, from: usize, timeout: Duration) -> usize {
-        let start = Instant::now();
-        loop {
-            let text = self.text();
-            if let Some(position) = text.get(from..).and_then(|rest| rest.find(pattern)) {
-                return from + position + pattern.len();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "monstervm exited with {status} before printing {pattern:?}; output:\n{text}"
-                );
-            }
-            if start.elapsed() > timeout {
-                let _ = self.child.kill();
-                let tail: String = text
-                    .chars()
-                    .rev()
-                    .take(3000)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                panic!("timed out after {timeout:?} waiting for {pattern:?}; output tail:\n{tail}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        self.stdin.write_all(line.as_bytes()).unwrap();
-        self.stdin.flush().unwrap();
-    }
-}
-
-impl Drop for Console {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Returns the guest folder, fetching it once, or why the test must skip.
-fn guest_dir() -> Result<PathBuf, String> {
-    if let Some(dir) = std::env::var_os("MONSTERVM_GUEST_DIR") {
-        return Ok(PathBuf::from(dir));
-    }
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let is_guest =
-        |dir: &Path| dir.join("vmlinuz").is_file() && dir.join("initramfs.img").is_file();
-    // `.ci/run` and the README fetch into ./guest; otherwise fetch into target/guest.
-    if is_guest(&manifest.join("guest")) {
-        return Ok(manifest.join("guest"));
-    }
-    let dir = manifest.join("target/guest");
-    if is_guest(&dir) {
-        return Ok(dir);
-    }
-    if Command::new("apt-get").arg("--version").output().is_err() {
-        return Err("apt-get is missing, so the Debian kernel cannot be fetched; set MONSTERVM_GUEST_DIR to a folder with vmlinuz and initramfs.img".into());
-    }
-    let output = Command::new(env!("CARGO_BIN_EXE_monstervm"))
-        .args(["guest", "fetch", "--dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "guest fetch failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(dir)
-}
 
 #[test]
 fn debian_kernel_boots_to_shell() {
@@ -148,14 +25,14 @@ fn debian_kernel_boots_to_shell() {
         eprintln!("skipping: a Linux boot on the unoptimised emulator takes too long; run `cargo test --release`");
         return;
     }
-    let dir = match guest_dir() {
+    let dir = match guest_dir(&["vmlinuz", "initramfs.img"]) {
         Ok(dir) => dir,
         Err(reason) => {
             eprintln!("skipping: {reason}");
             return;
         }
     };
-    let mut console = Console::start(&dir.join("vmlinuz"), &dir.join("initramfs.img"));
+    let mut console = Console::start::<&str>(&dir, &[]);
 
     let booted = Instant::now();
     let mut position = console.wait_for("MONSTERVM-INIT uptime=", 0, BOOT_TIMEOUT);
@@ -169,16 +46,5 @@ fn debian_kernel_boots_to_shell() {
     console.send("echo monstervm-$((6*7))\n");
     position = console.wait_for("monstervm-42", position, COMMAND_TIMEOUT);
 
-    console.send("poweroff -f\n");
-    console.wait_for(
-        "monstervm: the guest powered off",
-        position,
-        COMMAND_TIMEOUT,
-    );
-    let status = console.child.wait().unwrap();
-    assert!(
-        status.success(),
-        "monstervm run exited with {status}:\n{}",
-        console.text()
-    );
+    console.power_off(position, COMMAND_TIMEOUT);
 }

@@ -1,6 +1,9 @@
-//! Helpers shared by the qcow2 tests: running qemu-img and qemu-io, and a seeded PRNG.
+//! Helpers shared by the integration tests: running qemu-img and qemu-io, a seeded PRNG,
+//! and (in [`console`]) a driver for the serial console of a booting Linux guest.
 
 #![allow(dead_code)]
+
+pub mod console;
 
 use std::path::Path;
 use std::process::{Command, Output};
