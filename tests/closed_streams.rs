@@ -1,27 +1,19 @@
 //! `monstervm run` with a closed stdout or stderr: a closed stdout stops the VM with one
 //! error line and status 1, and a closed stderr never panics.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
 use std::process::{Command, Stdio};
+
+use common::embedded::{create_qcow2, qemu_img_available, spawn_embedded, wait_for_banner};
 
 /// Exit status of a Rust program that panicked.
 const PANIC_STATUS: i32 = 101;
 
 fn monstervm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_monstervm"))
-}
-
-/// Reads `reader` until a line contains `text`; panics at end of input.
-fn read_until(reader: &mut impl BufRead, text: &str) {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = reader.read_line(&mut line).unwrap();
-        assert_ne!(n, 0, "the output ended before {text:?}");
-        if line.contains(text) {
-            return;
-        }
-    }
 }
 
 #[test]
@@ -35,8 +27,8 @@ fn closed_stderr_does_not_panic() {
         .spawn()
         .unwrap();
     drop(child.stderr.take());
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    read_until(&mut stdout, "Welcome");
+    // Kept open: a closed stdout would stop the VM, which the test below covers.
+    let _stdout = wait_for_banner(&mut child);
 
     child.stdin.take().unwrap().write_all(b"q").unwrap();
     let status = child.wait().unwrap();
@@ -62,33 +54,14 @@ fn closed_stderr_on_error_path() {
 fn closed_stdout_stops_vm() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("data.qcow2");
-    let created = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg("1M")
-        .status();
-    let with_disk = match created {
-        Ok(status) => status.success(),
-        Err(e) => {
-            eprintln!("qemu-img is not available ({e}); checking without a disk");
-            false
-        }
-    };
-
-    let mut command = monstervm();
-    command.args(["run", "--backend", "emulator"]);
+    let with_disk = qemu_img_available();
+    let mut args = Vec::new();
     if with_disk {
-        command.arg("--disk").arg(&image);
+        create_qcow2(&image, "1M", None);
+        args.extend([Path::new("--disk"), &image]);
     }
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    read_until(&mut stdout, "Welcome");
-    drop(stdout);
+    let mut child = spawn_embedded(&args);
+    drop(wait_for_banner(&mut child));
 
     // The guest echoes this byte, and the echo meets the closed pipe.
     let mut stdin = child.stdin.take().unwrap();

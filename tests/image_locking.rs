@@ -1,9 +1,13 @@
 //! Image locks of `monstervm run` against itself and against QEMU's tools, which take the
 //! same OFD lock bytes.
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
+use std::io::{BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+
+use common::embedded::{create_qcow2, spawn_embedded, wait_for_banner};
 
 fn qemu_tools_available() -> bool {
     let found = ["qemu-img", "qemu-io", "qemu-nbd"].iter().all(|tool| {
@@ -18,18 +22,16 @@ fn qemu_tools_available() -> bool {
     found
 }
 
-fn create_qcow2(path: &Path, backing: Option<&Path>) {
-    let mut command = Command::new("qemu-img");
-    command.args(["create", "-q", "-f", "qcow2"]);
-    if let Some(backing) = backing {
-        command.args(["-F", "raw", "-b"]).arg(backing);
+/// Creates a 64 MiB qcow2 image in a new folder, or returns `None` (after saying why) where
+/// a QEMU tool is missing.
+fn new_image() -> Option<(tempfile::TempDir, std::path::PathBuf)> {
+    if !qemu_tools_available() {
+        return None;
     }
-    let status = command.arg(path).arg("64M").status().unwrap();
-    assert!(
-        status.success(),
-        "qemu-img create {} failed",
-        path.display()
-    );
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    create_qcow2(&image, "64M", None);
+    Some((dir, image))
 }
 
 /// Runs `monstervm run` on the emulator with `disks` and returns its output. The embedded
@@ -46,39 +48,22 @@ fn run_expecting_failure(disks: &[&str]) -> Output {
 /// A `monstervm run` of the embedded guest that has booted with its disks open.
 struct RunningVm {
     child: Child,
+    /// The rest of the console output, kept open because a closed stdout stops the VM.
+    _stdout: BufReader<ChildStdout>,
 }
 
 impl RunningVm {
     fn start(disks: &[&str]) -> RunningVm {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_monstervm"));
-        command.args(["run", "--backend", "emulator"]);
+        let mut args = Vec::new();
         for disk in disks {
-            command.args(["--disk", disk]);
+            args.extend(["--disk", disk]);
         }
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // The banner comes from long mode, after every disk is open.
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = stdout.read_line(&mut line).unwrap();
-            if n == 0 {
-                let output = child.wait_with_output().unwrap();
-                panic!(
-                    "monstervm run {disks:?} ended before the guest booted: {}",
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
-            if line.contains("Welcome") {
-                break;
-            }
+        let mut child = spawn_embedded(&args);
+        let stdout = wait_for_banner(&mut child);
+        RunningVm {
+            child,
+            _stdout: stdout,
         }
-        RunningVm { child }
     }
 
     /// Sends `q`, on which the embedded guest powers off, and checks that run succeeds.
@@ -101,12 +86,9 @@ fn stderr_of(output: &Output) -> String {
 
 #[test]
 fn same_image_twice_in_one_vm() {
-    if !qemu_tools_available() {
+    let Some((_dir, image)) = new_image() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.qcow2");
-    create_qcow2(&image, None);
+    };
     let path = image.to_str().unwrap();
 
     let output = run_expecting_failure(&[path, path]);
@@ -120,12 +102,9 @@ fn same_image_twice_in_one_vm() {
 
 #[test]
 fn second_vm_names_first() {
-    if !qemu_tools_available() {
+    let Some((_dir, image)) = new_image() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.qcow2");
-    create_qcow2(&image, None);
+    };
     let path = image.to_str().unwrap();
 
     let first = RunningVm::start(&[path]);
@@ -146,12 +125,9 @@ fn second_vm_names_first() {
 
 #[test]
 fn read_only_vms_share_image() {
-    if !qemu_tools_available() {
+    let Some((_dir, image)) = new_image() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.qcow2");
-    create_qcow2(&image, None);
+    };
     let read_only = format!("{},readonly", image.to_str().unwrap());
 
     let first = RunningVm::start(&[&read_only]);
@@ -162,12 +138,9 @@ fn read_only_vms_share_image() {
 
 #[test]
 fn qemu_img_info_needs_force_share() {
-    if !qemu_tools_available() {
+    let Some((_dir, image)) = new_image() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.qcow2");
-    create_qcow2(&image, None);
+    };
     let path = image.to_str().unwrap();
 
     let vm = RunningVm::start(&[path]);
@@ -210,7 +183,7 @@ fn backing_file_locked_for_read() {
     let base = dir.path().join("base.raw");
     std::fs::write(&base, vec![0u8; 64 << 20]).unwrap();
     let overlay = dir.path().join("overlay.qcow2");
-    create_qcow2(&overlay, Some(&base));
+    create_qcow2(&overlay, "64M", Some(&base));
 
     let vm = RunningVm::start(&[overlay.to_str().unwrap()]);
     let write = Command::new("qemu-io")
@@ -269,12 +242,9 @@ impl Drop for NbdServer {
 
 #[test]
 fn qemu_nbd_blocks_run() {
-    if !qemu_tools_available() {
+    let Some((dir, image)) = new_image() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.qcow2");
-    create_qcow2(&image, None);
+    };
     let path = image.to_str().unwrap();
     let _server = NbdServer::start(&image, dir.path());
 

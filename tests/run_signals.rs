@@ -1,22 +1,14 @@
 //! SIGTERM, SIGINT and SIGHUP stop `monstervm run` in order: the disks are closed, so a
 //! qcow2 image is clean afterwards, and the exit status is 128 + the signal number.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
+
+use common::embedded::{create_qcow2, qemu_img_available, spawn_embedded, wait_for_banner};
 
 /// Byte offset of the qcow2 header's incompatible-features field, whose bit 0 is the dirty bit.
 const INCOMPATIBLE_FEATURES_OFFSET: usize = 72;
-
-fn qemu_img_available() -> bool {
-    match Command::new("qemu-img").arg("--version").output() {
-        Ok(output) => output.status.success(),
-        Err(e) => {
-            eprintln!("skipping: qemu-img is not available ({e}); install qemu-utils");
-            false
-        }
-    }
-}
 
 fn incompatible_features(image: &Path) -> u64 {
     let data = std::fs::read(image).unwrap();
@@ -32,33 +24,11 @@ fn check_stop_on_signal(signal: libc::c_int, name: &str) {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("data.qcow2");
-    let created = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg("64M")
-        .status()
-        .unwrap();
-    assert!(created.success(), "qemu-img create failed");
+    create_qcow2(&image, "64M", None);
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_monstervm"))
-        .args(["run", "--backend", "emulator", "--disk"])
-        .arg(&image)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The guest prints its banner from long mode, after the disk is open and marked dirty.
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = stdout.read_line(&mut line).unwrap();
-        assert_ne!(n, 0, "the guest ended before its banner");
-        if line.contains("Welcome") {
-            break;
-        }
-    }
+    let mut child = spawn_embedded(&[Path::new("--disk"), &image]);
+    // The banner comes from long mode, after the disk is open and marked dirty.
+    let _stdout = wait_for_banner(&mut child);
     assert_eq!(
         incompatible_features(&image) & 1,
         1,
@@ -81,16 +51,8 @@ fn check_stop_on_signal(signal: libc::c_int, name: &str) {
         "no log line names the signal: {stderr}"
     );
     assert_eq!(incompatible_features(&image), 0, "the image was left dirty");
-    let check = Command::new("qemu-img")
-        .arg("check")
-        .arg(&image)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "qemu-img check: {}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    let (code, report) = common::qemu_check(&image);
+    assert_eq!(code, 0, "qemu-img check: {report}");
 }
 
 #[test]

@@ -1,9 +1,11 @@
 //! Helpers shared by the integration tests: running qemu-img and qemu-io, a seeded PRNG,
-//! and (in [`console`]) a driver for the serial console of a booting Linux guest.
+//! a driver for the serial console of a booting Linux guest ([`console`]) and runs of the
+//! embedded guest ([`embedded`]).
 
 #![allow(dead_code)]
 
 pub mod console;
+pub mod embedded;
 
 use std::path::Path;
 use std::process::{Command, Output};
