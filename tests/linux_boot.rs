@@ -13,6 +13,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::console::{guest_dir, Console};
+use monstervm::guest::cpio::read_archive;
 
 /// Maximum wait for the init line. A boot takes minutes on this emulator under load.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
@@ -47,4 +48,57 @@ fn debian_kernel_boots_to_shell() {
     position = console.wait_for("monstervm-42", position, COMMAND_TIMEOUT);
 
     console.power_off(position, COMMAND_TIMEOUT);
+}
+
+/// Exit status of `run` after the guest kernel reports a panic through pvpanic.
+const EXIT_GUEST_PANIC: i32 = 6;
+
+#[test]
+fn kernel_panic_ends_run() {
+    if cfg!(debug_assertions) {
+        eprintln!("skipping: a Linux boot on the unoptimised emulator takes too long; run `cargo test --release`");
+        return;
+    }
+    let dir = match guest_dir(&["vmlinuz", "initramfs.img"]) {
+        Ok(dir) => dir,
+        Err(reason) => {
+            eprintln!("skipping: {reason}");
+            return;
+        }
+    };
+    let initramfs = dir.join("initramfs.img");
+    let archive = std::fs::read(&initramfs).unwrap();
+    let has_driver = read_archive(&archive)
+        .map(|entries| {
+            entries
+                .iter()
+                .any(|entry| entry.path.ends_with("/pvpanic-mmio.ko"))
+        })
+        .unwrap_or(false);
+    if !has_driver {
+        eprintln!(
+            "skipping: {} has no pvpanic-mmio.ko, so it predates the pvpanic device; run `monstervm guest fetch` again",
+            initramfs.display()
+        );
+        return;
+    }
+    let mut console = Console::start::<&str>(&dir, &[]);
+
+    let mut position = console.wait_for("MONSTERVM-INIT uptime=", 0, BOOT_TIMEOUT);
+    position = console.wait_for("# ", position, COMMAND_TIMEOUT);
+    // sysrq-c panics the kernel. The default command line has panic=-1, so the kernel
+    // reboots at once; only the pvpanic event tells this apart from a requested reboot.
+    console.send("echo c > /proc/sysrq-trigger\n");
+    console.wait_for(
+        "monstervm: the guest kernel panicked",
+        position,
+        COMMAND_TIMEOUT,
+    );
+    let status = console.child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(EXIT_GUEST_PANIC),
+        "output:\n{}",
+        console.text()
+    );
 }
