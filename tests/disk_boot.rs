@@ -15,7 +15,7 @@ mod common;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::Hasher;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -57,26 +57,14 @@ fn file_hash(path: &Path) -> u64 {
     }
 }
 
-#[test]
-fn root_on_qcow2_overlay_persists() {
-    if cfg!(debug_assertions) {
-        eprintln!("skipping: a Linux boot on the unoptimised emulator takes too long; run `cargo test --release`");
-        return;
-    }
-    let guest = match guest_dir(&["vmlinuz", "initramfs.img", "rootfs.img"]) {
-        Ok(dir) => dir,
-        Err(reason) => {
-            eprintln!("skipping: {reason}");
-            return;
-        }
-    };
-
-    // A private copy of the base, so the overlay names it by a relative path and the hash
-    // catches any write that reaches it.
+/// Copies the guest's raw root disk into a new folder and creates a qcow2 overlay over
+/// the copy with `monstervm disk create`. The overlay names the base by a relative path,
+/// and a hash of the private copy catches any write that reaches it. Returns the folder,
+/// the base and the overlay.
+fn overlay_on_copy(guest: &Path) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let work = tempfile::tempdir().unwrap();
     let base = work.path().join("rootfs.img");
     std::fs::copy(guest.join("rootfs.img"), &base).unwrap();
-    let base_hash = file_hash(&base);
     let overlay = work.path().join("overlay.qcow2");
     let create = Command::new(env!("CARGO_BIN_EXE_monstervm"))
         .args([
@@ -98,6 +86,25 @@ fn root_on_qcow2_overlay_persists() {
         "monstervm disk create failed: {}",
         String::from_utf8_lossy(&create.stderr)
     );
+    (work, base, overlay)
+}
+
+#[test]
+fn root_on_qcow2_overlay_persists() {
+    if cfg!(debug_assertions) {
+        eprintln!("skipping: a Linux boot on the unoptimised emulator takes too long; run `cargo test --release`");
+        return;
+    }
+    let guest = match guest_dir(&["vmlinuz", "initramfs.img", "rootfs.img"]) {
+        Ok(dir) => dir,
+        Err(reason) => {
+            eprintln!("skipping: {reason}");
+            return;
+        }
+    };
+
+    let (_work, base, overlay) = overlay_on_copy(&guest);
+    let base_hash = file_hash(&base);
 
     // First boot: the root is the overlay, read-write; write a file and sync it.
     let mut console = start_with_disk(&guest, overlay.to_str().unwrap());
@@ -162,4 +169,56 @@ fn read_only_disk_mounts_read_only() {
         base_hash,
         "a read-only disk's image changed"
     );
+}
+
+/// Byte offset of the qcow2 header's incompatible-features field, whose bit 0 is the dirty
+/// bit.
+const INCOMPATIBLE_FEATURES_OFFSET: usize = 72;
+
+#[test]
+fn sigterm_leaves_root_overlay_clean() {
+    if cfg!(debug_assertions) {
+        eprintln!("skipping: a Linux boot on the unoptimised emulator takes too long; run `cargo test --release`");
+        return;
+    }
+    let guest = match guest_dir(&["vmlinuz", "initramfs.img", "rootfs.img"]) {
+        Ok(dir) => dir,
+        Err(reason) => {
+            eprintln!("skipping: {reason}");
+            return;
+        }
+    };
+    let (_work, _base, overlay) = overlay_on_copy(&guest);
+
+    // The guest mounts the overlay read-write and writes to it while it boots.
+    let mut console = start_with_disk(&guest, overlay.to_str().unwrap());
+    let position = wait_for_root_shell(&mut console);
+    console.send("echo unsynced-$((6*7)) > /root/note.txt; echo typed-$((2+3))\n");
+    console.wait_for("typed-5", position, COMMAND_TIMEOUT);
+
+    // SAFETY: kill only signals the monstervm process this test started.
+    let sent = unsafe { libc::kill(console.child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(sent, 0, "kill failed");
+    let status = console.child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        console.text()
+    );
+    assert!(
+        console.text().contains("stopped by SIGTERM"),
+        "{}",
+        console.text()
+    );
+
+    let header = std::fs::read(&overlay).unwrap();
+    let features = u64::from_be_bytes(
+        header[INCOMPATIBLE_FEATURES_OFFSET..INCOMPATIBLE_FEATURES_OFFSET + 8]
+            .try_into()
+            .unwrap(),
+    );
+    assert_eq!(features & 1, 0, "SIGTERM left the overlay marked dirty");
+    let (code, report) = common::qemu_check(&overlay);
+    assert_eq!(code, 0, "qemu-img check after SIGTERM:\n{report}");
 }
