@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::console::{guest_dir, Console};
+use common::console::{guest_for_boot_test, Console};
 
 /// Maximum wait for the root disk's init line. A boot takes minutes on this emulator
 /// under load.
@@ -91,16 +91,8 @@ fn overlay_on_copy(guest: &Path) -> (tempfile::TempDir, PathBuf, PathBuf) {
 
 #[test]
 fn root_on_qcow2_overlay_persists() {
-    if cfg!(debug_assertions) {
-        eprintln!("skipping: a Linux boot on the unoptimised emulator takes too long; run `cargo test --release`");
+    let Some(guest) = guest_for_boot_test(&["vmlinuz", "initramfs.img", "rootfs.img"]) else {
         return;
-    }
-    let guest = match guest_dir(&["vmlinuz", "initramfs.img", "rootfs.img"]) {
-        Ok(dir) => dir,
-        Err(reason) => {
-            eprintln!("skipping: {reason}");
-            return;
-        }
     };
 
     let (_work, base, overlay) = overlay_on_copy(&guest);
@@ -138,16 +130,8 @@ fn root_on_qcow2_overlay_persists() {
 
 #[test]
 fn read_only_disk_mounts_read_only() {
-    if cfg!(debug_assertions) {
-        eprintln!("skipping: a Linux boot on the unoptimised emulator takes too long; run `cargo test --release`");
+    let Some(guest) = guest_for_boot_test(&["vmlinuz", "initramfs.img", "rootfs.img"]) else {
         return;
-    }
-    let guest = match guest_dir(&["vmlinuz", "initramfs.img", "rootfs.img"]) {
-        Ok(dir) => dir,
-        Err(reason) => {
-            eprintln!("skipping: {reason}");
-            return;
-        }
     };
     let work = tempfile::tempdir().unwrap();
     let base = work.path().join("rootfs.img");
@@ -177,16 +161,8 @@ const INCOMPATIBLE_FEATURES_OFFSET: usize = 72;
 
 #[test]
 fn sigterm_leaves_root_overlay_clean() {
-    if cfg!(debug_assertions) {
-        eprintln!("skipping: a Linux boot on the unoptimised emulator takes too long; run `cargo test --release`");
+    let Some(guest) = guest_for_boot_test(&["vmlinuz", "initramfs.img", "rootfs.img"]) else {
         return;
-    }
-    let guest = match guest_dir(&["vmlinuz", "initramfs.img", "rootfs.img"]) {
-        Ok(dir) => dir,
-        Err(reason) => {
-            eprintln!("skipping: {reason}");
-            return;
-        }
     };
     let (_work, _base, overlay) = overlay_on_copy(&guest);
 

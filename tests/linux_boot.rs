@@ -12,7 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::console::{guest_dir, Console};
+use common::console::{guest_for_boot_test, Console};
 use monstervm::guest::cpio::read_archive;
 
 /// Maximum wait for the init line. A boot takes minutes on this emulator under load.
@@ -22,16 +22,8 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[test]
 fn debian_kernel_boots_to_shell() {
-    if cfg!(debug_assertions) {
-        eprintln!("skipping: a Linux boot on the unoptimised emulator takes too long; run `cargo test --release`");
+    let Some(dir) = guest_for_boot_test(&["vmlinuz", "initramfs.img"]) else {
         return;
-    }
-    let dir = match guest_dir(&["vmlinuz", "initramfs.img"]) {
-        Ok(dir) => dir,
-        Err(reason) => {
-            eprintln!("skipping: {reason}");
-            return;
-        }
     };
     let mut console = Console::start::<&str>(&dir, &[]);
 
@@ -55,16 +47,8 @@ const EXIT_GUEST_PANIC: i32 = 6;
 
 #[test]
 fn kernel_panic_ends_run() {
-    if cfg!(debug_assertions) {
-        eprintln!("skipping: a Linux boot on the unoptimised emulator takes too long; run `cargo test --release`");
+    let Some(dir) = guest_for_boot_test(&["vmlinuz", "initramfs.img"]) else {
         return;
-    }
-    let dir = match guest_dir(&["vmlinuz", "initramfs.img"]) {
-        Ok(dir) => dir,
-        Err(reason) => {
-            eprintln!("skipping: {reason}");
-            return;
-        }
     };
     let initramfs = dir.join("initramfs.img");
     let archive = std::fs::read(&initramfs).unwrap();

@@ -159,3 +159,20 @@ pub fn guest_dir(files: &[&str]) -> Result<PathBuf, String> {
     }
     Ok(dir)
 }
+
+/// Returns the fetched guest folder with every file of `files` for a test that boots
+/// Linux, or `None` after printing why the test skips: in debug builds, where the
+/// unoptimised emulator needs many minutes for a boot, and where the guest is missing.
+pub fn guest_for_boot_test(files: &[&str]) -> Option<PathBuf> {
+    if cfg!(debug_assertions) {
+        eprintln!("skipping: a Linux boot on the unoptimised emulator takes too long; run `cargo test --release`");
+        return None;
+    }
+    match guest_dir(files) {
+        Ok(dir) => Some(dir),
+        Err(reason) => {
+            eprintln!("skipping: {reason}");
+            None
+        }
+    }
+}
