@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// Writes to stderr like `eprint!` but ignores failures: a closed stderr (EPIPE, or EBADF
-/// where it was never open) must not end a command with a panic.
+/// Writes to stderr like `eprint!` but ignores failures: a stderr whose reader went away
+/// (EPIPE) must not end a command with a panic.
 macro_rules! report_inline {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
