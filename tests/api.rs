@@ -787,3 +787,122 @@ async fn receive_until_raw(
         seen.extend_from_slice(&message.into_data());
     }
 }
+
+/// Returns the emulator's instruction counter from `GET /vm/metrics`.
+async fn instructions(client: &ApiClient) -> u64 {
+    client
+        .metrics()
+        .await
+        .unwrap()
+        .instructions
+        .expect("the emulator publishes its instruction counter")
+}
+
+#[test]
+fn pause_parks_vcpus_until_resume() {
+    let state = StateDir::with_real_vms();
+    state.ok(&[
+        "create",
+        "parked",
+        "--memory",
+        "16",
+        "--backend",
+        "emulator",
+    ]);
+    let pid = state.json(&["start", "parked"])["pid"].as_i64().unwrap() as i32;
+    let client = ApiClient::unix(&state.socket("parked"));
+
+    runtime().block_on(async {
+        let mut console = client.console().await.unwrap();
+        // The guest now busy-polls its serial port, so every moment it runs retires
+        // instructions.
+        receive_until(&mut console, "Type to echo, 'q' to power off.").await;
+
+        client
+            .action(monstervm::api::VmAction::Pause)
+            .await
+            .unwrap();
+        let at_pause = instructions(&client).await;
+        assert_eq!(client.info().await.unwrap().state, VmState::Paused);
+        for _ in 0..10 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            assert_eq!(
+                instructions(&client).await,
+                at_pause,
+                "an instruction retired after the pause request returned"
+            );
+        }
+
+        client
+            .action(monstervm::api::VmAction::Resume)
+            .await
+            .unwrap();
+        assert_eq!(client.info().await.unwrap().state, VmState::Running);
+        let deadline = tokio::time::Instant::now() + lifecycle_common::PATIENCE;
+        while instructions(&client).await == at_pause {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no instruction retired after resume"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+
+        console.send(Message::binary(b"q".to_vec())).await.unwrap();
+        receive_until(&mut console, "Powering off.").await;
+    });
+
+    let status = reap(pid).expect("the VMM exits when the guest powers off");
+    assert!(libc::WIFEXITED(status), "wait status {status:#x}");
+}
+
+#[test]
+fn shutdown_and_forced_stop_actions() {
+    let state = StateDir::with_real_vms();
+    state.ok(&["create", "asked", "--memory", "16", "--backend", "emulator"]);
+    let pid = state.json(&["start", "asked"])["pid"].as_i64().unwrap() as i32;
+    let client = ApiClient::unix(&state.socket("asked"));
+
+    runtime().block_on(async {
+        let mut console = client.console().await.unwrap();
+        receive_until(&mut console, "Type to echo, 'q' to power off.").await;
+
+        client
+            .action(monstervm::api::VmAction::Shutdown)
+            .await
+            .unwrap();
+        receive_until(&mut console, "Ctrl-Alt-Del pressed.").await;
+    });
+    let status = reap(pid).expect("the VMM exits when the guest powers off");
+    assert!(libc::WIFEXITED(status), "wait status {status:#x}");
+    assert_eq!(libc::WEXITSTATUS(status), 0);
+
+    // A paused guest cannot respond, so only a forced stop ends it without SIGKILL.
+    state.ok(&[
+        "create",
+        "frozen",
+        "--memory",
+        "16",
+        "--backend",
+        "emulator",
+    ]);
+    let pid = state.json(&["start", "frozen"])["pid"].as_i64().unwrap() as i32;
+    let client = ApiClient::unix(&state.socket("frozen"));
+    runtime().block_on(async {
+        client
+            .action(monstervm::api::VmAction::Pause)
+            .await
+            .unwrap();
+        client
+            .action(monstervm::api::VmAction::ForceStop)
+            .await
+            .unwrap();
+    });
+    let status = reap(pid).expect("the VMM exits on a forced stop");
+    assert!(libc::WIFEXITED(status), "wait status {status:#x}");
+    assert_eq!(libc::WEXITSTATUS(status), 0);
+    let vmm_log = std::fs::read_to_string(state.vm_dir("frozen").join("vmm.log")).unwrap();
+    assert!(
+        vmm_log.contains("the VMM ended the vCPUs on request"),
+        "{vmm_log}"
+    );
+}

@@ -47,7 +47,8 @@ pub fn document() -> Value {
             "/vm/actions": {
                 "put": {
                     "operationId": "putVmAction",
-                    "summary": "Pauses, resumes, stops or resets the VM",
+                    "summary": "Pauses, resumes, stops, shuts down or resets the VM",
+                    "description": "pause returns once every vCPU has parked. stop types Ctrl-Alt-Del for the guest and the VMM exits when the guest powers off; with force true it ends the vCPUs at once. shutdown only types Ctrl-Alt-Del. reset boots the VM again in the same VMM process.",
                     "requestBody": {
                         "required": true,
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ActionRequest"}}}
@@ -107,7 +108,10 @@ pub fn document() -> Value {
                     "type": "object",
                     "required": ["action"],
                     "additionalProperties": false,
-                    "properties": {"action": {"type": "string", "enum": ["pause", "resume", "stop", "reset"]}}
+                    "properties": {
+                        "action": {"type": "string", "enum": ["pause", "resume", "stop", "shutdown", "reset"]},
+                        "force": {"type": "boolean", "default": false, "description": "Only with stop: end the vCPUs at once without asking the guest"}
+                    }
                 },
                 "VmInfo": {
                     "type": "object",

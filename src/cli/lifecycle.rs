@@ -478,7 +478,14 @@ pub fn stop_vm(vm: &VmDir, timeout: Duration, force: bool) -> anyhow::Result<Sto
     let mut exited = false;
     if !force {
         match block_on(ApiClient::unix(&vm.socket_path()).action(VmAction::Stop)) {
-            Ok(()) => exited = wait_for_exit(vm, timeout)?,
+            Ok(()) => {
+                exited = wait_for_exit(vm, timeout)?;
+                if exited {
+                    tracing::info!(vm = %name, secs = started.elapsed().as_secs_f64(), "the VMM exited after the stop request");
+                } else {
+                    tracing::warn!(vm = %name, timeout_secs = timeout.as_secs_f64(), "the VM did not stop within the timeout; killing the VMM");
+                }
+            }
             Err(error) => {
                 tracing::warn!(vm = %name, %error, "stop through the API failed; killing the VMM")
             }

@@ -411,6 +411,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         serial,
         backend,
         guest,
+        ..
     } = build_vm(&config, Box::new(terminal::ConsoleOutput))?;
 
     let raw_mode = terminal::RawModeGuard::enable(terminal::stdin_fd());

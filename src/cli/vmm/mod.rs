@@ -67,7 +67,7 @@ pub fn run(state: &StateDir, name: &str, tcp: Option<TcpApi>) -> anyhow::Result<
 
     let code = match &result {
         Ok(exit) => {
-            tracing::info!(vm = %name, ?exit, "VMM stopped");
+            tracing::info!(vm = %name, ?exit, "VMM stopped: {}", describe_exit(*exit));
             crate::cli::EXIT_OK
         }
         Err(error) => {
@@ -86,6 +86,16 @@ pub fn run(state: &StateDir, name: &str, tcp: Option<TcpApi>) -> anyhow::Result<
         tracing::error!(vm = %name, %error, "failed to remove runtime files");
     }
     Ok(code)
+}
+
+/// Returns which path ended the VM, for the log that `stop` leaves behind.
+fn describe_exit(exit: VmExit) -> &'static str {
+    match exit {
+        VmExit::PowerOff => "the guest powered off",
+        VmExit::Reset => "the guest reset the machine",
+        VmExit::Halted => "the guest halted for good",
+        VmExit::UserStop => "the VMM ended the vCPUs on request, without the guest",
+    }
 }
 
 /// Closes every descriptor above stderr except `keep`.
