@@ -17,8 +17,17 @@ use crate::cli::state::{StateDir, StateError, VmDir, LOCK_FD_ENV};
 use crate::cli::vmm::TcpApi;
 use crate::utils::config::VmConfig;
 
-/// Interval between checks while waiting for a VMM to start or exit.
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// First and longest interval between checks while waiting for a VMM to start or exit.
+/// The interval doubles from the first to the longest, so a VMM that is ready within a
+/// few milliseconds is seen within about as many, and a slow one costs few checks.
+const FIRST_POLL_INTERVAL: Duration = Duration::from_micros(500);
+const MAX_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Sleeps for `interval`, then doubles it up to [`MAX_POLL_INTERVAL`].
+fn poll_sleep(interval: &mut Duration) {
+    std::thread::sleep(*interval);
+    *interval = (*interval * 2).min(MAX_POLL_INTERVAL);
+}
 /// How long `stop` waits for the kernel to reap a VMM after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
@@ -348,6 +357,7 @@ pub fn start(
     tracing::info!(vm = %name, pid = child.id(), "VMM spawned");
 
     let client = ApiClient::unix(&vm.socket_path());
+    let mut interval = FIRST_POLL_INTERVAL;
     loop {
         if let Some(status) = child
             .try_wait()
@@ -380,7 +390,7 @@ pub fn start(
             }
             .into());
         }
-        std::thread::sleep(POLL_INTERVAL);
+        poll_sleep(&mut interval);
     }
 
     #[derive(Serialize)]
@@ -419,6 +429,7 @@ fn require_running(vm: &VmDir) -> anyhow::Result<()> {
 /// Waits until no process holds `vm`'s lock; returns false on timeout.
 fn wait_for_exit(vm: &VmDir, timeout: Duration) -> Result<bool, StateError> {
     let deadline = Instant::now() + timeout;
+    let mut interval = FIRST_POLL_INTERVAL;
     loop {
         if !vm.is_locked()? {
             return Ok(true);
@@ -426,7 +437,7 @@ fn wait_for_exit(vm: &VmDir, timeout: Duration) -> Result<bool, StateError> {
         if Instant::now() >= deadline {
             return Ok(false);
         }
-        std::thread::sleep(POLL_INTERVAL);
+        poll_sleep(&mut interval);
     }
 }
 
