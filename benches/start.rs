@@ -10,6 +10,8 @@
 //! before it answers QMP (its firmware starts after the monitor is up), so both figures
 //! measure the VMM's own start-up: process spawn, memory, devices and the control socket.
 //! `MONSTERVM_BENCH_RUNS` sets the number of runs (default 10); medians are printed.
+//! `MONSTERVM_BENCH_BIN` measures another `monstervm` executable in place of the one that
+//! Cargo built for the bench, such as the `dist` build or an older commit's build.
 //!
 //! MonsterVM gets two figures. `monstervm start` covers the client, the spawn of the VMM
 //! and the build of the VM, until the API reports it running. The VMM alone (`monstervm
@@ -96,13 +98,20 @@ fn main() {
     );
 }
 
+/// Returns the `monstervm` executable to measure: `MONSTERVM_BENCH_BIN`, or the bench's own.
+fn monstervm_bin() -> PathBuf {
+    std::env::var_os("MONSTERVM_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_monstervm")))
+}
+
 /// Creates and starts a VM, returns the seconds `start` took (it returns once the API
 /// responds) and the VMM's RSS beyond guest RAM, then stops and deletes the VM.
 fn start_monstervm(work: &Path, run: usize) -> (f64, u64) {
     let state = work.join("state");
     let name = format!("bench{run}");
     let monstervm = |args: &[&str]| {
-        let output = Command::new(env!("CARGO_BIN_EXE_monstervm"))
+        let output = Command::new(monstervm_bin())
             .env("MONSTERVM_STATE_DIR", &state)
             .args(args)
             .output()
@@ -144,7 +153,7 @@ fn spawn_vmm(work: &Path, run: usize) -> (f64, u64) {
     let name = format!("spawn{run}");
     let memory = MEMORY_MIB.to_string();
     let monstervm = |args: &[&str]| {
-        let status = Command::new(env!("CARGO_BIN_EXE_monstervm"))
+        let status = Command::new(monstervm_bin())
             .env("MONSTERVM_STATE_DIR", &state)
             .args(args)
             .stdout(Stdio::null())
@@ -163,7 +172,7 @@ fn spawn_vmm(work: &Path, run: usize) -> (f64, u64) {
     let socket = state.join("vms").join(&name).join("api.sock");
 
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_monstervm"))
+    let mut child = Command::new(monstervm_bin())
         .env("MONSTERVM_STATE_DIR", &state)
         .args(["vmm", &name])
         .stdin(Stdio::null())
