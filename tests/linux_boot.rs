@@ -187,9 +187,9 @@ fn debian_kernel_boots_to_shell() {
 mod lifecycle_common;
 
 /// Boots the Debian kernel in a VMM started by `monstervm start`, then checks that
-/// `monstervm stop` powers it off through Ctrl-Alt-Del: the kernel's atkbd driver reads
-/// the keys from the i8042, BusyBox init runs the initramfs's `ctrlaltdel` action, and
-/// the VMM exits with status 0 without being killed.
+/// `monstervm stop` powers it off through Ctrl-Alt-Del. The kernel's atkbd driver reads
+/// the keys from the i8042, and BusyBox init runs the initramfs's `ctrlaltdel` action.
+/// The VMM must exit with status 0 without being killed.
 ///
 /// Slow: the boot takes about a minute of CPU time on the emulator, more under load.
 #[test]

@@ -57,10 +57,11 @@ pub fn document() -> Value {
                         "204": {"description": "The action was accepted"},
                         "400": error_response("The body is not valid JSON"),
                         "401": error_response("Missing or wrong bearer token (TCP only)"),
-                        "409": error_response("The VM's state does not allow the action"),
+                        "409": error_response("The VM's state does not allow the action, or shutdown found no way to ask the guest"),
                         "413": error_response("The body is larger than 16384 bytes"),
                         "415": error_response("The Content-Type is not application/json"),
-                        "422": error_response("A field is missing, of the wrong type, or unknown")
+                        "422": error_response("A field is missing, of the wrong type, or unknown, or force is set on an action other than stop"),
+                        "503": error_response("A pause timed out before every vCPU parked; the VM stays paused")
                     }
                 }
             },

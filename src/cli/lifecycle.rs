@@ -17,10 +17,11 @@ use crate::cli::state::{StateDir, StateError, VmDir, LOCK_FD_ENV};
 use crate::cli::vmm::TcpApi;
 use crate::utils::config::VmConfig;
 
-/// First and longest interval between checks while waiting for a VMM to start or exit.
-/// The interval doubles from the first to the longest, so a VMM that is ready within a
-/// few milliseconds is seen within about as many, and a slow one costs few checks.
+/// First interval between checks while waiting for a VMM to start or exit. The interval
+/// doubles up to [`MAX_POLL_INTERVAL`], so a VMM that is ready within a few milliseconds
+/// is seen within about as many, and a slow one costs few checks.
 const FIRST_POLL_INTERVAL: Duration = Duration::from_micros(500);
+/// Longest interval between checks while waiting for a VMM to start or exit.
 const MAX_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Sleeps for `interval`, then doubles it up to [`MAX_POLL_INTERVAL`].
