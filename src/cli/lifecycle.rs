@@ -22,7 +22,7 @@ use crate::utils::config::VmConfig;
 /// doubles up to [`MAX_POLL_INTERVAL`], so a VMM that is ready within a few milliseconds
 /// is seen within about as many, and a slow one costs few checks.
 const FIRST_POLL_INTERVAL: Duration = Duration::from_micros(500);
-/// Longest interval between checks while waiting for a VMM to start or exit.
+/// Maximum interval between checks while waiting for a VMM to start or exit.
 const MAX_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Creates a pipe whose ends close on exec; returns (read end, write end).
@@ -32,7 +32,7 @@ fn ready_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    // SAFETY: pipe2 succeeded, so both descriptors are open and no other object owns them.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
@@ -367,7 +367,8 @@ pub fn start(
             .env(crate::cli::API_LISTEN_ENV, tcp.addr.to_string())
             .env(crate::cli::API_TOKEN_ENV, &tcp.token);
     }
-    let (ready_read, ready_write) = ready_pipe().context("failed to create a pipe")?;
+    let (ready_read, ready_write) =
+        ready_pipe().context("failed to create the VMM readiness pipe")?;
     let ready_fd = ready_write.as_raw_fd();
     command.env(READY_FD_ENV, ready_fd.to_string());
     let lock_fd = lock.raw_fd();
