@@ -86,3 +86,72 @@ fn kernel_panic_ends_run() {
         console.text()
     );
 }
+
+#[path = "lifecycle_common/mod.rs"]
+mod lifecycle_common;
+
+/// Boots the Debian kernel in a VMM started by `monstervm start`, then checks that
+/// `monstervm stop` powers it off through Ctrl-Alt-Del. The kernel's atkbd driver reads
+/// the keys from the i8042, and BusyBox init runs the initramfs's `ctrlaltdel` action.
+/// The VMM must exit with status 0 without being killed.
+///
+/// Slow: the boot takes about a minute of CPU time on the emulator, more under load.
+#[test]
+fn debian_kernel_powers_off_on_stop() {
+    let Some(dir) = guest_for_boot_test(&["vmlinuz", "initramfs.img"]) else {
+        return;
+    };
+    let state = lifecycle_common::StateDir::with_real_vms();
+    let kernel = dir.join("vmlinuz");
+    let initrd = dir.join("initramfs.img");
+    state.ok(&[
+        "create",
+        "linux",
+        "--memory",
+        "256",
+        "--backend",
+        "emulator",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+    ]);
+    let pid = state.json(&["start", "linux"])["pid"].as_i64().unwrap() as i32;
+    let serial_log = state.vm_dir("linux").join("serial.log");
+    let read_serial = || std::fs::read_to_string(&serial_log).unwrap_or_default();
+
+    let booted = Instant::now();
+    while !read_serial().contains("MONSTERVM-INIT uptime=") {
+        assert!(
+            booted.elapsed() < BOOT_TIMEOUT,
+            "no init line within {BOOT_TIMEOUT:?}:\n{}",
+            read_serial()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("init reached after {:.1} s", booted.elapsed().as_secs_f64());
+    // BusyBox init has taken over once the shell that it starts prints its banner.
+    while !read_serial().contains("built-in shell") {
+        assert!(
+            booted.elapsed() < BOOT_TIMEOUT,
+            "no shell within {BOOT_TIMEOUT:?}:\n{}",
+            read_serial()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let timeout = COMMAND_TIMEOUT.as_secs().to_string();
+    let stopped = state.json(&["stop", "linux", "--timeout", &timeout]);
+
+    let serial = read_serial();
+    assert_eq!(stopped["killed"], false, "{stopped}; serial:\n{serial}");
+    let status = lifecycle_common::reap(pid).expect("the VMM is reparented to the test");
+    assert!(libc::WIFEXITED(status), "wait status {status:#x}");
+    assert_eq!(libc::WEXITSTATUS(status), 0, "serial:\n{serial}");
+    assert!(
+        serial.contains("MONSTERVM-INIT Ctrl-Alt-Del received, powering off"),
+        "init did not run its ctrlaltdel action:\n{serial}"
+    );
+    let vmm_log = std::fs::read_to_string(state.vm_dir("linux").join("vmm.log")).unwrap();
+    assert!(vmm_log.contains("the guest powered off"), "{vmm_log}");
+}

@@ -440,6 +440,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         serial,
         backend,
         guest,
+        ..
     } = build_vm(&config, Box::new(console))?;
     {
         let control = vm.control().clone();

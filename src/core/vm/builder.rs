@@ -59,6 +59,8 @@ pub struct BuiltVm {
     pub vm: Vm,
     /// The 16550 at COM1, for console input.
     pub serial: Arc<Mutex<Serial>>,
+    /// The i8042 keyboard controller, through which the VMM types Ctrl-Alt-Del.
+    pub keyboard: Arc<Mutex<I8042>>,
     pub backend: BackendSelection,
     pub guest: GuestKind,
 }
@@ -94,10 +96,8 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<BuiltVm, 
         serial_out,
     )));
     pio.insert_windows(&COM1_WINDOWS, serial.clone())?;
-    pio.insert_windows(
-        &I8042_WINDOWS,
-        Arc::new(Mutex::new(I8042::new(irq_chip.clone(), platform.clone()))),
-    )?;
+    let keyboard = Arc::new(Mutex::new(I8042::new(irq_chip.clone(), platform.clone())));
+    pio.insert_windows(&I8042_WINDOWS, keyboard.clone())?;
     pio.insert_windows(
         &RTC_WINDOWS,
         Arc::new(Mutex::new(Rtc::new(clock.clone(), config.memory_mib << 20))),
@@ -169,6 +169,7 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<BuiltVm, 
     Ok(BuiltVm {
         vm,
         serial,
+        keyboard,
         backend: backend_selection,
         guest,
     })

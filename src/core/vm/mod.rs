@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 
-pub use control::{StopReason, VmControl};
+pub use control::{PauseTimeout, StopReason, VmControl};
 pub use io::VmIo;
 
 use crate::hypervisor::{CpuState, HypervisorError, HypervisorVm, Vcpu, VcpuExit};
