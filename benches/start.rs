@@ -10,6 +10,13 @@
 //! before it answers QMP (its firmware starts after the monitor is up), so both figures
 //! measure the VMM's own start-up: process spawn, memory, devices and the control socket.
 //! `MONSTERVM_BENCH_RUNS` sets the number of runs (default 10); medians are printed.
+//! `MONSTERVM_BENCH_BIN` measures another `monstervm` executable in place of the one that
+//! Cargo built for the bench, such as the `dist` build or an older commit's build.
+//!
+//! MonsterVM gets two figures. `monstervm start` covers the client, the spawn of the VMM
+//! and the build of the VM, until the API reports it running. The VMM alone (`monstervm
+//! vmm NAME`, spawned by the bench) covers the interval that Firecracker's and QEMU's
+//! figures cover: from spawning the process to its first API response.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -43,9 +50,22 @@ fn main() {
     let ours_time = median(&mut ours);
     let ours_memory = median(&mut ours_rss);
     println!(
-        "| MonsterVM (emulator, embedded guest) | {:.1} ms | {:.1} MiB |",
+        "| MonsterVM `start` to running (emulator, embedded guest) | {:.1} ms | {:.1} MiB |",
         ours_time * 1e3,
         ours_memory / 1024.0
+    );
+    let mut spawned = Vec::new();
+    let mut spawned_rss = Vec::new();
+    for run in 0..runs {
+        let (seconds, rss) = spawn_vmm(work.path(), run);
+        spawned.push(seconds);
+        spawned_rss.push(rss as f64);
+    }
+    let spawned_time = median(&mut spawned);
+    println!(
+        "| MonsterVM VMM spawn to first API response | {:.2} ms | {:.1} MiB |",
+        spawned_time * 1e3,
+        median(&mut spawned_rss) / 1024.0
     );
 
     let Some(qemu) = find_qemu() else {
@@ -68,13 +88,21 @@ fn main() {
     );
     println!();
     println!(
-        "start time ratio MonsterVM / QEMU: {:.2}",
-        ours_time / theirs_time
+        "start time ratio MonsterVM / QEMU: {:.2} (`start` to running), {:.2} (VMM spawn to API)",
+        ours_time / theirs_time,
+        spawned_time / theirs_time
     );
     println!(
         "VMM memory ratio MonsterVM / QEMU: {:.2}",
         ours_memory / theirs_memory
     );
+}
+
+/// Returns the `monstervm` executable to measure: `MONSTERVM_BENCH_BIN`, or the bench's own.
+fn monstervm_bin() -> PathBuf {
+    std::env::var_os("MONSTERVM_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_monstervm")))
 }
 
 /// Creates and starts a VM, returns the seconds `start` took (it returns once the API
@@ -83,7 +111,7 @@ fn start_monstervm(work: &Path, run: usize) -> (f64, u64) {
     let state = work.join("state");
     let name = format!("bench{run}");
     let monstervm = |args: &[&str]| {
-        let output = Command::new(env!("CARGO_BIN_EXE_monstervm"))
+        let output = Command::new(monstervm_bin())
             .env("MONSTERVM_STATE_DIR", &state)
             .args(args)
             .output()
@@ -116,6 +144,72 @@ fn start_monstervm(work: &Path, run: usize) -> (f64, u64) {
     monstervm(&["stop", "--force", &name]);
     monstervm(&["delete", &name]);
     (seconds, rss)
+}
+
+/// Spawns `monstervm vmm NAME` directly, returns the seconds until `GET /vm` first
+/// responds and the VMM's RSS beyond guest RAM at that moment, then kills it.
+fn spawn_vmm(work: &Path, run: usize) -> (f64, u64) {
+    let state = work.join("state");
+    let name = format!("spawn{run}");
+    let memory = MEMORY_MIB.to_string();
+    let monstervm = |args: &[&str]| {
+        let status = Command::new(monstervm_bin())
+            .env("MONSTERVM_STATE_DIR", &state)
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run monstervm");
+        assert!(status.success(), "monstervm {args:?} failed with {status}");
+    };
+    monstervm(&[
+        "create",
+        &name,
+        "--backend",
+        "emulator",
+        "--memory",
+        &memory,
+    ]);
+    let socket = state.join("vms").join(&name).join("api.sock");
+
+    let started = Instant::now();
+    let mut child = Command::new(monstervm_bin())
+        .env("MONSTERVM_STATE_DIR", &state)
+        .args(["vmm", &name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the VMM");
+    loop {
+        if let Some(status) = api_status(&socket) {
+            assert!(status.contains(" 200 "), "GET /vm: {status}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the VMM API never responded"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let rss = vmm_rss_kib(child.id(), MEMORY_MIB << 10);
+
+    let _ = child.kill();
+    let _ = child.wait();
+    monstervm(&["delete", "--force", &name]);
+    (seconds, rss)
+}
+
+/// Sends `GET /vm` to the API socket; returns the response's status line, or `None` while
+/// nothing listens.
+fn api_status(socket: &Path) -> Option<String> {
+    let stream = UnixStream::connect(socket).ok()?;
+    (&stream)
+        .write_all(b"GET /vm HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).ok()?;
+    (!line.is_empty()).then_some(line)
 }
 
 /// Starts QEMU with a QMP socket, returns the seconds until QMP responds to

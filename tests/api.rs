@@ -787,3 +787,138 @@ async fn receive_until_raw(
         seen.extend_from_slice(&message.into_data());
     }
 }
+
+/// Returns a counter from `GET /vm/metrics` that grows while the embedded guest runs:
+/// instructions retired on the emulator, port-I/O exits on KVM (which counts no
+/// instructions). The guest busy-polls its serial port, so both grow all the time.
+async fn progress(client: &ApiClient, backend: &str) -> u64 {
+    let metrics = client.metrics().await.unwrap();
+    if backend == "emulator" {
+        metrics
+            .instructions
+            .expect("the emulator publishes its instruction counter")
+    } else {
+        metrics.exits.expect("KVM publishes its exit counters").pio
+    }
+}
+
+/// Checks on one backend that no guest code runs between the pause response and resume.
+fn check_pause_parks_vcpus(backend: &str) {
+    let state = StateDir::with_real_vms();
+    state.ok(&["create", "parked", "--memory", "16", "--backend", backend]);
+    let pid = state.json(&["start", "parked"])["pid"].as_i64().unwrap() as i32;
+    let client = ApiClient::unix(&state.socket("parked"));
+
+    runtime().block_on(async {
+        let mut console = client.console().await.unwrap();
+        receive_until(&mut console, "Type to echo, 'q' to power off.").await;
+
+        client
+            .action(monstervm::api::VmAction::Pause)
+            .await
+            .unwrap();
+        let at_pause = progress(&client, backend).await;
+        assert_eq!(client.info().await.unwrap().state, VmState::Paused);
+        for _ in 0..10 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            assert_eq!(
+                progress(&client, backend).await,
+                at_pause,
+                "{backend}: the guest ran after the pause request returned"
+            );
+        }
+
+        client
+            .action(monstervm::api::VmAction::Resume)
+            .await
+            .unwrap();
+        assert_eq!(client.info().await.unwrap().state, VmState::Running);
+        let deadline = tokio::time::Instant::now() + lifecycle_common::PATIENCE;
+        while progress(&client, backend).await == at_pause {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{backend}: the guest did not run after resume"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+
+        console.send(Message::binary(b"q".to_vec())).await.unwrap();
+        receive_until(&mut console, "Powering off.").await;
+    });
+
+    let status = reap(pid).expect("the VMM exits when the guest powers off");
+    assert!(
+        libc::WIFEXITED(status),
+        "{backend}: wait status {status:#x}"
+    );
+}
+
+#[test]
+fn pause_parks_vcpus_on_emulator() {
+    check_pause_parks_vcpus("emulator");
+}
+
+#[test]
+fn pause_parks_vcpus_on_kvm() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        assert!(
+            std::env::var("MONSTERVM_REQUIRE_KVM").as_deref() != Ok("1"),
+            "MONSTERVM_REQUIRE_KVM=1 but /dev/kvm is missing"
+        );
+        eprintln!("skipping pause_parks_vcpus_on_kvm: /dev/kvm is missing");
+        return;
+    }
+    check_pause_parks_vcpus("kvm");
+}
+
+#[test]
+fn shutdown_and_forced_stop_actions() {
+    let state = StateDir::with_real_vms();
+    state.ok(&["create", "asked", "--memory", "16", "--backend", "emulator"]);
+    let pid = state.json(&["start", "asked"])["pid"].as_i64().unwrap() as i32;
+    let client = ApiClient::unix(&state.socket("asked"));
+
+    runtime().block_on(async {
+        let mut console = client.console().await.unwrap();
+        receive_until(&mut console, "Type to echo, 'q' to power off.").await;
+
+        client
+            .action(monstervm::api::VmAction::Shutdown)
+            .await
+            .unwrap();
+        receive_until(&mut console, "Ctrl-Alt-Del pressed.").await;
+    });
+    let status = reap(pid).expect("the VMM exits when the guest powers off");
+    assert!(libc::WIFEXITED(status), "wait status {status:#x}");
+    assert_eq!(libc::WEXITSTATUS(status), 0);
+
+    // A paused guest cannot respond, so only a forced stop ends it without SIGKILL.
+    state.ok(&[
+        "create",
+        "frozen",
+        "--memory",
+        "16",
+        "--backend",
+        "emulator",
+    ]);
+    let pid = state.json(&["start", "frozen"])["pid"].as_i64().unwrap() as i32;
+    let client = ApiClient::unix(&state.socket("frozen"));
+    runtime().block_on(async {
+        client
+            .action(monstervm::api::VmAction::Pause)
+            .await
+            .unwrap();
+        client
+            .action(monstervm::api::VmAction::ForceStop)
+            .await
+            .unwrap();
+    });
+    let status = reap(pid).expect("the VMM exits on a forced stop");
+    assert!(libc::WIFEXITED(status), "wait status {status:#x}");
+    assert_eq!(libc::WEXITSTATUS(status), 0);
+    let vmm_log = std::fs::read_to_string(state.vm_dir("frozen").join("vmm.log")).unwrap();
+    assert!(
+        vmm_log.contains("the VMM ended the vCPUs on request"),
+        "{vmm_log}"
+    );
+}

@@ -67,13 +67,52 @@ fn initramfs_larger_than_memory() {
 }
 
 #[test]
-fn memory_of_zero_and_beyond_host() {
-    assert_rejected(&monstervm(&["run", "--memory", "0"]), 1, "too small");
+fn memory_out_of_range_is_usage_error() {
+    assert_rejected(
+        &monstervm(&["run", "--memory", "0"]),
+        2,
+        "0 is out of range: give 2 to 1048576 MiB",
+    );
     assert_rejected(
         &monstervm(&["run", "--memory", "999999999"]),
-        1,
-        "exceeds this host's",
+        2,
+        "999999999 is out of range",
     );
+}
+
+#[test]
+fn memory_beyond_host() {
+    // The maximum of --memory, 1 TiB, is more than this host has unless it is very large.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let host_kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("MemTotal in /proc/meminfo");
+    if host_kib >= 1 << 30 {
+        eprintln!("skipping: this host has 1 TiB of RAM or more");
+        return;
+    }
+    let output = monstervm(&["run", "--memory", "1048576"]);
+    assert_rejected(&output, 1, "exceeds this host's");
+}
+
+#[test]
+fn vcpus_out_of_range_is_usage_error() {
+    for value in ["300", "65", "0"] {
+        let output = monstervm(&["run", "--vcpus", value]);
+        assert_rejected(
+            &output,
+            2,
+            &format!("{value} is out of range: give 1 to 64 vCPUs"),
+        );
+    }
+}
+
+#[test]
+fn timeout_out_of_range_is_usage_error() {
+    let output = monstervm(&["stop", "vm0", "--timeout", "18446744073709551615"]);
+    assert_rejected(&output, 2, "is out of range: give 0 to 604800 seconds");
 }
 
 #[test]
@@ -96,6 +135,23 @@ fn missing_config_file() {
         1,
         "failed to read config file /nonexistent/vm.toml",
     );
+}
+
+#[test]
+fn config_type_error_names_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.toml");
+    std::fs::write(&path, "name = \"web\"\nmemory_mib = \"lots\"\n").unwrap();
+    let output = monstervm(&["run", "--config", path.to_str().unwrap()]);
+    assert_rejected(
+        &output,
+        1,
+        &format!(
+            "invalid TOML in config file {}, line 2, key memory_mib: invalid type: string \"lots\", expected u64",
+            path.display()
+        ),
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stderr).lines().count(), 1);
 }
 
 /// Runs `monstervm run --backend kvm` in a private mount namespace where `/dev/kvm` is
@@ -132,4 +188,41 @@ fn kvm_backend_with_unusable_device() {
         return;
     };
     assert_rejected(&output, 1, "not a KVM device");
+}
+
+#[test]
+fn bzimage_cut_to_one_mib() {
+    let kernel = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/vmlinuz");
+    if !kernel.is_file() {
+        eprintln!("skipping: no guest/vmlinuz; run `monstervm guest fetch --dir guest`");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("vmlinuz-cut");
+    let mut bytes = std::fs::read(&kernel).unwrap();
+    bytes.truncate(1 << 20);
+    std::fs::write(&short, &bytes).unwrap();
+
+    let output = monstervm(&[
+        "run",
+        "--backend",
+        "emulator",
+        "--kernel",
+        short.to_str().unwrap(),
+    ]);
+    assert_rejected(
+        &output,
+        1,
+        "the bzImage is truncated: the file is 1048576 bytes",
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("syssize"), "{stderr}");
+    assert!(!stderr.contains("triple"), "{stderr}");
+}
+
+#[test]
+fn duplicate_disk_key_is_usage_error() {
+    let output = monstervm(&["run", "--disk", "x.img,format=raw,format=qcow2"]);
+    assert_rejected(&output, 2, "duplicate option \"format\"");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("supported: readonly"));
 }

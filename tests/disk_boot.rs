@@ -14,11 +14,12 @@ mod common;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::Hasher;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use common::console::{guest_for_boot_test, Console};
 
 /// Maximum wait for the root disk's init line. A boot takes minutes on this emulator
 /// under load.
@@ -26,166 +27,20 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 /// Maximum wait for a command's output once the shell runs.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// The console output of a running `monstervm run`, collected by reader threads.
-struct Console {
-    child: Child,
-    stdin: ChildStdin,
-    output: Arc<Mutex<Vec<u8>>>,
+/// Starts `monstervm run` with the guest and `disk`, a `--disk` value.
+fn start_with_disk(guest: &Path, disk: &str) -> Console {
+    Console::start(guest, &["--disk", disk])
 }
 
-impl Console {
-    /// Starts `monstervm run` with the guest's kernel and initramfs and `disk`, a `--disk`
-    /// value.
-    fn start(guest: &Path, disk: &str) -> Console {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_monstervm"))
-            .args(["run", "--backend", "emulator", "--kernel"])
-            .arg(guest.join("vmlinuz"))
-            .arg("--initrd")
-            .arg(guest.join("initramfs.img"))
-            .arg("--disk")
-            .arg(disk)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("failed to start monstervm run");
-        let stdin = child.stdin.take().unwrap();
-        let output = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let output = output.clone();
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut buffer = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buffer) {
-                    if n == 0 {
-                        break;
-                    }
-                    output.lock().unwrap().extend_from_slice(&buffer[..n]);
-                }
-            });
-        }
-        Console {
-            child,
-            stdin,
-            output,
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
-    }
-
-    /// Waits until the output after byte `from` contains `pattern`; returns the offset
-    /// just past it. Panics with the output's tail on timeout.
-    fn wait_for(&mut self, pattern: &str, from: usize, timeout: Duration) -> usize {
-        let start = Instant::now();
-        loop {
-            let text = self.text();
-            if let Some(position) = text.get(from..).and_then(|rest| rest.find(pattern)) {
-                return from + position + pattern.len();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "monstervm exited with {status} before printing {pattern:?}; output:\n{text}"
-                );
-            }
-            if start.elapsed() > timeout {
-                let _ = self.child.kill();
-                let tail: String = text
-                    .chars()
-                    .rev()
-                    .take(3000)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                panic!("timed out after {timeout:?} waiting for {pattern:?}; output tail:\n{tail}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        self.stdin.write_all(line.as_bytes()).unwrap();
-        self.stdin.flush().unwrap();
-    }
-
-    /// Waits for the root disk's shell prompt; returns the offset past it.
-    fn wait_for_root_shell(&mut self) -> usize {
-        let booted = Instant::now();
-        let position = self.wait_for("MONSTERVM-ROOT uptime=", 0, BOOT_TIMEOUT);
-        eprintln!(
-            "root disk init reached after {:.1} s",
-            booted.elapsed().as_secs_f64()
-        );
-        self.wait_for("# ", position, COMMAND_TIMEOUT)
-    }
-
-    /// Powers the guest off from its shell and checks that `monstervm run` exits 0.
-    fn power_off(mut self, position: usize) {
-        self.send("poweroff -f\n");
-        self.wait_for(
-            "monstervm: the guest powered off",
-            position,
-            COMMAND_TIMEOUT,
-        );
-        let status = self.child.wait().unwrap();
-        assert!(
-            status.success(),
-            "monstervm run exited with {status}:\n{}",
-            self.text()
-        );
-    }
-}
-
-impl Drop for Console {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Returns the guest folder with a root disk, fetching it once, or why the test must skip.
-fn guest_dir() -> Result<PathBuf, String> {
-    if let Some(dir) = std::env::var_os("MONSTERVM_GUEST_DIR") {
-        return Ok(PathBuf::from(dir));
-    }
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let is_guest = |dir: &Path| {
-        ["vmlinuz", "initramfs.img", "rootfs.img"]
-            .iter()
-            .all(|name| dir.join(name).is_file())
-    };
-    if is_guest(&manifest.join("guest")) {
-        return Ok(manifest.join("guest"));
-    }
-    let dir = manifest.join("target/guest");
-    if is_guest(&dir) {
-        return Ok(dir);
-    }
-    if Command::new("apt-get").arg("--version").output().is_err() {
-        return Err("apt-get is missing, so the Debian kernel cannot be fetched; set MONSTERVM_GUEST_DIR to a folder with vmlinuz, initramfs.img and rootfs.img".into());
-    }
-    let output = Command::new(env!("CARGO_BIN_EXE_monstervm"))
-        .args(["guest", "fetch", "--dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "guest fetch failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+/// Waits for the root disk's shell prompt; returns the offset past it.
+fn wait_for_root_shell(console: &mut Console) -> usize {
+    let booted = Instant::now();
+    let position = console.wait_for("MONSTERVM-ROOT uptime=", 0, BOOT_TIMEOUT);
+    eprintln!(
+        "root disk init reached after {:.1} s",
+        booted.elapsed().as_secs_f64()
     );
-    if !dir.join("rootfs.img").is_file() {
-        return Err(format!(
-            "guest fetch wrote no rootfs.img (install e2fsprogs for mke2fs): {}",
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    Ok(dir)
+    console.wait_for("# ", position, COMMAND_TIMEOUT)
 }
 
 /// Hashes a whole file, to tell whether it changed.
@@ -202,26 +57,14 @@ fn file_hash(path: &Path) -> u64 {
     }
 }
 
-#[test]
-fn root_on_qcow2_overlay_persists() {
-    if cfg!(debug_assertions) {
-        eprintln!("skipping: a Linux boot on the unoptimised emulator takes too long; run `cargo test --release`");
-        return;
-    }
-    let guest = match guest_dir() {
-        Ok(dir) => dir,
-        Err(reason) => {
-            eprintln!("skipping: {reason}");
-            return;
-        }
-    };
-
-    // A private copy of the base, so the overlay names it by a relative path and the hash
-    // catches any write that reaches it.
+/// Copies the guest's raw root disk into a new folder and creates a qcow2 overlay over
+/// the copy with `monstervm disk create`. The overlay names the base by a relative path,
+/// and a hash of the private copy catches any write that reaches it. Returns the folder,
+/// the base and the overlay.
+fn overlay_on_copy(guest: &Path) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let work = tempfile::tempdir().unwrap();
     let base = work.path().join("rootfs.img");
     std::fs::copy(guest.join("rootfs.img"), &base).unwrap();
-    let base_hash = file_hash(&base);
     let overlay = work.path().join("overlay.qcow2");
     let create = Command::new(env!("CARGO_BIN_EXE_monstervm"))
         .args([
@@ -243,26 +86,37 @@ fn root_on_qcow2_overlay_persists() {
         "monstervm disk create failed: {}",
         String::from_utf8_lossy(&create.stderr)
     );
+    (work, base, overlay)
+}
+
+#[test]
+fn root_on_qcow2_overlay_persists() {
+    let Some(guest) = guest_for_boot_test(&["vmlinuz", "initramfs.img", "rootfs.img"]) else {
+        return;
+    };
+
+    let (_work, base, overlay) = overlay_on_copy(&guest);
+    let base_hash = file_hash(&base);
 
     // First boot: the root is the overlay, read-write; write a file and sync it.
-    let mut console = Console::start(&guest, overlay.to_str().unwrap());
-    let mut position = console.wait_for_root_shell();
+    let mut console = start_with_disk(&guest, overlay.to_str().unwrap());
+    let mut position = wait_for_root_shell(&mut console);
     console.send("grep ' / ' /proc/mounts\n");
     position = console.wait_for("/dev/vda / ext4 rw", position, COMMAND_TIMEOUT);
     // The shell computes the numbers, so the output cannot be the terminal's echo.
     console.send("echo persisted-$((6*7)) > /root/note.txt; sync; echo written-$((2+3))\n");
     position = console.wait_for("written-5", position, COMMAND_TIMEOUT);
-    console.power_off(position);
+    console.power_off(position, COMMAND_TIMEOUT);
 
     let (code, report) = common::qemu_check(&overlay);
     assert_eq!(code, 0, "qemu-img check after the first boot:\n{report}");
 
     // Second boot: the file is back.
-    let mut console = Console::start(&guest, overlay.to_str().unwrap());
-    let mut position = console.wait_for_root_shell();
+    let mut console = start_with_disk(&guest, overlay.to_str().unwrap());
+    let mut position = wait_for_root_shell(&mut console);
     console.send("cat /root/note.txt\n");
     position = console.wait_for("persisted-42", position, COMMAND_TIMEOUT);
-    console.power_off(position);
+    console.power_off(position, COMMAND_TIMEOUT);
 
     let (code, report) = common::qemu_check(&overlay);
     assert_eq!(code, 0, "qemu-img check after the second boot:\n{report}");
@@ -276,16 +130,8 @@ fn root_on_qcow2_overlay_persists() {
 
 #[test]
 fn read_only_disk_mounts_read_only() {
-    if cfg!(debug_assertions) {
-        eprintln!("skipping: a Linux boot on the unoptimised emulator takes too long; run `cargo test --release`");
+    let Some(guest) = guest_for_boot_test(&["vmlinuz", "initramfs.img", "rootfs.img"]) else {
         return;
-    }
-    let guest = match guest_dir() {
-        Ok(dir) => dir,
-        Err(reason) => {
-            eprintln!("skipping: {reason}");
-            return;
-        }
     };
     let work = tempfile::tempdir().unwrap();
     let base = work.path().join("rootfs.img");
@@ -293,18 +139,62 @@ fn read_only_disk_mounts_read_only() {
     let base_hash = file_hash(&base);
 
     // The device offers VIRTIO_BLK_F_RO, so the rw mount fails and /init mounts it ro.
-    let mut console = Console::start(&guest, &format!("{},readonly", base.display()));
-    let mut position = console.wait_for_root_shell();
+    let mut console = start_with_disk(&guest, &format!("{},readonly", base.display()));
+    let mut position = wait_for_root_shell(&mut console);
     console.send("grep ' / ' /proc/mounts; cat /sys/block/vda/ro\n");
     position = console.wait_for("/dev/vda / ext4 ro", position, COMMAND_TIMEOUT);
     position = console.wait_for("\n1", position, COMMAND_TIMEOUT);
     console.send("touch /root/x || echo rejected-$((2+3))\n");
     position = console.wait_for("rejected-5", position, COMMAND_TIMEOUT);
-    console.power_off(position);
+    console.power_off(position, COMMAND_TIMEOUT);
 
     assert_eq!(
         file_hash(&base),
         base_hash,
         "a read-only disk's image changed"
     );
+}
+
+/// Byte offset of the qcow2 header's incompatible-features field, whose bit 0 is the dirty
+/// bit.
+const INCOMPATIBLE_FEATURES_OFFSET: usize = 72;
+
+#[test]
+fn sigterm_leaves_root_overlay_clean() {
+    let Some(guest) = guest_for_boot_test(&["vmlinuz", "initramfs.img", "rootfs.img"]) else {
+        return;
+    };
+    let (_work, _base, overlay) = overlay_on_copy(&guest);
+
+    // The guest mounts the overlay read-write and writes to it while it boots.
+    let mut console = start_with_disk(&guest, overlay.to_str().unwrap());
+    let position = wait_for_root_shell(&mut console);
+    console.send("echo unsynced-$((6*7)) > /root/note.txt; echo typed-$((2+3))\n");
+    console.wait_for("typed-5", position, COMMAND_TIMEOUT);
+
+    // SAFETY: kill only signals the monstervm process this test started.
+    let sent = unsafe { libc::kill(console.child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(sent, 0, "kill failed");
+    let status = console.child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        console.text()
+    );
+    assert!(
+        console.text().contains("stopped by SIGTERM"),
+        "{}",
+        console.text()
+    );
+
+    let header = std::fs::read(&overlay).unwrap();
+    let features = u64::from_be_bytes(
+        header[INCOMPATIBLE_FEATURES_OFFSET..INCOMPATIBLE_FEATURES_OFFSET + 8]
+            .try_into()
+            .unwrap(),
+    );
+    assert_eq!(features & 1, 0, "SIGTERM left the overlay marked dirty");
+    let (code, report) = common::qemu_check(&overlay);
+    assert_eq!(code, 0, "qemu-img check after SIGTERM:\n{report}");
 }

@@ -60,7 +60,7 @@ fn fetch_writes_bootable_guest() {
         .iter()
         .map(|m| m.as_str().unwrap())
         .collect();
-    for wanted in ["virtio_pci", "virtio_blk", "virtio_net"] {
+    for wanted in ["virtio_pci", "virtio_blk", "virtio_net", "pvpanic_mmio"] {
         assert!(
             modules.contains(&wanted),
             "{wanted} missing from {modules:?}"
@@ -68,6 +68,7 @@ fn fetch_writes_bootable_guest() {
     }
     let position = |name: &str| modules.iter().position(|m| *m == name).unwrap();
     assert!(position("virtio_ring") < position("virtio_pci"));
+    assert!(position("pvpanic") < position("pvpanic_mmio"));
     // The temporary download folder is gone.
     let leftovers: Vec<_> = std::fs::read_dir(&guest_dir)
         .unwrap()

@@ -184,8 +184,9 @@ fn killed_vmm_shows_as_crashed() {
 #[test]
 fn failed_boot_is_reported_by_start() {
     let state = StateDir::new();
-    // More guest RAM than any host has: building the VM fails inside the VMM.
-    state.ok(&["create", "huge", "--memory", "1000000000"]);
+    // The maximum of --memory, 1 TiB, is more guest RAM than a test host has, so building
+    // the VM fails inside the VMM.
+    state.ok(&["create", "huge", "--memory", "1048576"]);
 
     let output = state.run(&["start", "huge"]);
 
@@ -426,4 +427,69 @@ fn stop_kills_guest_ignoring_power_button() {
         "{serial}"
     );
     assert_eq!(state.status("stubborn")["state"], "stopped");
+}
+
+/// Returns whether /dev/kvm opens. Otherwise it prints why `test` skips, or panics when
+/// MONSTERVM_REQUIRE_KVM=1.
+fn kvm_usable(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(error) => {
+            if std::env::var("MONSTERVM_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("{test}: MONSTERVM_REQUIRE_KVM=1 but /dev/kvm failed to open: {error}");
+            }
+            eprintln!("skipping {test}: /dev/kvm failed to open: {error}");
+            false
+        }
+    }
+}
+
+/// Checks on one backend that `stop` makes the real embedded guest power off by itself:
+/// the VMM types Ctrl-Alt-Del on the i8042, and the guest powers off through ACPI S5.
+fn check_stop_is_graceful(backend: &str) {
+    let state = StateDir::with_real_vms();
+    state.ok(&["create", "polite", "--memory", "16", "--backend", backend]);
+    let pid = state.json(&["start", "polite"])["pid"].as_i64().unwrap() as i32;
+    wait_until("the guest's echo prompt", || {
+        state.ok(&["logs", "polite"]).contains("Type to echo")
+    });
+
+    let stopped = state.json(&["stop", "polite", "--timeout", "60"]);
+
+    assert_eq!(stopped["killed"], false, "{backend}: {stopped}");
+    let status = reap(pid).expect("the VMM is reparented to the test");
+    assert!(
+        libc::WIFEXITED(status),
+        "{backend}: wait status {status:#x}"
+    );
+    assert_eq!(libc::WEXITSTATUS(status), 0, "{backend}");
+    let serial = state.ok(&["logs", "polite"]);
+    assert!(
+        serial.contains("Ctrl-Alt-Del pressed.\r\nPowering off."),
+        "{backend}: the guest did not see Ctrl-Alt-Del: {serial}"
+    );
+    let vmm_log = std::fs::read_to_string(state.vm_dir("polite").join("vmm.log")).unwrap();
+    assert!(
+        vmm_log.contains("the guest powered off"),
+        "{backend}: {vmm_log}"
+    );
+    let after = state.status("polite");
+    assert_eq!(after["state"], "stopped", "{backend}");
+    assert_eq!(after["last_error"], serde_json::Value::Null, "{backend}");
+}
+
+#[test]
+fn stop_is_graceful_on_emulator() {
+    check_stop_is_graceful("emulator");
+}
+
+#[test]
+fn stop_is_graceful_on_kvm() {
+    if kvm_usable("stop_is_graceful_on_kvm") {
+        check_stop_is_graceful("kvm");
+    }
 }

@@ -210,8 +210,7 @@ impl ApiClient {
 
     /// `PUT /vm/actions`.
     pub async fn action(&self, action: VmAction) -> Result<(), ClientError> {
-        let body = serde_json::to_vec(&serde_json::json!({ "action": action }))
-            .expect("an action always serializes");
+        let body = serde_json::to_vec(&action.request_body()).expect("JSON values serialize");
         let (status, body) = self
             .send(Method::PUT, "/vm/actions", Some("application/json"), body)
             .await?;

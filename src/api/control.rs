@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::api::handle::{
     ActionError, ExitCounts, SerialCounters, VmAction, VmHandle, VmInfo, VmMetrics, VmState,
@@ -16,7 +16,7 @@ use crate::hypervisor::VcpuStats;
 pub type SerialInput = Arc<dyn Fn(&[u8]) + Send + Sync>;
 /// Reads every vCPU's counters while the vCPUs run.
 pub type StatsReader = Arc<dyn Fn() -> Vec<VcpuStats> + Send + Sync>;
-/// Presses the guest's power button, which requests the guest to shut down and power off.
+/// Asks the guest to shut down and power off; the VMM's real VMs type Ctrl-Alt-Del.
 pub type PowerButton = Arc<dyn Fn() + Send + Sync>;
 
 /// The parts of one boot of the VM that the handle drives. A reset replaces them.
@@ -40,6 +40,10 @@ pub struct VmIdentity {
     pub memory_mib: u64,
 }
 
+/// How long a pause waits for every vCPU to leave guest code. A vCPU returns to the VMM
+/// within one emulator time slice or one KVM exit, far below this.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Console input chunks queued for the guest before new input is dropped.
 pub const INPUT_QUEUE_CHUNKS: usize = 256;
 
@@ -59,6 +63,8 @@ pub struct ControlHandle {
     /// Set by a stop that arrives while no boot is attached, so the VMM does not boot again.
     stop_requested: AtomicBool,
     reset_requested: AtomicBool,
+    /// Set when a boot ended because the guest kernel reported a panic.
+    guest_panicked: AtomicBool,
 }
 
 impl ControlHandle {
@@ -87,6 +93,7 @@ impl ControlHandle {
             boots: AtomicU32::new(0),
             stop_requested: AtomicBool::new(false),
             reset_requested: AtomicBool::new(false),
+            guest_panicked: AtomicBool::new(false),
         })
     }
 
@@ -106,6 +113,9 @@ impl ControlHandle {
     /// Detaches the finished boot and returns whether an API reset asked to boot again.
     pub fn detach(&self) -> bool {
         let mut current = self.boot.lock().unwrap_or_else(|e| e.into_inner());
+        if current.as_ref().is_some_and(Self::panicked) {
+            self.guest_panicked.store(true, Ordering::SeqCst);
+        }
         *current = None;
         let reset = self.reset_requested.swap(false, Ordering::SeqCst);
         reset && !self.stop_requested.load(Ordering::SeqCst)
@@ -114,6 +124,10 @@ impl ControlHandle {
     /// Returns the serial hub that this handle's consoles read from.
     pub fn serial(&self) -> &SerialHub {
         &self.serial
+    }
+
+    fn panicked(boot: &Boot) -> bool {
+        boot.control.stop_reason() == Some(StopReason::GuestPanic)
     }
 
     fn current(&self) -> Option<Boot> {
@@ -130,8 +144,30 @@ impl ControlHandle {
         }
     }
 
+    /// Pauses the current boot and waits until its vCPUs have parked. The wait happens
+    /// without the boot lock, so that `GET /vm` and other actions keep being served.
+    fn pause(&self) -> Result<(), ActionError> {
+        let name = &self.identity.name;
+        let control = {
+            let current = self.boot.lock().unwrap_or_else(|e| e.into_inner());
+            match (self.state_of(current.as_ref()), current.as_ref()) {
+                (VmState::Running, Some(boot)) => boot.control.clone(),
+                (state, _) => return Err(self.reject(VmAction::Pause, state)),
+            }
+        };
+        tracing::info!(vm = %name, "pause requested through the API");
+        control
+            .pause(PAUSE_TIMEOUT)
+            .map_err(|timeout| ActionError::PauseTimedOut {
+                name: name.clone(),
+                parked: timeout.parked,
+                vcpus: timeout.vcpus,
+                timeout_secs: PAUSE_TIMEOUT.as_secs(),
+            })
+    }
+
     fn reject(&self, action: VmAction, state: VmState) -> ActionError {
-        ActionError {
+        ActionError::InvalidState {
             name: self.identity.name.clone(),
             action,
             state,
@@ -142,7 +178,10 @@ impl ControlHandle {
 impl VmHandle for ControlHandle {
     fn info(&self) -> VmInfo {
         let boot = self.current();
+        let guest_panicked =
+            self.guest_panicked.load(Ordering::SeqCst) || boot.as_ref().is_some_and(Self::panicked);
         VmInfo {
+            guest_panicked,
             name: self.identity.name.clone(),
             state: self.state_of(boot.as_ref()),
             backend: boot.map(|b| b.backend).unwrap_or_default(),
@@ -155,21 +194,34 @@ impl VmHandle for ControlHandle {
     }
 
     fn action(&self, action: VmAction) -> Result<(), ActionError> {
+        if action == VmAction::Pause {
+            return self.pause();
+        }
         // The lock keeps `attach` from slipping a new boot in between the check and the act.
         let current = self.boot.lock().unwrap_or_else(|e| e.into_inner());
         let state = self.state_of(current.as_ref());
         let name = &self.identity.name;
         match (action, state, current.as_ref()) {
+            (VmAction::ForceStop, _, boot) => {
+                self.stop_requested.store(true, Ordering::SeqCst);
+                tracing::info!(vm = %name, "forced stop requested through the API; ending the vCPUs");
+                if let Some(boot) = boot {
+                    boot.control.request_stop(StopReason::UserStop);
+                }
+                Ok(())
+            }
             (VmAction::Stop, VmState::Stopping, _) => Ok(()),
             (VmAction::Stop, _, boot) => {
                 self.stop_requested.store(true, Ordering::SeqCst);
                 match boot {
-                    // A paused guest cannot act on the button, so it is stopped at once.
-                    Some(boot) if !boot.control.is_paused() && boot.power_button.is_some() => {
-                        tracing::info!(vm = %name, "stop requested through the API; pressing the power button");
-                        if let Some(press) = &boot.power_button {
-                            press();
-                        }
+                    // A paused guest cannot act on the request, so it is stopped at once.
+                    Some(Boot {
+                        power_button: Some(press),
+                        control,
+                        ..
+                    }) if !control.is_paused() => {
+                        tracing::info!(vm = %name, "stop requested through the API; asking the guest to power off");
+                        press();
                     }
                     Some(boot) => {
                         tracing::info!(vm = %name, "stop requested through the API; ending the vCPUs");
@@ -181,9 +233,12 @@ impl VmHandle for ControlHandle {
                 }
                 Ok(())
             }
-            (VmAction::Pause, VmState::Running, Some(boot)) => {
-                tracing::info!(vm = %name, "pause requested through the API");
-                boot.control.pause();
+            (VmAction::Shutdown, VmState::Running, Some(boot)) => {
+                let Some(press) = &boot.power_button else {
+                    return Err(ActionError::NoShutdownRequest { name: name.clone() });
+                };
+                tracing::info!(vm = %name, "shutdown requested through the API; asking the guest to power off");
+                press();
                 Ok(())
             }
             (VmAction::Resume, VmState::Paused, Some(boot)) => {
@@ -281,7 +336,16 @@ mod tests {
         assert!(control.is_paused());
         assert_eq!(handle.info().state, VmState::Paused);
         let error = handle.action(VmAction::Pause).unwrap_err();
-        assert_eq!(error.state, VmState::Paused);
+        assert!(
+            matches!(
+                error,
+                ActionError::InvalidState {
+                    state: VmState::Paused,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
 
         handle.action(VmAction::Resume).unwrap();
         assert_eq!(handle.info().state, VmState::Running);
@@ -309,6 +373,23 @@ mod tests {
 
         *release.0.lock().unwrap() = true;
         release.1.notify_all();
+    }
+
+    #[test]
+    fn guest_panic_shows_in_info() {
+        let handle = handle();
+        let boot = boot(Arc::default());
+        let control = boot.control.clone();
+        handle.attach(boot);
+        assert!(!handle.info().guest_panicked);
+
+        control.request_stop(StopReason::GuestPanic);
+        assert!(handle.info().guest_panicked);
+        assert!(!handle.detach());
+        assert!(
+            handle.info().guest_panicked,
+            "the panic must outlive the boot"
+        );
     }
 
     #[test]
@@ -350,6 +431,56 @@ mod tests {
         );
         assert_eq!(handle.info().state, VmState::Stopping);
         assert!(!handle.detach(), "no boot after a stop");
+    }
+
+    #[test]
+    fn force_stop_ends_vcpus_after_stop() {
+        let handle = handle();
+        let mut boot = boot(Arc::default());
+        boot.power_button = Some(Arc::new(|| {}));
+        let control = boot.control.clone();
+        handle.attach(boot);
+
+        handle.action(VmAction::Stop).unwrap();
+        assert_eq!(control.stop_reason(), None);
+        handle.action(VmAction::ForceStop).unwrap();
+
+        assert_eq!(control.stop_reason(), Some(StopReason::UserStop));
+        assert!(!handle.detach());
+    }
+
+    #[test]
+    fn shutdown_presses_button_and_keeps_running() {
+        let handle = handle();
+        let presses = Arc::new(AtomicUsize::new(0));
+        let mut boot = boot(Arc::default());
+        let counter = presses.clone();
+        boot.power_button = Some(Arc::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+        let control = boot.control.clone();
+        handle.attach(boot);
+
+        handle.action(VmAction::Shutdown).unwrap();
+        handle.action(VmAction::Shutdown).unwrap();
+
+        assert_eq!(presses.load(Ordering::SeqCst), 2);
+        assert_eq!(control.stop_reason(), None);
+        assert_eq!(handle.info().state, VmState::Running);
+    }
+
+    #[test]
+    fn shutdown_without_button_is_rejected() {
+        let handle = handle();
+        handle.attach(boot(Arc::default()));
+
+        let error = handle.action(VmAction::Shutdown).unwrap_err();
+
+        assert!(
+            matches!(error, ActionError::NoShutdownRequest { .. }),
+            "{error:?}"
+        );
+        assert_eq!(handle.info().state, VmState::Running);
     }
 
     #[test]

@@ -38,12 +38,31 @@ impl fmt::Display for VmState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VmAction {
+    /// Parks every vCPU; the request returns once all of them have left guest code.
     Pause,
     Resume,
-    /// Ends the VM and its VMM process.
+    /// Asks the guest to power off (Ctrl-Alt-Del) and ends the VMM when it does. A paused
+    /// VM, or one whose machine has no way to ask, is stopped at once.
     Stop,
+    /// Ends the vCPUs and the VMM at once without asking the guest, in any state. The
+    /// request body is `{"action": "stop", "force": true}`.
+    #[serde(skip)]
+    ForceStop,
+    /// Types Ctrl-Alt-Del for the guest and nothing more: the guest decides whether it
+    /// powers off, reboots or ignores it.
+    Shutdown,
     /// Rebuilds the VM from its definition and boots it again in the same VMM process.
     Reset,
+}
+
+impl VmAction {
+    /// Returns the body of `PUT /vm/actions` that requests this action.
+    pub fn request_body(self) -> serde_json::Value {
+        match self {
+            VmAction::ForceStop => serde_json::json!({"action": "stop", "force": true}),
+            action => serde_json::json!({ "action": action }),
+        }
+    }
 }
 
 impl fmt::Display for VmAction {
@@ -52,6 +71,8 @@ impl fmt::Display for VmAction {
             VmAction::Pause => "pause",
             VmAction::Resume => "resume",
             VmAction::Stop => "stop",
+            VmAction::ForceStop => "force-stop",
+            VmAction::Shutdown => "shutdown",
             VmAction::Reset => "reset",
         })
     }
@@ -72,6 +93,10 @@ pub struct VmInfo {
     pub uptime_secs: f64,
     /// Number of times the VM was built and booted: 1, plus one per API reset.
     pub boots: u32,
+    /// Whether the guest kernel reported a panic through the pvpanic device, which ends
+    /// the VM.
+    #[serde(default)]
+    pub guest_panicked: bool,
 }
 
 /// Exit counters summed over every vCPU.
@@ -107,13 +132,28 @@ pub struct VmMetrics {
     pub serial: SerialCounters,
 }
 
-/// An action that the VM's current state does not allow.
+/// An action that failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cannot {action} VM {name}: it is {state}")]
-pub struct ActionError {
-    pub name: String,
-    pub action: VmAction,
-    pub state: VmState,
+pub enum ActionError {
+    /// The VM's current state does not allow the action.
+    #[error("cannot {action} VM {name}: it is {state}")]
+    InvalidState {
+        name: String,
+        action: VmAction,
+        state: VmState,
+    },
+    /// The machine has no way to ask the guest to shut down.
+    #[error("cannot shut down VM {name} gracefully: its machine has no keyboard controller to type Ctrl-Alt-Del; stop it instead")]
+    NoShutdownRequest { name: String },
+    /// Some vCPUs did not park in time. The VM stays paused and the rest park at their
+    /// next exit.
+    #[error("VM {name} did not finish pausing: {parked} of {vcpus} vCPUs parked within {timeout_secs} s; resume it, or stop it with force")]
+    PauseTimedOut {
+        name: String,
+        parked: usize,
+        vcpus: usize,
+        timeout_secs: u64,
+    },
 }
 
 /// Control of one running VM, implemented by the VMM process and by test doubles.
@@ -121,10 +161,11 @@ pub trait VmHandle: Send + Sync {
     /// Returns the VM's identity, state and size.
     fn info(&self) -> VmInfo;
 
-    /// Pauses, resumes, stops or resets the VM.
+    /// Pauses, resumes, stops, shuts down or resets the VM.
     ///
-    /// Stopping a VM that is already stopping succeeds, so that retries are harmless; every
-    /// other action that the state does not allow returns an [`ActionError`].
+    /// Stopping a VM that is already stopping succeeds, so that retries are harmless, and a
+    /// forced stop succeeds in every state. Every other action that the state does not
+    /// allow returns an [`ActionError`].
     fn action(&self, action: VmAction) -> Result<(), ActionError>;
 
     /// Returns the VM's counters.

@@ -47,7 +47,8 @@ pub fn document() -> Value {
             "/vm/actions": {
                 "put": {
                     "operationId": "putVmAction",
-                    "summary": "Pauses, resumes, stops or resets the VM",
+                    "summary": "Pauses, resumes, stops, shuts down or resets the VM",
+                    "description": "pause returns once every vCPU has parked. stop types Ctrl-Alt-Del for the guest and the VMM exits when the guest powers off; with force true it ends the vCPUs at once. shutdown only types Ctrl-Alt-Del. reset boots the VM again in the same VMM process.",
                     "requestBody": {
                         "required": true,
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ActionRequest"}}}
@@ -56,10 +57,11 @@ pub fn document() -> Value {
                         "204": {"description": "The action was accepted"},
                         "400": error_response("The body is not valid JSON"),
                         "401": error_response("Missing or wrong bearer token (TCP only)"),
-                        "409": error_response("The VM's state does not allow the action"),
+                        "409": error_response("The VM's state does not allow the action, or shutdown found no way to ask the guest"),
                         "413": error_response("The body is larger than 16384 bytes"),
                         "415": error_response("The Content-Type is not application/json"),
-                        "422": error_response("A field is missing, of the wrong type, or unknown")
+                        "422": error_response("A field is missing, of the wrong type, or unknown, or force is set on an action other than stop"),
+                        "503": error_response("A pause timed out before every vCPU parked; the VM stays paused")
                     }
                 }
             },
@@ -107,7 +109,10 @@ pub fn document() -> Value {
                     "type": "object",
                     "required": ["action"],
                     "additionalProperties": false,
-                    "properties": {"action": {"type": "string", "enum": ["pause", "resume", "stop", "reset"]}}
+                    "properties": {
+                        "action": {"type": "string", "enum": ["pause", "resume", "stop", "shutdown", "reset"]},
+                        "force": {"type": "boolean", "default": false, "description": "Only with stop: end the vCPUs at once without asking the guest"}
+                    }
                 },
                 "VmInfo": {
                     "type": "object",
@@ -120,7 +125,8 @@ pub fn document() -> Value {
                         "memory_mib": {"type": "integer"},
                         "pid": {"type": "integer"},
                         "uptime_secs": {"type": "number"},
-                        "boots": {"type": "integer"}
+                        "boots": {"type": "integer"},
+                        "guest_panicked": {"type": "boolean", "description": "the guest kernel reported a panic through pvpanic; the VM stops"}
                     }
                 },
                 "VmMetrics": {

@@ -3,7 +3,7 @@
 //! | method | path | body | response |
 //! | --- | --- | --- | --- |
 //! | GET | `/vm` | | [`VmInfo`](crate::api::VmInfo) |
-//! | PUT | `/vm/actions` | `{"action": "pause"\|"resume"\|"stop"\|"reset"}` | 204 |
+//! | PUT | `/vm/actions` | `{"action": "pause"\|"resume"\|"stop"\|"shutdown"\|"reset", "force": bool}` | 204 |
 //! | GET | `/vm/metrics` | | [`VmMetrics`](crate::api::VmMetrics) |
 //! | GET | `/vm/console` | WebSocket upgrade | binary frames both ways |
 //! | GET | `/openapi.json` | | OpenAPI 3.0 document |
@@ -28,7 +28,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{broadcast, watch};
 
 use crate::api::auth::{self, TokenAuth, CONSOLE_PROTOCOL};
-use crate::api::handle::{VmAction, VmHandle, VmInfo, VmMetrics};
+use crate::api::handle::{ActionError, VmAction, VmHandle, VmInfo, VmMetrics};
 use crate::api::{openapi, web};
 
 /// Largest request body accepted, in bytes; an action request is about 20 bytes.
@@ -73,7 +73,8 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// Parses the body of `PUT /vm/actions`, `{"action": "pause"|"resume"|"stop"|"reset"}`.
+/// Parses the body of `PUT /vm/actions`: `{"action": ACTION}` with ACTION one of pause,
+/// resume, stop, shutdown or reset, and for stop an optional boolean `force`.
 ///
 /// serde's own messages are vague for this shape (an integer action reads as a syntax
 /// error), so each case gets a message that names the field and the accepted values.
@@ -85,9 +86,12 @@ pub fn parse_action(body: &serde_json::Value) -> Result<VmAction, ApiError> {
             json_type(body)
         )));
     };
-    if let Some(unknown) = object.keys().find(|key| *key != "action") {
+    if let Some(unknown) = object
+        .keys()
+        .find(|key| *key != "action" && *key != "force")
+    {
         return Err(invalid(format!(
-            "unknown field `{unknown}`: the body takes only `action`"
+            "unknown field `{unknown}`: the body takes only `action` and `force`"
         )));
     }
     let value = object
@@ -95,16 +99,36 @@ pub fn parse_action(body: &serde_json::Value) -> Result<VmAction, ApiError> {
         .ok_or_else(|| invalid("missing field `action`".to_string()))?;
     let Some(name) = value.as_str() else {
         return Err(invalid(format!(
-            "field `action` must be a string (pause, resume, stop or reset), not {}",
+            "field `action` must be a string ({ACTION_NAMES}), not {}",
             json_type(value)
         )));
     };
-    serde_json::from_value(value.clone()).map_err(|_| {
+    let action: VmAction = serde_json::from_value(value.clone()).map_err(|_| {
         invalid(format!(
-            "unknown value {name:?} in field `action`: expected pause, resume, stop or reset"
+            "unknown value {name:?} in field `action`: expected {ACTION_NAMES}"
         ))
-    })
+    })?;
+    let force = match object.get("force") {
+        None => false,
+        Some(serde_json::Value::Bool(force)) => *force,
+        Some(other) => {
+            return Err(invalid(format!(
+                "field `force` must be a boolean, not {}",
+                json_type(other)
+            )))
+        }
+    };
+    match (action, force) {
+        (VmAction::Stop, true) => Ok(VmAction::ForceStop),
+        (_, false) => Ok(action),
+        (action, true) => Err(invalid(format!(
+            "field `force` applies only to stop, not to {action}"
+        ))),
+    }
 }
+
+/// The values of field `action`, for error messages.
+const ACTION_NAMES: &str = "pause, resume, stop, shutdown or reset";
 
 fn json_type(value: &serde_json::Value) -> &'static str {
     match value {
@@ -176,10 +200,25 @@ async fn put_action(
 ) -> Result<StatusCode, ApiError> {
     let Json(body) = body?;
     let action = parse_action(&body)?;
-    state
-        .handle
-        .action(action)
-        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
+    // A pause blocks until every vCPU has parked, so it runs off the async threads.
+    let handle = state.handle.clone();
+    let result = tokio::task::spawn_blocking(move || handle.action(action))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the {action} action failed: {e}"),
+            )
+        })?;
+    result.map_err(|e| {
+        let status = match e {
+            ActionError::InvalidState { .. } | ActionError::NoShutdownRequest { .. } => {
+                StatusCode::CONFLICT
+            }
+            ActionError::PauseTimedOut { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, e.to_string())
+    })?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -311,6 +350,14 @@ mod tests {
                 "unknown field `x`",
             ),
             (serde_json::json!({}), "missing field `action`"),
+            (
+                serde_json::json!({"action": "stop", "force": "yes"}),
+                "`force` must be a boolean",
+            ),
+            (
+                serde_json::json!({"action": "pause", "force": true}),
+                "`force` applies only to stop",
+            ),
             (serde_json::json!(["pause"]), "must be a JSON object"),
         ];
         for (body, expected) in cases {
@@ -324,5 +371,15 @@ mod tests {
         }
         let body = serde_json::json!({"action": "reset"});
         assert_eq!(parse_action(&body).unwrap(), VmAction::Reset);
+        let body = serde_json::json!({"action": "shutdown"});
+        assert_eq!(parse_action(&body).unwrap(), VmAction::Shutdown);
+        let body = serde_json::json!({"action": "stop", "force": false});
+        assert_eq!(parse_action(&body).unwrap(), VmAction::Stop);
+        let body = serde_json::json!({"action": "stop", "force": true});
+        assert_eq!(parse_action(&body).unwrap(), VmAction::ForceStop);
+        assert_eq!(
+            parse_action(&VmAction::ForceStop.request_body()).unwrap(),
+            VmAction::ForceStop
+        );
     }
 }

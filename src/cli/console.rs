@@ -40,7 +40,7 @@ pub fn attach(vm: &VmDir) -> anyhow::Result<ConsoleEnd> {
     let raw = RawModeGuard::enable(terminal::stdin_fd());
     let newline = if raw.is_some() { "\r\n" } else { "\n" };
     if raw.is_some() {
-        eprint!(
+        report_inline!(
             "Connected to VM {}; press Ctrl-] to detach{newline}",
             vm.name()
         );
@@ -97,8 +97,8 @@ pub fn attach(vm: &VmDir) -> anyhow::Result<ConsoleEnd> {
     });
     drop(raw);
     match end {
-        Ok(ConsoleEnd::Detached) => eprintln!("\nDetached from VM {}; it keeps running", vm.name()),
-        Ok(ConsoleEnd::VmEnded) => eprintln!("\nVM {} stopped", vm.name()),
+        Ok(ConsoleEnd::Detached) => report!("\nDetached from VM {}; it keeps running", vm.name()),
+        Ok(ConsoleEnd::VmEnded) => report!("\nVM {} stopped", vm.name()),
         Err(_) => {}
     }
     end.map_err(|error: std::io::Error| error.into())

@@ -13,7 +13,9 @@ use super::output::OutputFormat;
 use crate::storage::qcow2::{
     CheckReport, CompressionType, CreateOptions, Qcow2, RepairMode, Snapshot,
 };
-use crate::storage::{open_image, probe_format, BlockBackend, ImageFormat, OpenOptions, RawFile};
+use crate::storage::{
+    open_image, probe_format, BlockBackend, ImageFormat, Locking, OpenOptions, RawFile,
+};
 
 /// `check` exit status when the image is corrupt (as qemu-img).
 pub const EXIT_CHECK_CORRUPT: i32 = 2;
@@ -74,6 +76,10 @@ struct InfoArgs {
     /// Image format; detected from the file when omitted.
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
+    /// Open without a lock, so that an image a running VM or QEMU writes can be read; its
+    /// metadata may be half-written (qemu-img's -U).
+    #[arg(short = 'U', long)]
+    force_share: bool,
     /// Set from the global --output option.
     #[arg(skip)]
     output: OutputFormat,
@@ -423,7 +429,15 @@ fn info(args: InfoArgs) -> anyhow::Result<i32> {
             }
         }
         ImageFormat::Qcow2 => {
-            let image = Qcow2::open(&args.image, &OpenOptions::read_only())?;
+            let options = OpenOptions {
+                locking: if args.force_share {
+                    Locking::Off
+                } else {
+                    Locking::On
+                },
+                ..OpenOptions::read_only()
+            };
+            let image = Qcow2::open(&args.image, &options)?;
             let info = image.info();
             let compat = if info.version >= 3 { "1.1" } else { "0.10" };
             if args.output == OutputFormat::Json {
@@ -567,7 +581,7 @@ fn print_check(name: &str, report: &CheckReport, output: OutputFormat) -> anyhow
 fn check(args: CheckArgs) -> anyhow::Result<i32> {
     let format = detect_format(&args.image, args.format.as_deref())?;
     if format != ImageFormat::Qcow2 {
-        eprintln!("monstervm: this image format ({format}) does not support checks");
+        report!("monstervm: this image format ({format}) does not support checks");
         return Ok(EXIT_CHECK_UNSUPPORTED);
     }
     let mode = match args.repair.as_deref() {
@@ -668,14 +682,14 @@ fn convert(args: ConvertArgs) -> anyhow::Result<i32> {
         if args.progress {
             let percent = (offset * 10_000 / size.max(1)) as i64;
             if percent != last_percent {
-                eprint!("    ({:.2}/100%)\r", percent as f64 / 100.0);
+                report_inline!("    ({:.2}/100%)\r", percent as f64 / 100.0);
                 let _ = std::io::stderr().flush();
                 last_percent = percent;
             }
         }
     }
     if args.progress {
-        eprintln!();
+        report!("");
     }
     match destination {
         Destination::Raw(raw) => raw.flush()?,
@@ -714,7 +728,7 @@ fn resize(args: ResizeArgs) -> anyhow::Result<i32> {
             if new_size < current && !args.shrink {
                 bail!("shrinking from {current} to {new_size} bytes may lose data; add --shrink");
             }
-            RawFile::open(&args.image, false)?.resize(new_size)?;
+            RawFile::open(&args.image, &OpenOptions::default())?.resize(new_size)?;
         }
         ImageFormat::Qcow2 => {
             let image = Qcow2::open(&args.image, &options)?;

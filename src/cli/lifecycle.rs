@@ -3,6 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -13,12 +14,55 @@ use serde::Serialize;
 
 use crate::api::{ApiClient, ClientError, VmAction, VmInfo, VmMetrics, VmState};
 use crate::cli::output::{self, format_duration, OutputFormat, Table};
-use crate::cli::state::{StateDir, StateError, VmDir, LOCK_FD_ENV};
+use crate::cli::state::{StateDir, StateError, VmDir, LOCK_FD_ENV, READY_FD_ENV};
 use crate::cli::vmm::TcpApi;
 use crate::utils::config::VmConfig;
 
-/// Interval between checks while waiting for a VMM to start or exit.
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// First interval between checks while waiting for a VMM to start or exit. The interval
+/// doubles up to [`MAX_POLL_INTERVAL`], so a VMM that is ready within a few milliseconds
+/// is seen within about as many, and a slow one costs few checks.
+const FIRST_POLL_INTERVAL: Duration = Duration::from_micros(500);
+/// Maximum interval between checks while waiting for a VMM to start or exit.
+const MAX_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Creates a pipe whose ends close on exec; returns (read end, write end).
+fn ready_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors that pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and no other object owns them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Waits up to `timeout` for the VMM to write to or close the readiness pipe `ready`.
+/// Returns false once the pipe is closed (the VMM exited, or wrote and closed it), so the
+/// caller falls back to sleeping.
+fn wait_ready(ready: &OwnedFd, timeout: Duration) -> bool {
+    let mut poll = libc::pollfd {
+        fd: ready.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: `poll` is one valid pollfd and the count is 1.
+    if unsafe { libc::poll(&mut poll, 1, millis) } <= 0 {
+        return true;
+    }
+    let mut byte = [0u8; 1];
+    // SAFETY: `byte` has room for the one byte requested, and the descriptor is open.
+    let read = unsafe { libc::read(ready.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+    // A byte means "running": the next check of the API confirms it. End of file (or an
+    // error) means nothing more will come.
+    read == 1
+}
+
+/// Sleeps for `interval`, then doubles it up to [`MAX_POLL_INTERVAL`].
+fn poll_sleep(interval: &mut Duration) {
+    std::thread::sleep(*interval);
+    *interval = (*interval * 2).min(MAX_POLL_INTERVAL);
+}
 /// How long `stop` waits for the kernel to reap a VMM after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
@@ -323,9 +367,13 @@ pub fn start(
             .env(crate::cli::API_LISTEN_ENV, tcp.addr.to_string())
             .env(crate::cli::API_TOKEN_ENV, &tcp.token);
     }
+    let (ready_read, ready_write) =
+        ready_pipe().context("failed to create the VMM readiness pipe")?;
+    let ready_fd = ready_write.as_raw_fd();
+    command.env(READY_FD_ENV, ready_fd.to_string());
     let lock_fd = lock.raw_fd();
     // SAFETY: the closure runs in the forked child before exec and calls only setsid and
-    // fcntl, which are async-signal-safe, on a descriptor that is open in the parent.
+    // fcntl, which are async-signal-safe, on descriptors that are open in the parent.
     unsafe {
         command.pre_exec(move || {
             // A new session detaches the VMM from this terminal, so that closing the
@@ -333,9 +381,12 @@ pub fn start(
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // Keep the locked descriptor open across exec: the VMM inherits the lock.
-            if libc::fcntl(lock_fd, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
+            // Keep the locked descriptor and the pipe's write end open across exec: the
+            // VMM inherits the lock and reports readiness through the pipe.
+            for fd in [lock_fd, ready_fd] {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -343,11 +394,15 @@ pub fn start(
 
     let started = Instant::now();
     let mut child = command.spawn().context("failed to spawn the VMM process")?;
-    // The child's copy of the descriptor now holds the lock on its own.
+    // The child's copy of the descriptor now holds the lock on its own, and only the
+    // child's write end keeps the pipe open.
     drop(lock);
+    drop(ready_write);
+    let mut pipe_open = true;
     tracing::info!(vm = %name, pid = child.id(), "VMM spawned");
 
     let client = ApiClient::unix(&vm.socket_path());
+    let mut interval = FIRST_POLL_INTERVAL;
     loop {
         if let Some(status) = child
             .try_wait()
@@ -380,7 +435,11 @@ pub fn start(
             }
             .into());
         }
-        std::thread::sleep(POLL_INTERVAL);
+        if pipe_open {
+            pipe_open = wait_ready(&ready_read, MAX_POLL_INTERVAL);
+        } else {
+            poll_sleep(&mut interval);
+        }
     }
 
     #[derive(Serialize)]
@@ -419,6 +478,7 @@ fn require_running(vm: &VmDir) -> anyhow::Result<()> {
 /// Waits until no process holds `vm`'s lock; returns false on timeout.
 fn wait_for_exit(vm: &VmDir, timeout: Duration) -> Result<bool, StateError> {
     let deadline = Instant::now() + timeout;
+    let mut interval = FIRST_POLL_INTERVAL;
     loop {
         if !vm.is_locked()? {
             return Ok(true);
@@ -426,7 +486,7 @@ fn wait_for_exit(vm: &VmDir, timeout: Duration) -> Result<bool, StateError> {
         if Instant::now() >= deadline {
             return Ok(false);
         }
-        std::thread::sleep(POLL_INTERVAL);
+        poll_sleep(&mut interval);
     }
 }
 
@@ -478,7 +538,14 @@ pub fn stop_vm(vm: &VmDir, timeout: Duration, force: bool) -> anyhow::Result<Sto
     let mut exited = false;
     if !force {
         match block_on(ApiClient::unix(&vm.socket_path()).action(VmAction::Stop)) {
-            Ok(()) => exited = wait_for_exit(vm, timeout)?,
+            Ok(()) => {
+                exited = wait_for_exit(vm, timeout)?;
+                if exited {
+                    tracing::info!(vm = %name, secs = started.elapsed().as_secs_f64(), "the VMM exited after the stop request");
+                } else {
+                    tracing::warn!(vm = %name, timeout_secs = timeout.as_secs_f64(), "the VM did not stop within the timeout; killing the VMM");
+                }
+            }
             Err(error) => {
                 tracing::warn!(vm = %name, %error, "stop through the API failed; killing the VMM")
             }

@@ -2,7 +2,25 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+/// Writes to stderr like `eprint!` but ignores failures: a stderr whose reader went away
+/// (EPIPE) must not end a command with a panic.
+macro_rules! report_inline {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Writes a line to stderr like `eprintln!` but ignores failures, as [`report_inline!`].
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 pub mod disk;
 
@@ -19,13 +37,16 @@ use crate::utils::logger;
 
 pub mod console;
 pub mod lifecycle;
+pub mod numbers;
 pub mod output;
 pub mod shell;
+pub mod signals;
 pub mod state;
 pub mod terminal;
 pub mod vmm;
 
 use output::OutputFormat;
+use signals::StopSignal;
 use state::StateDir;
 
 /// Exit status for success, including a guest that powered off.
@@ -41,6 +62,8 @@ pub const EXIT_NOT_FOUND: i32 = 3;
 pub const EXIT_CONFLICT: i32 = 4;
 /// Exit status when a VM did not become ready in time.
 pub const EXIT_TIMEOUT: i32 = 5;
+/// Exit status when the guest kernel reported a panic through the pvpanic device.
+pub const EXIT_GUEST_PANIC: i32 = 6;
 
 /// Environment variable read by `start` and `vmm` for the API's TCP address.
 pub const API_LISTEN_ENV: &str = "MONSTERVM_API_LISTEN";
@@ -165,8 +188,8 @@ impl TcpApiArgs {
 pub struct StartArgs {
     /// Name of the VM.
     pub name: String,
-    /// Seconds to wait for the VM to run before killing its VMM and failing.
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    /// Seconds to wait for the VM to run before killing its VMM and failing, up to 604800.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = numbers::parse_timeout_secs)]
     pub timeout: u64,
     #[command(flatten)]
     pub tcp: TcpApiArgs,
@@ -176,8 +199,9 @@ pub struct StartArgs {
 pub struct StopArgs {
     /// Name of the VM.
     pub name: String,
-    /// Seconds to wait after the stop request before killing the VMM with SIGKILL.
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    /// Seconds to wait after the stop request before killing the VMM with SIGKILL, up to
+    /// 604800.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = numbers::parse_timeout_secs)]
     pub timeout: u64,
     /// Kill the VMM with SIGKILL at once.
     #[arg(long)]
@@ -243,22 +267,23 @@ pub struct VmArgs {
     /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1 tsc=reliable"].
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
-    /// Guest RAM in MiB [default: 256].
-    #[arg(long, value_name = "MIB")]
+    /// Guest RAM in MiB, 2 to 1048576 [default: 256].
+    #[arg(long, value_name = "MIB", value_parser = numbers::parse_memory_mib)]
     pub memory: Option<u64>,
-    /// Number of virtual CPUs [default: 1].
-    #[arg(long, value_name = "N")]
+    /// Number of virtual CPUs, 1 to 64 [default: 1].
+    #[arg(long, value_name = "N", value_parser = numbers::parse_vcpus)]
     pub vcpus: Option<u8>,
     /// Engine that runs the guest: auto picks KVM only where it runs at hardware speed.
     #[arg(long, value_name = "auto|kvm|emulator")]
     pub backend: Option<BackendChoice>,
     /// Virtio-blk disk, repeatable: the first is /dev/vda in the guest, the next vdb.
     /// `readonly` shows it read-only, `format` skips detection, `backing=deny` rejects
-    /// images that name other files (for untrusted images), and `serial` sets the ID the
-    /// guest reads. Replaces the disks of --config.
+    /// images that name other files (for untrusted images), `serial` sets the ID the guest
+    /// reads, and `locking=off` skips the QEMU-compatible image lock. Replaces the disks of
+    /// --config.
     #[arg(
         long = "disk",
-        value_name = "PATH[,readonly][,format=raw|qcow2][,backing=deny][,serial=S]"
+        value_name = "PATH[,readonly][,format=raw|qcow2][,backing=deny][,serial=S][,locking=off]"
     )]
     pub disks: Vec<DiskConfig>,
     /// VM spec in TOML (or JSON with a .json extension); options given here override it.
@@ -320,7 +345,7 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("monstervm: error: {}", error_chain(&e));
+            report!("monstervm: error: {}", error_chain(&e));
             lifecycle::exit_code(&e)
         }
     }
@@ -406,12 +431,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 
 fn run(args: RunArgs) -> anyhow::Result<i32> {
     let config = args.vm.to_config()?;
+    // Before any thread starts, so that every thread of the VM inherits the mask.
+    let stop_signals =
+        signals::block_stop_signals().context("failed to block SIGTERM, SIGINT and SIGHUP")?;
+    let (console, console_out) = terminal::ConsoleOutput::new();
     let BuiltVm {
         mut vm,
         serial,
         backend,
         guest,
-    } = build_vm(&config, Box::new(terminal::ConsoleOutput))?;
+        ..
+    } = build_vm(&config, Box::new(console))?;
+    {
+        let control = vm.control().clone();
+        console_out.on_failure(move || control.request_stop(StopReason::UserStop));
+    }
 
     let raw_mode = terminal::RawModeGuard::enable(terminal::stdin_fd());
     let guest_name = match &guest {
@@ -423,7 +457,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     tracing::info!(vm = %config.name, guest = %guest_name, backend = %backend.kind, "booting");
     if raw_mode.is_some() {
-        eprint!(
+        report_inline!(
             "monstervm: booting {guest_name} on the {} backend; press Ctrl-] to quit\r\n",
             backend.kind
         );
@@ -439,6 +473,27 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         },
         move || quit_control.request_stop(StopReason::UserStop),
     )?;
+
+    let received = Arc::new(OnceLock::new());
+    {
+        let received = received.clone();
+        let control = vm.control().clone();
+        let terminal = raw_mode.as_ref().map(|guard| guard.saved());
+        stop_signals
+            .spawn_waiter(move |signal: StopSignal| {
+                if received.set(signal).is_ok() {
+                    tracing::warn!(%signal, "stopping the VM on a signal");
+                    control.request_stop(StopReason::UserStop);
+                    return;
+                }
+                tracing::error!(%signal, "signal repeated while the VM stops; exiting without closing the disks");
+                if let Some(terminal) = terminal {
+                    terminal.restore();
+                }
+                std::process::exit(signal.exit_status());
+            })
+            .context("failed to start the signal thread")?;
+    }
 
     let started = std::time::Instant::now();
     let result = vm.run();
@@ -456,14 +511,32 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             "vCPU counters at exit"
         );
     }
+    // Dropping the VM flushes and closes its disks, which clears the qcow2 dirty bit.
+    drop(vm);
+    tracing::info!(vm = %config.name, "disks closed");
     let exit = result?;
+
+    if let Some(error) = console_out.failure() {
+        anyhow::bail!(
+            "failed to write the guest console to stdout ({error}), so the VM was stopped"
+        );
+    }
+    if let Some(signal) = received.get() {
+        report!("monstervm: stopped by {signal}");
+        return Ok(signal.exit_status());
+    }
+    if exit == VmExit::GuestPanic {
+        report!("monstervm: the guest kernel panicked (reported through pvpanic)");
+        return Ok(EXIT_GUEST_PANIC);
+    }
     let message = match exit {
+        VmExit::GuestPanic => unreachable!("handled above"),
         VmExit::PowerOff => "the guest powered off",
         VmExit::Reset => "the guest reset the machine",
         VmExit::Halted => "the guest halted its CPU with interrupts disabled",
         VmExit::UserStop => "stopped at the user's request",
     };
-    eprintln!("monstervm: {message}");
+    report!("monstervm: {message}");
     Ok(EXIT_OK)
 }
 
@@ -476,7 +549,7 @@ fn guest_fetch(args: GuestFetchArgs, format: OutputFormat) -> anyhow::Result<i32
         dir,
         debs: args.debs,
     };
-    let guest = crate::guest::fetch_guest(&options, &mut |line| eprintln!("{line}"))?;
+    let guest = crate::guest::fetch_guest(&options, &mut |line| report!("{line}"))?;
     match format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&guest)?),
         OutputFormat::Table => {

@@ -28,6 +28,9 @@ use crate::utils::config::{ConfigError, VmConfig};
 pub const STATE_DIR_ENV: &str = "MONSTERVM_STATE_DIR";
 /// Environment variable through which `start` passes the locked descriptor to the VMM.
 pub const LOCK_FD_ENV: &str = "MONSTERVM_LOCK_FD";
+/// Environment variable through which `start` passes the write end of a pipe to the VMM.
+/// The VMM writes one byte to it once the VM runs, so `start` need not poll the API.
+pub const READY_FD_ENV: &str = "MONSTERVM_READY_FD";
 /// Longest path a Unix socket address holds on Linux (`sun_path` is 108 bytes with the NUL).
 pub const MAX_SOCKET_PATH_BYTES: usize = 107;
 

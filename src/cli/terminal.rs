@@ -4,8 +4,9 @@
 //! [`ESCAPE_KEY`] ends the VM. When stdin is a pipe or a file, bytes pass through as they
 //! come and end of input leaves the VM running, so scripts and tests can drive the guest.
 
-use std::io::Read;
+use std::io::{Read, Write as _};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Ctrl-] (0x1d), the key that ends `monstervm run` and detaches `monstervm console` from
 /// a raw-mode terminal, as in telnet and `virsh console`.
@@ -13,8 +14,22 @@ pub const ESCAPE_KEY: u8 = 0x1d;
 
 /// Restores the terminal's settings when dropped.
 pub struct RawModeGuard {
+    saved: SavedTerminal,
+}
+
+/// A terminal's settings from before raw mode, which any thread can put back.
+#[derive(Clone, Copy)]
+pub struct SavedTerminal {
     fd: RawFd,
-    saved: libc::termios,
+    settings: libc::termios,
+}
+
+impl SavedTerminal {
+    /// Puts the saved settings back on the terminal.
+    pub fn restore(&self) {
+        // SAFETY: `settings` came from tcgetattr on the same descriptor.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.settings) };
+    }
 }
 
 impl RawModeGuard {
@@ -42,14 +57,23 @@ impl RawModeGuard {
             tracing::warn!(error = %std::io::Error::last_os_error(), "failed to set raw mode; console stays in line mode");
             return None;
         }
-        Some(RawModeGuard { fd, saved })
+        Some(RawModeGuard {
+            saved: SavedTerminal {
+                fd,
+                settings: saved,
+            },
+        })
+    }
+
+    /// Returns the settings this guard restores, for a path that exits without dropping it.
+    pub fn saved(&self) -> SavedTerminal {
+        self.saved
     }
 }
 
 impl Drop for RawModeGuard {
     fn drop(&mut self) {
-        // SAFETY: `saved` came from tcgetattr on the same descriptor.
-        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+        self.saved.restore();
     }
 }
 
@@ -109,18 +133,84 @@ where
 
 /// The guest's serial output on stdout, flushed at every write so that each character
 /// appears as the guest sends it.
-pub struct ConsoleOutput;
+pub struct ConsoleOutput {
+    status: Arc<ConsoleStatus>,
+}
 
-impl std::io::Write for ConsoleOutput {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+/// The first write error of a [`ConsoleOutput`], and the action it triggers.
+#[derive(Default)]
+pub struct ConsoleStatus {
+    error: Mutex<Option<String>>,
+    on_failure: OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl ConsoleOutput {
+    /// Creates the console output and the status that reports its failure.
+    pub fn new() -> (ConsoleOutput, Arc<ConsoleStatus>) {
+        let status = Arc::new(ConsoleStatus::default());
+        let output = ConsoleOutput {
+            status: status.clone(),
+        };
+        (output, status)
+    }
+
+    fn write_stdout(buf: &[u8]) -> std::io::Result<()> {
         let mut stdout = std::io::stdout().lock();
         stdout.write_all(buf)?;
-        stdout.flush()?;
+        stdout.flush()
+    }
+}
+
+impl std::io::Write for ConsoleOutput {
+    /// Writes `buf` to stdout. After a failed write the output is dropped but reported as
+    /// written, because the failure action stops the VM and `run` reports the error once.
+    /// Returning the error would make the serial device log every byte that follows.
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.status.failure().is_none() {
+            if let Err(error) = Self::write_stdout(buf) {
+                self.status.fail(&error);
+            }
+        }
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stdout().lock().flush()
+        if self.status.failure().is_none() {
+            if let Err(error) = std::io::stdout().lock().flush() {
+                self.status.fail(&error);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ConsoleStatus {
+    /// Returns the first write error, if stdout failed.
+    pub fn failure(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sets the action to run once when a write fails, or at once if one already failed.
+    pub fn on_failure(&self, action: impl Fn() + Send + Sync + 'static) {
+        if self.on_failure.set(Box::new(action)).is_ok() && self.failure().is_some() {
+            if let Some(action) = self.on_failure.get() {
+                action();
+            }
+        }
+    }
+
+    fn fail(&self, error: &std::io::Error) {
+        {
+            let mut recorded = self.error.lock().unwrap_or_else(|e| e.into_inner());
+            if recorded.is_some() {
+                return;
+            }
+            *recorded = Some(error.to_string());
+        }
+        tracing::debug!(%error, "writing the console to stdout failed");
+        if let Some(action) = self.on_failure.get() {
+            action();
+        }
     }
 }
 

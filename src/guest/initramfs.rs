@@ -14,23 +14,29 @@ use super::modules::{index_modules, modules_dep, resolve, Module, ModuleError};
 /// ` uptime=<seconds>`; tests wait for it on the serial console.
 pub const INIT_MARKER: &str = "MONSTERVM-INIT";
 
-/// Modules that `/init` loads, with their dependencies: the virtio-pci transport and the
-/// block and network drivers.
-pub const VIRTIO_MODULES: [&str; 3] = ["virtio_pci", "virtio_blk", "virtio_net"];
+/// Modules that `/init` loads, with their dependencies: the virtio-pci transport, the
+/// block and network drivers, and the ACPI pvpanic driver (`pvpanic-mmio`, which also
+/// binds to the I/O port of QEMU0001) that reports a kernel panic to the VMM.
+pub const GUEST_MODULES: [&str; 4] = ["virtio_pci", "virtio_blk", "virtio_net", "pvpanic_mmio"];
 
 /// File under `/lib/modules` listing the module paths to load, one a line, dependencies
 /// first.
 const LOAD_ORDER_FILE: &str = "lib/modules/load-order";
 
 /// The `/init` script. BusyBox installs its applet links first, so every later command is
-/// an applet. With a root disk (see `rootfs`) it switches to the disk's `/sbin/init`. `cttyhack` opens the console named by `console=` (for example /dev/ttyS0) as
-/// the controlling terminal, so the shell has job control and typed commands echo.
+/// an applet. With a root disk (see `rootfs`) it switches to the disk's `/sbin/init`.
+/// Otherwise it hands PID 1 to BusyBox init, which runs [`INITTAB`]: the shell on the
+/// console and the power-off on Ctrl-Alt-Del.
 pub const INIT_SCRIPT: &str = r#"#!/bin/sh
 # /init of the MonsterVM test guest, written by `monstervm guest fetch`.
 /bin/busybox --install -s
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 
 mount -t proc proc /proc
+# Until BusyBox init takes over, Ctrl-Alt-Del sends SIGINT here instead of rebooting,
+# and this script powers off as init's ctrlaltdel entry does.
+echo 0 > /proc/sys/kernel/ctrl-alt-del
+trap /etc/init.d/ctrl-alt-del INT
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /tmp
@@ -38,7 +44,8 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
 hostname monstervm
 
-# Virtio drivers, dependencies first. A module that is missing or built in fails quietly.
+# Virtio and pvpanic drivers, dependencies first. A module that is missing or built in
+# fails quietly.
 if [ -f /lib/modules/load-order ]; then
     while read -r module; do
         insmod "/lib/modules/$module" 2>/dev/null
@@ -87,8 +94,32 @@ elif [ -n "$root" ]; then
     echo "MONSTERVM-INIT root device $root not found; staying in the initramfs"
 fi
 
+exec /sbin/init
+"#;
+
+/// `/etc/inittab` for BusyBox init. BusyBox init turns the kernel's Ctrl-Alt-Del reboot
+/// off (the kernel then sends SIGINT to PID 1 instead) and runs the `ctrlaltdel` entry on
+/// that signal, so a VMM's stop request powers the guest off instead of rebooting it.
+pub const INITTAB: &str = "\
+# /etc/inittab of the MonsterVM test guest, written by `monstervm guest fetch`.
+::once:/etc/init.d/console-shell
+::ctrlaltdel:/etc/init.d/ctrl-alt-del
+";
+
+/// The shell on the console. `cttyhack` opens the console named by `console=` (for
+/// example /dev/ttyS0) as the controlling terminal, so the shell has job control and
+/// typed commands echo. Leaving the shell powers the guest off.
+pub const CONSOLE_SHELL_SCRIPT: &str = r#"#!/bin/sh
 setsid cttyhack sh
 echo "MONSTERVM-INIT shell exited, powering off"
+poweroff -f
+"#;
+
+/// The `ctrlaltdel` action: flush and unmount the file systems, then power off.
+pub const CTRL_ALT_DEL_SCRIPT: &str = r#"#!/bin/sh
+echo "MONSTERVM-INIT Ctrl-Alt-Del received, powering off"
+sync
+umount -a -r 2>/dev/null
 poweroff -f
 "#;
 
@@ -152,7 +183,7 @@ pub fn build_initramfs(
     let (resolved, missing) = match modules {
         Some(source) => {
             let index = index_modules(&source.root)?;
-            resolve(&source.root, &index, &VIRTIO_MODULES)?
+            resolve(&source.root, &index, &GUEST_MODULES)?
         }
         None => (Vec::new(), Vec::new()),
     };
@@ -213,6 +244,7 @@ fn write_tree<W: std::io::Write>(
         "tmp",
         "root",
         "etc",
+        "etc/init.d",
         "lib",
         "lib/modules",
     ] {
@@ -225,6 +257,17 @@ fn write_tree<W: std::io::Write>(
     archive.add_symlink("bin/sh", "busybox")?;
     archive.add_file("init", 0o755, INIT_SCRIPT.as_bytes())?;
     archive.add_file("etc/hostname", 0o644, b"monstervm\n")?;
+    archive.add_file("etc/inittab", 0o644, INITTAB.as_bytes())?;
+    archive.add_file(
+        "etc/init.d/console-shell",
+        0o755,
+        CONSOLE_SHELL_SCRIPT.as_bytes(),
+    )?;
+    archive.add_file(
+        "etc/init.d/ctrl-alt-del",
+        0o755,
+        CTRL_ALT_DEL_SCRIPT.as_bytes(),
+    )?;
 
     let Some(source) = source else {
         return Ok(());
@@ -292,6 +335,26 @@ mod tests {
         assert_eq!(console.mode & S_IFMT, S_IFCHR);
         assert_eq!((console.rdev_major, console.rdev_minor), (5, 1));
         assert!(!entries.iter().any(|e| e.path == "lib/modules/load-order"));
+        assert_eq!(find("etc/inittab").data, INITTAB.as_bytes());
+        for (path, script) in [
+            ("etc/init.d/console-shell", CONSOLE_SHELL_SCRIPT),
+            ("etc/init.d/ctrl-alt-del", CTRL_ALT_DEL_SCRIPT),
+        ] {
+            let entry = find(path);
+            assert_eq!(entry.data, script.as_bytes(), "{path}");
+            assert_eq!(entry.mode & 0o111, 0o111, "{path} must be executable");
+        }
+    }
+
+    #[test]
+    fn inittab_powers_off_on_ctrl_alt_del() {
+        assert!(INITTAB.contains("::ctrlaltdel:/etc/init.d/ctrl-alt-del\n"));
+        assert!(INITTAB.contains("::once:/etc/init.d/console-shell\n"));
+        assert!(INIT_SCRIPT.trim_end().ends_with("exec /sbin/init"));
+        assert!(INIT_SCRIPT.contains("echo 0 > /proc/sys/kernel/ctrl-alt-del\n"));
+        assert!(INIT_SCRIPT.contains("trap /etc/init.d/ctrl-alt-del INT\n"));
+        assert!(CTRL_ALT_DEL_SCRIPT.contains("sync\n"));
+        assert!(CTRL_ALT_DEL_SCRIPT.trim_end().ends_with("poweroff -f"));
     }
 
     #[test]
@@ -299,7 +362,7 @@ mod tests {
         assert!(INIT_SCRIPT.starts_with("#!/bin/sh\n"));
         assert!(INIT_SCRIPT.contains(&format!("echo \"{INIT_MARKER} uptime=$uptime\"")));
         assert!(INIT_SCRIPT.contains("mount -t devtmpfs devtmpfs /dev"));
-        assert!(INIT_SCRIPT.contains("setsid cttyhack sh"));
+        assert!(CONSOLE_SHELL_SCRIPT.contains("setsid cttyhack sh"));
         assert!(INIT_SCRIPT.contains(&format!(
             "findfs LABEL={}",
             crate::guest::rootfs::ROOT_LABEL
@@ -309,13 +372,18 @@ mod tests {
 
     #[test]
     fn init_script_runs_under_busybox() {
-        // Run the script's syntax check with the host's BusyBox shell.
-        let status = std::process::Command::new("busybox")
-            .args(["sh", "-n", "-c", INIT_SCRIPT])
-            .status();
-        match status {
-            Ok(status) => assert!(status.success(), "BusyBox sh rejects the init script"),
-            Err(e) => eprintln!("skipping: busybox is not available ({e}); install busybox-static"),
+        // Run each script's syntax check with the host's BusyBox shell.
+        for script in [INIT_SCRIPT, CONSOLE_SHELL_SCRIPT, CTRL_ALT_DEL_SCRIPT] {
+            let status = std::process::Command::new("busybox")
+                .args(["sh", "-n", "-c", script])
+                .status();
+            match status {
+                Ok(status) => assert!(status.success(), "BusyBox sh rejects {script}"),
+                Err(e) => {
+                    eprintln!("skipping: busybox is not available ({e}); install busybox-static");
+                    return;
+                }
+            }
         }
     }
 }

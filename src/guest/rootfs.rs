@@ -26,6 +26,9 @@ pub const ROOTFS_MIB: u64 = 128;
 
 /// The root disk's `/sbin/init`. The initramfs moves /proc, /sys and /dev into the new
 /// root before `switch_root`, so they are mounted here only when missing.
+///
+/// NOTE: unlike the initramfs, this init keeps the kernel's Ctrl-Alt-Del default, so
+/// `monstervm stop` reboots such a guest at once instead of unmounting its disk first.
 pub const ROOT_INIT_SCRIPT: &str = r#"#!/bin/sh
 # /sbin/init of the MonsterVM root disk, written by `monstervm guest fetch`.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin

@@ -7,6 +7,7 @@
 //! accepted, because a raw backing file probed as qcow2 would let guest data written into
 //! it pass for an image header.
 
+pub mod lock;
 pub mod qcow2;
 pub mod raw;
 
@@ -14,6 +15,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+pub use lock::Locking;
 pub use qcow2::Qcow2;
 pub use raw::RawFile;
 
@@ -110,6 +112,8 @@ pub struct OpenOptions {
     pub format: Option<ImageFormat>,
     /// Whether references to other files are followed.
     pub backing: BackingPolicy,
+    /// Whether the image and its backing files are locked against conflicting users.
+    pub locking: Locking,
 }
 
 impl OpenOptions {
@@ -174,6 +178,13 @@ pub enum StorageError {
         op: &'static str,
         #[source]
         source: std::io::Error,
+    },
+    /// Another open of the image, in this process or another, holds a conflicting lock.
+    #[error("failed to lock {path}: {holder} {detail}. Stop that user of the image, or add locking=off to --disk if you are sure that no one else writes it")]
+    Locked {
+        path: PathBuf,
+        holder: String,
+        detail: String,
     },
     /// A write reached a read-only backend.
     #[error("{path} is open read-only")]
@@ -286,7 +297,7 @@ pub(crate) fn open_chain(
     }
     chain.push(canonical);
     let backend: Box<dyn BlockBackend> = match format {
-        ImageFormat::Raw => Box::new(RawFile::open(path, options.read_only)?),
+        ImageFormat::Raw => Box::new(RawFile::open(path, options)?),
         ImageFormat::Qcow2 => Box::new(Qcow2::open_in_chain(path, options, chain, true)?),
     };
     chain.pop();
@@ -319,6 +330,7 @@ pub(crate) fn open_backing(
         read_only: true,
         format: Some(format),
         backing: options.backing,
+        locking: options.locking,
     };
     open_chain(&backing, format, &backing_options, chain)
 }

@@ -6,6 +6,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::lock::{lock_image, Access, Locking};
 use super::{check_range, BlockBackend, StorageError};
 
 /// A raw image file served with pread and pwrite.
@@ -18,13 +19,23 @@ pub struct RawFile {
 }
 
 impl RawFile {
-    /// Opens an existing raw image; its size is the file's length.
-    pub fn open(path: &Path, read_only: bool) -> Result<Self, StorageError> {
+    /// Opens an existing raw image; its size is the file's length. `options.format` and
+    /// `options.backing` do not apply to raw files.
+    pub fn open(path: &Path, options: &super::OpenOptions) -> Result<Self, StorageError> {
+        let read_only = options.read_only;
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
             .map_err(|e| StorageError::io(path, "open", e))?;
+        if options.locking == Locking::On {
+            let access = if read_only {
+                Access::Read
+            } else {
+                Access::Write
+            };
+            lock_image(&file, path, access)?;
+        }
         let size = file
             .metadata()
             .map_err(|e| StorageError::io(path, "stat", e))?
@@ -216,7 +227,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.raw");
         RawFile::create(&path, 4096).unwrap();
-        let raw = RawFile::open(&path, true).unwrap();
+        let raw = RawFile::open(&path, &super::super::OpenOptions::read_only()).unwrap();
         let err = raw.write_at(&[1; 512], 0).unwrap_err();
         assert!(matches!(err, StorageError::ReadOnly { .. }), "{err}");
     }

@@ -11,6 +11,20 @@ use crate::hypervisor::BackendChoice;
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
 /// Largest vCPU count accepted; the MP table and the local APIC IDs are 8-bit.
 pub const MAX_VCPUS: u8 = 64;
+/// Range of `vcpus`.
+pub const VCPUS_LIMIT: NumericLimit = NumericLimit {
+    min: 1,
+    max: MAX_VCPUS as u64,
+    unit: "vCPUs",
+};
+/// Range of `memory_mib`. The minimum is what the boot structures need. The maximum, 1 TiB,
+/// keeps byte sizes far from u64 overflow, and the host's own RAM is checked when the VM
+/// is built.
+pub const MEMORY_MIB_LIMIT: NumericLimit = NumericLimit {
+    min: crate::core::memory::MIN_MEMORY_MIB,
+    max: 1 << 20,
+    unit: "MiB",
+};
 /// Largest number of disks: PCI bus 0 has 32 slots and the host bridge takes slot 0.
 pub const MAX_DISKS: usize = 31;
 /// Longest disk serial number in bytes, the size of virtio-blk's GET_ID response.
@@ -29,8 +43,13 @@ pub enum ConfigError {
     },
     #[error("config file {path} is {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit")]
     TooLarge { path: PathBuf, size: u64 },
-    #[error("invalid TOML in config file {path}: {message}")]
-    Toml { path: PathBuf, message: String },
+    #[error("invalid TOML in config file {path}{location}: {message}")]
+    Toml {
+        path: PathBuf,
+        /// ", line N, key K" where the parser's span locates the error, or empty.
+        location: String,
+        message: String,
+    },
     #[error("invalid JSON in config file {path}: {source}")]
     Json {
         path: PathBuf,
@@ -42,6 +61,31 @@ pub enum ConfigError {
         field: &'static str,
         message: String,
     },
+}
+
+/// The inclusive range of a numeric setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NumericLimit {
+    pub min: u64,
+    pub max: u64,
+    /// Unit named in messages, such as "MiB".
+    pub unit: &'static str,
+}
+
+impl NumericLimit {
+    /// Returns the allowed range as a phrase for messages.
+    pub fn describe(&self) -> String {
+        format!("give {} to {} {}", self.min, self.max, self.unit)
+    }
+
+    /// Returns `value` if it lies in the range, or a message naming it and the range.
+    pub fn check(&self, value: u64) -> Result<u64, String> {
+        if (self.min..=self.max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(format!("{value} is out of range: {}", self.describe()))
+        }
+    }
 }
 
 /// One VM's definition.
@@ -94,6 +138,9 @@ pub struct DiskConfig {
     /// most 20 printable ASCII bytes; `None` uses the disk's position, `disk0`, `disk1`, ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// Whether the image is locked against other writers, with QEMU's lock bytes.
+    #[serde(default, skip_serializing_if = "DiskLocking::is_on")]
+    pub locking: DiskLocking,
 }
 
 /// Image format of a [`DiskConfig`].
@@ -117,8 +164,26 @@ pub enum DiskBacking {
     Deny,
 }
 
+/// Image locking of a [`DiskConfig`], as QEMU's `file.locking` option sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskLocking {
+    /// Lock the image: writing excludes every other user, and reading excludes writers.
+    #[default]
+    On,
+    /// Take no lock, for file systems without OFD locks or writers coordinated otherwise.
+    Off,
+}
+
+impl DiskLocking {
+    fn is_on(&self) -> bool {
+        *self == DiskLocking::On
+    }
+}
+
 /// Keys accepted after the path in `--disk PATH,KEY=VALUE,...`, for error messages.
-const DISK_KEYS: &str = "readonly, format=auto|raw|qcow2, backing=allow|deny, serial=S";
+const DISK_KEYS: &str =
+    "readonly, format=auto|raw|qcow2, backing=allow|deny, serial=S, locking=on|off";
 
 impl DiskConfig {
     /// Creates a writable disk of detected format with backing files allowed.
@@ -129,6 +194,7 @@ impl DiskConfig {
             format: DiskFormat::Auto,
             backing: DiskBacking::Allow,
             serial: None,
+            locking: DiskLocking::On,
         }
     }
 
@@ -172,7 +238,7 @@ fn parse_switch(key: &str, value: &str) -> Result<bool, ConfigError> {
 impl std::str::FromStr for DiskConfig {
     type Err = ConfigError;
 
-    /// Parses `PATH[,readonly][,format=raw|qcow2][,backing=deny][,serial=S]`.
+    /// Parses `PATH[,readonly][,format=raw|qcow2][,backing=deny][,serial=S][,locking=off]`.
     ///
     /// NOTE: the first comma ends the path, so an image whose path contains a comma must
     /// be given in a config file instead.
@@ -180,11 +246,20 @@ impl std::str::FromStr for DiskConfig {
         let mut parts = text.split(',');
         let path = parts.next().unwrap_or_default();
         let mut disk = DiskConfig::new(path);
+        let mut seen: Vec<&str> = Vec::new();
         for option in parts {
             let (key, value) = match option.split_once('=') {
                 Some((key, value)) => (key, Some(value)),
                 None => (option, None),
             };
+            // `ro` is another spelling of `readonly`, so both count as one key.
+            let canonical = if key == "ro" { "readonly" } else { key };
+            if seen.contains(&canonical) {
+                return Err(invalid_disk(format!(
+                    "duplicate option {canonical:?} in {text:?}: give each key once; supported: {DISK_KEYS}"
+                )));
+            }
+            seen.push(canonical);
             match (key, value) {
                 ("readonly" | "ro", None) => disk.read_only = true,
                 ("readonly" | "ro", Some(value)) => disk.read_only = parse_switch(key, value)?,
@@ -194,7 +269,14 @@ impl std::str::FromStr for DiskConfig {
                 ("backing", Some("allow")) => disk.backing = DiskBacking::Allow,
                 ("backing", Some("deny")) => disk.backing = DiskBacking::Deny,
                 ("serial", Some(serial)) => disk.serial = Some(serial.to_string()),
-                ("format" | "backing" | "serial", value) => {
+                ("locking", Some(value)) => {
+                    disk.locking = if parse_switch(key, value)? {
+                        DiskLocking::On
+                    } else {
+                        DiskLocking::Off
+                    }
+                }
+                ("format" | "backing" | "serial" | "locking", value) => {
                     return Err(invalid_disk(format!(
                         "invalid value {:?} for {key} in {text:?}; supported: {DISK_KEYS}",
                         value.unwrap_or("")
@@ -210,6 +292,41 @@ impl std::str::FromStr for DiskConfig {
         disk.validate()?;
         Ok(disk)
     }
+}
+
+/// Describes where `span` of a TOML document lies: ", line N, key K (in [TABLE])" with
+/// the parts that can be found, or an empty string without a span.
+///
+/// serde's type errors name only the expected type, so the key comes from the line the
+/// span starts on: the text before its `=`, or the key itself for an unknown-key error.
+fn toml_location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return String::new();
+    };
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line_number = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line = &text[line_start..line_end];
+
+    let mut location = format!(", line {line_number}");
+    let key = match line.split_once('=') {
+        Some((key, _)) => key.trim(),
+        None => text[start..span.end.min(line_end).max(start)].trim(),
+    };
+    if !key.is_empty() && !key.starts_with('[') {
+        location.push_str(&format!(", key {key}"));
+        let table = before
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|line| line.starts_with('['));
+        if let Some(table) = table {
+            location.push_str(&format!(" (in {table})"));
+        }
+    }
+    location
 }
 
 fn default_name() -> String {
@@ -274,7 +391,8 @@ impl VmConfig {
         } else {
             toml::from_str(&text).map_err(|e| ConfigError::Toml {
                 path: path.to_path_buf(),
-                message: e.message().to_string(),
+                location: toml_location(&text, e.span()),
+                message: e.message().trim_end().replace('\n', ", "),
             })?
         };
         config.validate()?;
@@ -304,10 +422,16 @@ impl VmConfig {
                 ),
             });
         }
-        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+        if let Err(message) = VCPUS_LIMIT.check(self.vcpus.into()) {
             return Err(ConfigError::Invalid {
                 field: "vcpus",
-                message: format!("{} is out of range: give 1 to {MAX_VCPUS}", self.vcpus),
+                message,
+            });
+        }
+        if let Err(message) = MEMORY_MIB_LIMIT.check(self.memory_mib) {
+            return Err(ConfigError::Invalid {
+                field: "memory_mib",
+                message,
             });
         }
         if self.initrd.is_some() && self.kernel.is_none() {
@@ -389,6 +513,38 @@ mod tests {
     }
 
     #[test]
+    fn toml_type_error_names_line_key_and_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.toml");
+        std::fs::write(&path, "name = \"web\"\nvcpus = \"two\"\n").unwrap();
+
+        let message = VmConfig::load(&path).unwrap_err().to_string();
+        assert!(message.contains("vm.toml"), "{message}");
+        assert!(message.contains("line 2"), "{message}");
+        assert!(message.contains("key vcpus"), "{message}");
+        assert!(message.contains("expected u8"), "{message}");
+    }
+
+    #[test]
+    fn toml_error_in_table_names_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.toml");
+        std::fs::write(
+            &path,
+            "memory_mib = 64\n\n[[disks]]\npath = \"a.img\"\nread_only = \"yes\"\n",
+        )
+        .unwrap();
+
+        let message = VmConfig::load(&path).unwrap_err().to_string();
+        assert!(message.contains("line 5"), "{message}");
+        assert!(
+            message.contains("key read_only (in [[disks]])"),
+            "{message}"
+        );
+        assert!(message.contains("expected a boolean"), "{message}");
+    }
+
+    #[test]
     fn json_spec_loads() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vm.json");
@@ -412,6 +568,9 @@ mod tests {
         let explicit: DiskConfig = "disk.img,readonly=off,format=raw".parse().unwrap();
         assert!(!explicit.read_only);
         assert_eq!(explicit.format, DiskFormat::Raw);
+        assert_eq!(explicit.locking, DiskLocking::On);
+        let unlocked: DiskConfig = "disk.img,locking=off".parse().unwrap();
+        assert_eq!(unlocked.locking, DiskLocking::Off);
     }
 
     #[test]
@@ -431,6 +590,32 @@ mod tests {
         for (text, expected) in cases {
             let message = text.parse::<DiskConfig>().unwrap_err().to_string();
             assert!(message.contains(expected), "{text}: {message}");
+        }
+    }
+
+    #[test]
+    fn disk_option_rejects_duplicate_and_unknown_keys() {
+        let cases = [
+            (
+                "a.img,format=raw,format=qcow2",
+                "duplicate option \"format\"",
+            ),
+            ("a.img,format=raw,format=raw", "duplicate option \"format\""),
+            ("a.img,readonly,ro", "duplicate option \"readonly\""),
+            ("a.img,serial=a,serial=b", "duplicate option \"serial\""),
+            (
+                "a.img,locking=off,locking=on",
+                "duplicate option \"locking\"",
+            ),
+            ("a.img,size=1G", "unknown option \"size=1G\""),
+        ];
+        for (text, expected) in cases {
+            let message = text.parse::<DiskConfig>().unwrap_err().to_string();
+            assert!(message.contains(expected), "{text}: {message}");
+            assert!(
+                message.contains(&format!("supported: {DISK_KEYS}")),
+                "{text}: {message}"
+            );
         }
     }
 

@@ -1,6 +1,11 @@
-//! Helpers shared by the qcow2 tests: running qemu-img and qemu-io, and a seeded PRNG.
+//! Helpers shared by the integration tests: running qemu-img and qemu-io, a seeded PRNG,
+//! a driver for the serial console of a booting Linux guest ([`console`]) and runs of the
+//! embedded guest ([`embedded`]).
 
 #![allow(dead_code)]
+
+pub mod console;
+pub mod embedded;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -222,7 +222,7 @@ fn run_command(
             128 + status.signal().unwrap_or(0)
         }),
         Err(error) => {
-            eprintln!(
+            report!(
                 "monstervm: error: failed to run {}: {error}",
                 executable.display()
             );
@@ -247,7 +247,7 @@ fn execute_line(
             if status == EXIT_OK {
                 print!("{text}");
             } else {
-                eprint!("{text}");
+                report_inline!("{text}");
             }
             LineOutcome::Status(status)
         }

@@ -17,8 +17,8 @@ pub struct BuiltVm {
     pub serial_input: SerialInput,
     /// Reads the vCPUs' exit counters while they run; `None` if the backend cannot.
     pub stats: Option<StatsReader>,
-    /// Presses the guest's power button (an ACPI power-button event); `None` if the
-    /// machine has none, and then an API stop ends the vCPUs at once.
+    /// Asks the guest to shut down: types Ctrl-Alt-Del on its i8042 keyboard. `None` if the
+    /// machine has no such path, and then an API stop ends the vCPUs at once.
     pub power_button: Option<PowerButton>,
 }
 
@@ -32,6 +32,13 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialSink) -> Result<BuiltVm, Bu
     let input = ConsoleInput::new(built.serial);
     let control = built.vm.control().clone();
     let vcpu_stats = built.vm.shared_vcpu_stats();
+    let keyboard = built.keyboard;
+    let power_button: PowerButton = Arc::new(move || {
+        keyboard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send_ctrl_alt_del();
+    });
     let stats: StatsReader = Arc::new(move || vcpu_stats.iter().map(|s| s.snapshot()).collect());
     let serial_input: SerialInput = Arc::new(move |bytes: &[u8]| {
         input.send(bytes, &|| control.stop_reason().is_some());
@@ -41,8 +48,6 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialSink) -> Result<BuiltVm, Bu
         vm: built.vm,
         serial_input,
         stats: Some(stats),
-        // NOTE: the machine has no ACPI power button yet, so an API stop ends the vCPUs
-        // without giving the guest a chance to shut down.
-        power_button: None,
+        power_button: Some(power_button),
     })
 }

@@ -9,8 +9,9 @@ pub mod builder;
 pub mod test_double;
 
 use std::future::IntoFuture;
+use std::io::Write;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,7 @@ use tokio::sync::{oneshot, watch};
 use crate::api::control::Boot;
 use crate::api::server;
 use crate::api::{ControlHandle, SerialHub, VmAction, VmHandle, VmIdentity};
-use crate::cli::state::{StateDir, VmDir, LOCK_FD_ENV};
+use crate::cli::state::{StateDir, VmDir, LOCK_FD_ENV, READY_FD_ENV};
 use crate::core::vm::VmExit;
 use crate::utils::config::VmConfig;
 use builder::{BuildError, BuiltVm};
@@ -48,7 +49,14 @@ pub fn run(state: &StateDir, name: &str, tcp: Option<TcpApi>) -> anyhow::Result<
         ),
         Err(_) => None,
     };
-    close_inherited_descriptors(inherited_lock);
+    let ready_fd: Option<RawFd> = std::env::var(READY_FD_ENV)
+        .ok()
+        .and_then(|fd| fd.parse().ok())
+        .filter(|&fd: &RawFd| fd > 2 && Some(fd) != inherited_lock && is_pipe(fd));
+    close_inherited_descriptors(&[inherited_lock, ready_fd]);
+    // SAFETY: the descriptor came from `start` through READY_FD_ENV, survived the close
+    // above, and nothing else in this process owns it.
+    let ready = ready_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
     let _lock = match inherited_lock {
         Some(fd) => vm_dir.adopt_lock(fd)?,
         None => vm_dir.try_lock()?,
@@ -63,11 +71,20 @@ pub fn run(state: &StateDir, name: &str, tcp: Option<TcpApi>) -> anyhow::Result<
     record_panics(&vm_dir);
     tracing::info!(vm = %name, pid = std::process::id(), "VMM starting");
 
-    let result = serve(&vm_dir, &config, tcp);
+    let result = serve(&vm_dir, &config, tcp, ready);
 
     let code = match &result {
+        Ok(VmExit::GuestPanic) => {
+            tracing::error!(vm = %name, "VMM stopped: the guest kernel panicked");
+            if let Err(write_error) =
+                vm_dir.write_last_error("the guest kernel panicked (reported through pvpanic)")
+            {
+                tracing::error!(vm = %name, error = %write_error, "failed to record the last error");
+            }
+            crate::cli::EXIT_GUEST_PANIC
+        }
         Ok(exit) => {
-            tracing::info!(vm = %name, ?exit, "VMM stopped");
+            tracing::info!(vm = %name, ?exit, "VMM stopped: {}", describe_exit(*exit));
             crate::cli::EXIT_OK
         }
         Err(error) => {
@@ -88,12 +105,33 @@ pub fn run(state: &StateDir, name: &str, tcp: Option<TcpApi>) -> anyhow::Result<
     Ok(code)
 }
 
-/// Closes every descriptor above stderr except `keep`.
+/// Returns which path ended the VM, for the log that `stop` leaves behind.
+fn describe_exit(exit: VmExit) -> &'static str {
+    match exit {
+        VmExit::PowerOff => "the guest powered off",
+        VmExit::Reset => "the guest reset the machine",
+        VmExit::Halted => "the guest halted for good",
+        VmExit::UserStop => "the VMM ended the vCPUs on request, without the guest",
+        VmExit::GuestPanic => "the guest kernel panicked (reported through pvpanic)",
+    }
+}
+
+/// Returns true if `fd` is an open pipe.
+fn is_pipe(fd: RawFd) -> bool {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `stat` is a valid buffer for fstat to fill; a descriptor that is not open
+    // yields EBADF.
+    let result = unsafe { libc::fstat(fd, &mut stat) };
+    result == 0 && stat.st_mode & libc::S_IFMT == libc::S_IFIFO
+}
+
+/// Closes every descriptor above stderr except those in `keep`.
 ///
 /// The VMM outlives the command that started it. A descriptor that leaked into it without
 /// close-on-exec (a caller's pipe, a build tool's jobserver) would stay open for the VM's
 /// whole life, and the reader at the other end would never see end of file.
-fn close_inherited_descriptors(keep: Option<RawFd>) {
+fn close_inherited_descriptors(keep: &[Option<RawFd>]) {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
         tracing::warn!("failed to list /proc/self/fd; inherited descriptors stay open");
         return;
@@ -105,7 +143,7 @@ fn close_inherited_descriptors(keep: Option<RawFd>) {
     // The directory's own descriptor was in the list and is closed by now, so closing it
     // again fails harmlessly with EBADF.
     for fd in descriptors {
-        if fd > 2 && Some(fd) != keep {
+        if fd > 2 && !keep.contains(&Some(fd)) {
             // SAFETY: this runs before the VMM opens any descriptor of its own, so every
             // one listed came from the parent and no object in this process owns it.
             unsafe { libc::close(fd) };
@@ -124,7 +162,14 @@ fn record_panics(vm_dir: &VmDir) {
 }
 
 /// Serves the API while the VM runs; returns how the VM ended.
-fn serve(vm_dir: &VmDir, config: &VmConfig, tcp: Option<TcpApi>) -> anyhow::Result<VmExit> {
+///
+/// `ready`, the write end of `start`'s pipe, gets one byte once the first boot runs.
+fn serve(
+    vm_dir: &VmDir,
+    config: &VmConfig,
+    tcp: Option<TcpApi>,
+    ready: Option<OwnedFd>,
+) -> anyhow::Result<VmExit> {
     let serial_log = vm_dir.serial_log_path();
     let hub = SerialHub::new(Some(&serial_log))
         .with_context(|| format!("failed to open serial log {}", serial_log.display()))?;
@@ -180,7 +225,7 @@ fn serve(vm_dir: &VmDir, config: &VmConfig, tcp: Option<TcpApi>) -> anyhow::Resu
             std::thread::Builder::new()
                 .name("vm".into())
                 .spawn(move || {
-                    let result = run_boots(&config, &handle);
+                    let result = run_boots(&config, &handle, ready);
                     let _ = done_tx.send(());
                     result
                 })
@@ -232,8 +277,13 @@ fn build(config: &VmConfig, handle: &ControlHandle) -> Result<BuiltVm, BuildErro
     builder::build_vm(config, serial_out)
 }
 
-/// Builds and runs the VM, and builds it again after each API reset.
-fn run_boots(config: &VmConfig, handle: &ControlHandle) -> anyhow::Result<VmExit> {
+/// Builds and runs the VM, and builds it again after each API reset. Tells `start`
+/// through `ready` when the first boot runs.
+fn run_boots(
+    config: &VmConfig,
+    handle: &ControlHandle,
+    mut ready: Option<OwnedFd>,
+) -> anyhow::Result<VmExit> {
     loop {
         let BuiltVm {
             mut vm,
@@ -250,6 +300,11 @@ fn run_boots(config: &VmConfig, handle: &ControlHandle) -> anyhow::Result<VmExit
             power_button,
             backend,
         });
+        if let Some(ready) = ready.take() {
+            // Closing the descriptor after the byte ends `start`'s wait either way. A
+            // failed write only makes `start` fall back to polling the API.
+            let _ = std::fs::File::from(ready).write_all(b"r");
+        }
 
         let exit = vm.run();
         let boot_again = handle.detach();

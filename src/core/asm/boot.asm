@@ -12,7 +12,9 @@
 ; PIT channel 2 (ports 0x42, 0x43, 0x61) and the CMOS RTC time (ports 0x70,
 ; 0x71), then echoes every byte received on COM1 until it reads 'q'. It
 ; echoes a carriage return as CR LF so that a raw terminal starts a new line.
-; On 'q' it requests ACPI S5 through PM1A_CNT_PORT and, if that write
+; While it waits for input it also polls the i8042 keyboard (ports 0x60 and
+; 0x64), so that Ctrl-Alt-Del typed by the VMM shuts it down as 'q' does.
+; On either it requests ACPI S5 through PM1A_CNT_PORT and, if that write
 ; returns, stops with CLI; HLT.
 ;
 ; Guest-physical memory used:
@@ -52,6 +54,20 @@ org 0x8000
 ; whose PIT does not count still reaches the echo loop. At an estimated 3 us per
 ; poll (three port accesses) on hardware KVM, the 10 ms count takes about 3000.
 %define PIT_MAX_POLLS   0x100000
+
+%define KBD_DATA        0x60
+%define KBD_STATUS      0x64
+%define KBD_OUTPUT_FULL 0x01            ; status bit 0: a byte waits at KBD_DATA
+%define KBD_AUX_DATA    0x20            ; status bit 5: that byte is from the mouse port
+; Scancode set 1, which the i8042 delivers while it translates (the state the
+; VMM's controller starts in). Bit 7 of a code marks a key release.
+%define SC_EXTENDED     0xe0
+%define SC_RELEASE      0x80
+%define SC_CTRL         0x1d            ; left Ctrl; right Ctrl is E0 1D
+%define SC_ALT          0x38            ; left Alt; right Alt is E0 38
+%define SC_DELETE       0x53            ; Delete is E0 53
+%define MOD_CTRL        0x01
+%define MOD_ALT         0x02
 
 %define CMOS_INDEX      0x70
 %define CMOS_DATA       0x71
@@ -243,6 +259,9 @@ echo_loop:
     call putc64
     jmp echo_loop
 
+ctrl_alt_del:
+    lea rsi, [rel msg_ctrl_alt_del]
+    call puts64
 power_off:
     lea rsi, [rel msg_bye]
     call puts64
@@ -461,20 +480,59 @@ putc64:
     pop rdx
     ret
 
-; Waits for a byte from COM1 and returns it in AL.
-; NOTE: it busy-polls the line status register, so a guest waiting for input
+; Waits for a byte from COM1 and returns it in AL. Meanwhile it passes each
+; keyboard byte to keyboard_byte and drops bytes from the mouse port.
+; NOTE: it busy-polls both status registers, so a guest waiting for input
 ; keeps its vCPU at full load.
 getc64:
     mov dx, UART_LSR
-.wait:
     in al, dx
     test al, LSR_DATA_READY
     jnz .ready
+    in al, KBD_STATUS
+    test al, KBD_OUTPUT_FULL
+    jz .idle
+    mov cl, al
+    in al, KBD_DATA             ; reading empties the buffer in both cases
+    test cl, KBD_AUX_DATA
+    jnz .idle
+    call keyboard_byte
+.idle:
     pause
-    jmp .wait
+    jmp getc64
 .ready:
     mov dx, UART_RBR
     in al, dx
+    ret
+
+; Tracks Ctrl and Alt from the set-1 scancode in AL and jumps to ctrl_alt_del
+; when Delete is pressed while both are held. Left and right keys count alike,
+; because the extended prefix is skipped.
+keyboard_byte:
+    cmp al, SC_EXTENDED
+    je .done
+    mov cl, al
+    and cl, ~SC_RELEASE
+    mov ch, MOD_CTRL
+    cmp cl, SC_CTRL
+    je .modifier
+    mov ch, MOD_ALT
+    cmp cl, SC_ALT
+    je .modifier
+    cmp al, SC_DELETE
+    jne .done
+    cmp byte [rel key_modifiers], MOD_CTRL | MOD_ALT
+    je ctrl_alt_del             ; never returns, so the stack needs no cleanup
+    ret
+.modifier:
+    test al, SC_RELEASE
+    jnz .release
+    or [rel key_modifiers], ch
+    ret
+.release:
+    not ch
+    and [rel key_modifiers], ch
+.done:
     ret
 
 ; ------------------------------------------------------------------- data
@@ -490,6 +548,7 @@ gdt_descriptor:
     dw gdt_end - gdt - 1
     dd gdt
 
+key_modifiers:  db 0                  ; MOD_CTRL and MOD_ALT held now
 hex_digits:     db "0123456789abcdef"
 msg_real:       db "MonsterVM boot: real mode", 13, 10, 0
 msg_protected:  db "MonsterVM boot: protected mode", 13, 10, 0
@@ -502,5 +561,6 @@ msg_no_pit:     db "unknown (no PIT channel 2 that expires)", 13, 10, 0
 msg_rtc:        db "RTC time: ", 0
 msg_no_rtc:     db "unavailable", 13, 10, 0
 msg_echo:       db "Type to echo, 'q' to power off.", 13, 10, 0
+msg_ctrl_alt_del: db 13, 10, "Ctrl-Alt-Del pressed.", 0
 msg_bye:        db 13, 10, "Powering off.", 13, 10, 0
 msg_newline:    db 13, 10, 0

@@ -2,8 +2,9 @@
 //!
 //! The tables describe the fixed platform that MonsterVM emulates: local APICs and one
 //! IOAPIC, the ISA IRQ 0 to GSI 2 override, and the PM1a event and control blocks, PM
-//! timer and reset register of the ACPI PM device (`core::devices::acpi_pm`). The DSDT's `\_S5` package makes the guest's `poweroff` write sleep
-//! type 5 with SLP_EN to PM1a_CNT. The DSDT also declares the PCI host bridge, because
+//! timer and reset register of the ACPI PM device (`core::devices::acpi_pm`), and QEMU's
+//! pvpanic device (`core::devices::pvpanic`). The DSDT's `\_S5` package makes the guest's
+//! `poweroff` write sleep type 5 with SLP_EN to PM1a_CNT. The DSDT also declares the PCI host bridge, because
 //! Linux with ACPI enabled probes PCI bus 0 only through such a device: its legacy probe
 //! (`pci_subsys_init` in arch/x86/pci/legacy.c, 6.1) runs only when ACPI PCI setup fails.
 //!
@@ -15,7 +16,7 @@
 
 use super::aml;
 use super::mptable::ioapic_id;
-use crate::core::devices::acpi_pm;
+use crate::core::devices::{acpi_pm, pvpanic};
 use crate::core::memory::{IOAPIC_BASE, LAPIC_BASE};
 
 /// Port of the PM1a event block (status and enable registers, 2 bytes each).
@@ -359,6 +360,7 @@ fn dsdt(config: &AcpiConfig) -> Vec<u8> {
         ]),
     ));
 
+    let mut system_bus = Vec::new();
     if config.pci_host_bridge {
         let mut body = aml::name("_HID", &aml::eisa_id("PNP0A03"));
         body.extend_from_slice(&aml::name("_UID", &aml::integer(0)));
@@ -366,8 +368,16 @@ fn dsdt(config: &AcpiConfig) -> Vec<u8> {
         body.extend_from_slice(&aml::name("_BBN", &aml::integer(0)));
         // NOTE: no _CRS or _PRT yet. Linux then uses the default I/O and memory windows,
         // and INTx falls back to the PCI Interrupt Line register (ISA IRQs only).
-        table.extend_from_slice(&aml::root_scope("_SB", &aml::device("PCI0", &body)));
+        system_bus.extend_from_slice(&aml::device("PCI0", &body));
     }
+    // QEMU's ISA pvpanic device, which Linux's pvpanic driver finds by this _HID.
+    let mut pvpanic = aml::name("_HID", &aml::string(pvpanic::PVPANIC_HID));
+    pvpanic.extend_from_slice(&aml::name(
+        "_CRS",
+        &aml::io_port_resources(pvpanic::PVPANIC_PORT, 1),
+    ));
+    system_bus.extend_from_slice(&aml::device("PEVT", &pvpanic));
+    table.extend_from_slice(&aml::root_scope("_SB", &system_bus));
     finish(table)
 }
 
@@ -558,8 +568,19 @@ mod tests {
             },
         );
         let dsdt = table_at(&t, t.dsdt);
-        assert_eq!(dsdt.len(), 36 + 14);
         assert_eq!(sum(dsdt), 0);
+        assert!(!dsdt.windows(4).any(|w| w == b"PCI0"));
+    }
+
+    #[test]
+    fn dsdt_announces_pvpanic() {
+        let t = tables(1);
+        let dsdt = table_at(&t, t.dsdt);
+        assert!(dsdt.windows(4).any(|w| w == b"PEVT"));
+        let hid = [b"_HID\x0dQEMU0001".as_slice(), &[0]].concat();
+        assert!(dsdt.windows(hid.len()).any(|w| w == hid));
+        let io = [0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01];
+        assert!(dsdt.windows(io.len()).any(|w| w == io));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! A few ACPI Machine Language (AML) encoders, enough for the DSDT's sleep package and
-//! PCI host bridge (ACPI 6.4, chapter 20).
+//! A few ACPI Machine Language (AML) encoders, enough for the DSDT's sleep package, PCI
+//! host bridge and pvpanic device (ACPI 6.4, chapter 20).
 
 const ZERO_OP: u8 = 0x00;
 const ONE_OP: u8 = 0x01;
@@ -8,7 +8,9 @@ const BYTE_PREFIX: u8 = 0x0a;
 const WORD_PREFIX: u8 = 0x0b;
 const DWORD_PREFIX: u8 = 0x0c;
 const QWORD_PREFIX: u8 = 0x0e;
+const STRING_PREFIX: u8 = 0x0d;
 const SCOPE_OP: u8 = 0x10;
+const BUFFER_OP: u8 = 0x11;
 const PACKAGE_OP: u8 = 0x12;
 const EXT_OP_PREFIX: u8 = 0x5b;
 const DEVICE_OP: u8 = 0x82;
@@ -66,6 +68,44 @@ pub fn eisa_id(id: &str) -> Vec<u8> {
     let mut out = vec![DWORD_PREFIX];
     out.extend_from_slice(&value.to_be_bytes());
     out
+}
+
+/// Encodes an ASCII string constant, such as a _HID that is not an EISA ID.
+///
+/// # Panics
+///
+/// Panics on non-ASCII text or a NUL byte; callers pass constants.
+pub fn string(text: &str) -> Vec<u8> {
+    assert!(
+        text.is_ascii() && !text.contains('\0'),
+        "invalid AML string {text:?}"
+    );
+    let mut out = vec![STRING_PREFIX];
+    out.extend_from_slice(text.as_bytes());
+    out.push(0);
+    out
+}
+
+/// Encodes `Buffer() { bytes }`.
+pub fn buffer(bytes: &[u8]) -> Vec<u8> {
+    let mut body = integer(bytes.len() as u64);
+    body.extend_from_slice(bytes);
+    let mut out = vec![BUFFER_OP];
+    out.extend_from_slice(&package_length(body.len()));
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Encodes a resource template (for _CRS) with one fixed I/O port range:
+/// `IO (Decode16, port, port, 1, len)` and the end tag, as ACPI's small resource items.
+pub fn io_port_resources(port: u16, len: u8) -> Vec<u8> {
+    let [low, high] = port.to_le_bytes();
+    // I/O port descriptor: small item 0x08 with 7 bytes, 16-bit decode, minimum and maximum
+    // base, alignment 1, length.
+    let mut template = vec![0x47, 0x01, low, high, low, high, 0x01, len];
+    // End tag: small item 0x0f with 1 byte; a checksum of 0 means the sum is not checked.
+    template.extend_from_slice(&[0x79, 0x00]);
+    buffer(&template)
 }
 
 /// Encodes `Name(name, value)`; `name` is a 4-character name segment.
@@ -171,6 +211,15 @@ mod tests {
             vec![
                 0x08, b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0a, 0x05, 0x0a, 0x05, 0x00, 0x00
             ]
+        );
+    }
+
+    #[test]
+    fn string_and_io_resources() {
+        assert_eq!(string("AB"), [0x0d, b'A', b'B', 0]);
+        assert_eq!(
+            io_port_resources(0x505, 1),
+            [0x11, 0x0d, 0x0a, 0x0a, 0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01, 0x79, 0x00]
         );
     }
 

@@ -79,6 +79,17 @@ pub enum ImageError {
     NotLoadedHigh { loadflags: u8 },
     #[error("the bzImage is truncated: {size} bytes, but its setup code alone takes {setup_size}")]
     Truncated { size: u64, setup_size: u64 },
+    #[error(
+        "the bzImage is truncated: the file is {size} bytes, but its header declares {expected} \
+         bytes ({setup_size} bytes of setup code and syssize {syssize} x 16 bytes of \
+         protected-mode code)"
+    )]
+    PayloadTruncated {
+        size: u64,
+        expected: u64,
+        setup_size: u64,
+        syssize: u32,
+    },
     #[error("unsupported ELF file: {reason}")]
     UnsupportedElf { reason: String },
 }
@@ -140,6 +151,18 @@ fn parse_bzimage(probe: &[u8], size: u64) -> Result<KernelImage, ImageError> {
     let setup_size = (setup_sects + 1) * 512;
     if size <= setup_size {
         return Err(ImageError::Truncated { size, setup_size });
+    }
+    // syssize counts the protected-mode code in 16-byte paragraphs. A file may run longer
+    // (Debian's signed cloud kernel has 1472 more bytes), but a shorter one lost code.
+    let syssize = header.syssize;
+    let expected = setup_size + u64::from(syssize) * 16;
+    if size < expected {
+        return Err(ImageError::PayloadTruncated {
+            size,
+            expected,
+            setup_size,
+            syssize,
+        });
     }
 
     Ok(KernelImage::BzImage(BzImageInfo {
@@ -259,6 +282,8 @@ pub(crate) mod tests {
         let setup_sects = 4u8;
         let mut image = vec![0u8; (usize::from(setup_sects) + 1) * 512];
         image[0x1f1] = setup_sects;
+        let syssize = (payload.len() / 16) as u32;
+        image[0x1f4..0x1f8].copy_from_slice(&syssize.to_le_bytes());
         image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
         image[0x200] = 0xeb;
         image[0x201] = 0x6a; // header ends at 0x26c
@@ -305,6 +330,39 @@ pub(crate) mod tests {
         };
         assert_eq!({ info.header.pref_address }, 0x100_0000);
         assert_eq!({ info.header.init_size }, 0);
+    }
+
+    #[test]
+    fn short_payload_is_rejected() {
+        let mut image = fake_bzimage(&[0x90; 1024]);
+        image.truncate(image.len() - 17);
+        let error = probe_bytes(image).unwrap_err();
+        assert_eq!(
+            error,
+            ImageError::PayloadTruncated {
+                size: 5 * 512 + 1024 - 17,
+                expected: 5 * 512 + 1024,
+                setup_size: 5 * 512,
+                syssize: 64,
+            }
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains(&(5 * 512 + 1024 - 17).to_string()),
+            "{message}"
+        );
+        assert!(message.contains(&(5 * 512 + 1024).to_string()), "{message}");
+    }
+
+    #[test]
+    fn payload_beyond_syssize_is_accepted() {
+        // Debian's signed kernels carry bytes after the declared code.
+        let mut image = fake_bzimage(&[0x90; 1024]);
+        image.extend_from_slice(&[0u8; 700]);
+        let KernelImage::BzImage(info) = probe_bytes(image).unwrap() else {
+            panic!("expected a bzImage");
+        };
+        assert_eq!(info.payload_size, 1724);
     }
 
     #[test]

@@ -298,11 +298,7 @@ pub fn load_linux(memory: &GuestMemoryMmap, spec: &LinuxBootSpec) -> Result<Linu
 
     let (cpu_state, pvh_start_info) = match protocol {
         EntryProtocol::Linux64 => {
-            write_gdt(memory, CodeMode::Long).map_err(|source| BootError::GuestMemory {
-                what: "GDT",
-                address: super::layout::GDT_START,
-                source,
-            })?;
+            write_boot_gdt(memory, CodeMode::Long)?;
             write_identity_page_tables(memory).map_err(|source| BootError::GuestMemory {
                 what: "page tables",
                 address: super::layout::PML4_START,
@@ -311,11 +307,7 @@ pub fn load_linux(memory: &GuestMemoryMmap, spec: &LinuxBootSpec) -> Result<Linu
             (long_mode_state(plan.entry_64, ZERO_PAGE_START), None)
         }
         EntryProtocol::Pvh => {
-            write_gdt(memory, CodeMode::Protected32).map_err(|source| BootError::GuestMemory {
-                what: "GDT",
-                address: super::layout::GDT_START,
-                source,
-            })?;
+            write_boot_gdt(memory, CodeMode::Protected32)?;
             let pvh = build_start_info(
                 CMDLINE_START,
                 acpi.rsdp,
@@ -375,6 +367,14 @@ fn open(role: &'static str, path: &Path) -> Result<File, BootError> {
             path: path.to_path_buf(),
             source,
         },
+    })
+}
+
+fn write_boot_gdt(memory: &GuestMemoryMmap, mode: CodeMode) -> Result<(), BootError> {
+    write_gdt(memory, mode).map_err(|source| BootError::GuestMemory {
+        what: "GDT",
+        address: super::layout::GDT_START,
+        source,
     })
 }
 
@@ -519,32 +519,24 @@ fn load_kernel(
         source,
     };
     let high = Some(GuestAddress(HIGH_MEMORY_START));
-    match plan.format {
+    let pvh = match plan.format {
         KernelFormat::BzImage => {
             BzImage::load(memory, Some(GuestAddress(plan.load)), file, high).map_err(load_error)?;
-            Ok((
-                GuestRange {
-                    address: plan.load,
-                    size: plan.size,
-                },
-                None,
-            ))
+            None
         }
         KernelFormat::Elf => {
             let result = Elf::load(memory, None, file, high).map_err(load_error)?;
-            let pvh = match result.pvh_boot_cap {
+            match result.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(address) => Some(address.raw_value()),
                 _ => None,
-            };
-            Ok((
-                GuestRange {
-                    address: plan.load,
-                    size: plan.size,
-                },
-                pvh,
-            ))
+            }
         }
-    }
+    };
+    let range = GuestRange {
+        address: plan.load,
+        size: plan.size,
+    };
+    Ok((range, pvh))
 }
 
 fn choose_protocol(
@@ -634,6 +626,15 @@ mod tests {
             cmdline: "console=ttyS0 panic=-1".to_string(),
             vcpus: 2,
             ..LinuxBootSpec::new(kernel)
+        }
+    }
+
+    /// Loads `spec` into `memory_mib` MiB of guest memory and returns the error it must raise.
+    fn load_error(spec: &LinuxBootSpec, memory_mib: u64) -> BootError {
+        let memory = create_guest_memory(memory_mib).unwrap();
+        match load_linux(&memory, spec) {
+            Ok(_) => panic!("loading {} succeeded", spec.kernel.display()),
+            Err(error) => error,
         }
     }
 
@@ -787,8 +788,7 @@ mod tests {
             initrd: Some("/nonexistent/initrd".into()),
             ..bz_spec(&files)
         };
-        let memory = create_guest_memory(64).unwrap();
-        let err = load_linux(&memory, &spec).unwrap_err();
+        let err = load_error(&spec, 64);
         assert!(
             matches!(
                 err,
@@ -805,8 +805,7 @@ mod tests {
     fn non_kernel_is_rejected() {
         let files = Files::new();
         let spec = LinuxBootSpec::new(files.write("notes.txt", b"just some text\n"));
-        let memory = create_guest_memory(16).unwrap();
-        let err = load_linux(&memory, &spec).unwrap_err();
+        let err = load_error(&spec, 16);
         assert!(
             matches!(
                 err,
@@ -830,8 +829,7 @@ mod tests {
             initrd: Some(initrd),
             ..bz_spec(&files)
         };
-        let memory = create_guest_memory(64).unwrap();
-        let err = load_linux(&memory, &spec).unwrap_err();
+        let err = load_error(&spec, 64);
         assert!(
             matches!(err, BootError::InitrdTooLarge { size, memory_mib: 64, .. } if size == 65 * MIB),
             "{err}"
@@ -847,8 +845,7 @@ mod tests {
             initrd: Some(initrd),
             ..bz_spec(&files)
         };
-        let memory = create_guest_memory(64).unwrap();
-        let err = load_linux(&memory, &spec).unwrap_err();
+        let err = load_error(&spec, 64);
         assert!(
             matches!(
                 err,
@@ -868,8 +865,7 @@ mod tests {
             cmdline: "x".repeat(2048),
             ..bz_spec(&files)
         };
-        let memory = create_guest_memory(64).unwrap();
-        let err = load_linux(&memory, &spec).unwrap_err();
+        let err = load_error(&spec, 64);
         assert!(
             matches!(
                 err,
@@ -889,8 +885,7 @@ mod tests {
             cmdline: "a\0b".to_string(),
             ..bz_spec(&files)
         };
-        let memory = create_guest_memory(64).unwrap();
-        let err = load_linux(&memory, &spec).unwrap_err();
+        let err = load_error(&spec, 64);
         assert!(matches!(err, BootError::CmdlineNul { offset: 1 }), "{err}");
     }
 
@@ -899,8 +894,7 @@ mod tests {
         let files = Files::new();
         let spec = bz_spec(&files);
         // The kernel needs 20 MiB: 16 MiB preferred address plus 4 MiB init_size.
-        let memory = create_guest_memory(16).unwrap();
-        let err = load_linux(&memory, &spec).unwrap_err();
+        let err = load_error(&spec, 16);
         assert!(
             matches!(
                 err,
@@ -921,8 +915,7 @@ mod tests {
             entry: EntryPreference::Pvh,
             ..bz_spec(&files)
         };
-        let memory = create_guest_memory(64).unwrap();
-        let err = load_linux(&memory, &spec).unwrap_err();
+        let err = load_error(&spec, 64);
         assert!(matches!(err, BootError::PvhUnavailable { .. }), "{err}");
     }
 
@@ -1074,8 +1067,7 @@ mod tests {
             entry: EntryPreference::Pvh,
             ..LinuxBootSpec::new(&kernel)
         };
-        let memory = create_guest_memory(64).unwrap();
-        let err = load_linux(&memory, &spec).unwrap_err();
+        let err = load_error(&spec, 64);
         assert!(matches!(err, BootError::PvhUnavailable { .. }), "{err}");
     }
 

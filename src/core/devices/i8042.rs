@@ -3,8 +3,10 @@
 //! The model covers what Linux's i8042 and atkbd drivers use while probing. That is the
 //! controller command byte (CTR), the self tests, enabling and disabling both ports, the
 //! output buffer with its status bits and AUX loopback. Behind it sits a keyboard that
-//! responds to reset, identify and echo. No PS/2 mouse is attached: bytes sent to the AUX device come back as
-//! 0xFE (resend), so a mouse driver gives up at once. The CPU reset line (command 0xFE, or
+//! responds to reset, identify, echo, scancode-set selection and scanning on/off, and that
+//! the VMM can make type keys ([`I8042::send_ctrl_alt_del`]). No PS/2 mouse is attached:
+//! bytes sent to the AUX device come back as 0xFE (resend), so a mouse driver gives up at
+//! once. The CPU reset line (command 0xFE, or
 //! any pulse or output-port write with bit 0 clear) reaches the VM through
 //! [`PlatformControl::request`] with [`PlatformRequest::Reset`].
 //!
@@ -22,6 +24,13 @@
 //! | 3 | the last write went to port 0x64 (a command) rather than port 0x60 (data) |
 //! | 4 | keyboard not inhibited: always 1 |
 //! | 5 | the waiting byte came from the AUX port |
+//!
+//! Keystrokes travel as on a PC. The keyboard sends its bytes in the scancode set that the
+//! guest selected (set 2 after reset) and keeps them while its scanning is off (command
+//! 0xF5) or the controller's keyboard port is disabled (CTR bit 4). The controller takes
+//! one byte whenever its output buffer is empty, translates it to set 1 while CTR bit 6 is
+//! set (Linux's atkbd driver keeps the firmware's translation on and reads set 1), and
+//! raises IRQ 1 if CTR bit 0 allows.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -108,11 +117,58 @@ const KBD_CMD_ECHO: u8 = 0xee;
 const KBD_CMD_SCANCODE_SET: u8 = 0xf0;
 const KBD_CMD_IDENTIFY: u8 = 0xf2;
 const KBD_CMD_TYPEMATIC: u8 = 0xf3;
+const KBD_CMD_ENABLE_SCANNING: u8 = 0xf4;
+const KBD_CMD_DISABLE_SCANNING: u8 = 0xf5;
 const KBD_CMD_RESET: u8 = 0xff;
+/// Scancode set of a keyboard after reset.
+const DEFAULT_SCANCODE_SET: u8 = 2;
 /// Identify reply of an MF2 keyboard behind a translating controller.
 const KBD_ID_MF2_TRANSLATED: [u8; 2] = [0xab, 0x41];
 /// Identify reply of an MF2 keyboard.
 const KBD_ID_MF2: [u8; 2] = [0xab, 0x83];
+
+/// Keystroke bytes that the keyboard holds while it cannot send them. Ctrl-Alt-Del, the
+/// longest sequence the VMM types, takes 11 bytes in scancode set 2.
+const KEYBOARD_QUEUE_LIMIT: usize = 64;
+
+/// Set-2 prefix of a key release.
+const SET2_BREAK_PREFIX: u8 = 0xf0;
+/// Prefix of the extended keys, the same in sets 1 and 2.
+const EXTENDED_PREFIX: u8 = 0xe0;
+/// Set-1 bit that marks a key release.
+const SET1_BREAK_BIT: u8 = 0x80;
+
+/// Ctrl-Alt-Del in scancode set 1: press left Ctrl, left Alt and Delete, then release them
+/// in reverse order.
+const CTRL_ALT_DEL_SET1: [u8; 8] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
+/// Ctrl-Alt-Del in scancode set 2, the same key presses as [`CTRL_ALT_DEL_SET1`].
+const CTRL_ALT_DEL_SET2: [u8; 11] = [
+    0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
+];
+
+/// Translates a set-2 make code to set 1, as the controller does while CTR bit 6 is set.
+///
+/// NOTE: the table covers the keys that the VMM types (Ctrl, Alt, Delete) and a few common
+/// ones. Other codes pass through untranslated and are counted as ignored accesses.
+fn translate_set2(code: u8) -> Option<u8> {
+    Some(match code {
+        0x76 => 0x01, // Escape
+        0x16 => 0x02, // 1
+        0x1e => 0x03, // 2
+        0x66 => 0x0e, // Backspace
+        0x0d => 0x0f, // Tab
+        0x5a => 0x1c, // Enter
+        0x14 => 0x1d, // left Ctrl
+        0x1c => 0x1e, // A
+        0x12 => 0x2a, // left Shift
+        0x59 => 0x36, // right Shift
+        0x11 => 0x38, // left Alt
+        0x29 => 0x39, // Space
+        0x58 => 0x3a, // Caps Lock
+        0x71 => 0x53, // Delete (with the E0 prefix), keypad period without it
+        _ => return None,
+    })
+}
 
 /// The controller's output buffer has room for one byte. Replies queue behind it up to
 /// this many bytes, which covers the longest reply (ACK plus a two-byte ID) several times.
@@ -148,6 +204,9 @@ pub struct I8042Stats {
     pub ignored_accesses: u64,
     /// Interrupts that the interrupt controller failed to take.
     pub irq_failures: u64,
+    /// Keystroke bytes that the VMM typed and the keyboard dropped because its queue
+    /// was full.
+    pub dropped_keystrokes: u64,
 }
 
 /// The i8042 controller with a keyboard and an empty AUX port.
@@ -161,7 +220,16 @@ pub struct I8042 {
     output: VecDeque<(u8, Source)>,
     /// The byte last read at port 0x60, returned again when the buffer is empty.
     last_output: u8,
+    /// Keystroke bytes, in the keyboard's scancode set, that the keyboard has yet to send.
+    keystrokes: VecDeque<u8>,
+    /// Scancode set selected with keyboard command 0xF0: 1, 2 or 3.
+    scancode_set: u8,
+    /// Whether the keyboard sends keystrokes (commands 0xF4 and 0xF5).
+    scanning: bool,
+    /// The translator saw a set-2 release prefix and sets bit 7 of the next code.
+    translating_break: bool,
     resets: u64,
+    dropped_keystrokes: u64,
     ignored_accesses: GuestErrorLog,
     irq_failures: GuestErrorLog,
 }
@@ -179,24 +247,61 @@ impl I8042 {
             pending: None,
             output: VecDeque::new(),
             last_output: 0,
+            keystrokes: VecDeque::new(),
+            scancode_set: DEFAULT_SCANCODE_SET,
+            scanning: true,
+            translating_break: false,
             resets: 0,
+            dropped_keystrokes: 0,
             ignored_accesses: GuestErrorLog::default(),
             irq_failures: GuestErrorLog::default(),
         }
     }
 
-    /// Queues scancodes from the host keyboard, as if keys were pressed. Returns how many
-    /// bytes were queued; the rest are dropped once the queue contains
-    /// [`OUTPUT_QUEUE_LIMIT`] bytes.
-    pub fn enqueue_keyboard_input(&mut self, scancodes: &[u8]) -> usize {
-        let mut queued = 0;
-        for &byte in scancodes {
-            if !self.push_output(byte, Source::Keyboard) {
-                break;
-            }
-            queued += 1;
+    /// Makes the keyboard send `bytes`, which are scancodes in the keyboard's current set
+    /// (see [`I8042::scancode_set`]), as if keys were pressed. Returns how many bytes were
+    /// queued. The rest are dropped once the keyboard holds [`KEYBOARD_QUEUE_LIMIT`] bytes.
+    pub fn enqueue_keyboard_input(&mut self, bytes: &[u8]) -> usize {
+        let room = KEYBOARD_QUEUE_LIMIT - self.keystrokes.len();
+        let queued = bytes.len().min(room);
+        self.keystrokes.extend(&bytes[..queued]);
+        let dropped = (bytes.len() - queued) as u64;
+        if dropped > 0 {
+            self.dropped_keystrokes += dropped;
+            tracing::warn!(dropped, "i8042 keyboard queue is full; dropping keystrokes");
         }
+        self.deliver_keystrokes();
         queued
+    }
+
+    /// Types Ctrl-Alt-Del on the keyboard: press and release, in the scancode set that
+    /// the guest selected. A PC guest takes it as a request to shut down or reboot (Linux
+    /// runs its `ctrlaltdel` action). Returns false if the keyboard's queue had no room
+    /// for the whole sequence, and then nothing is queued.
+    pub fn send_ctrl_alt_del(&mut self) -> bool {
+        // NOTE: set 3 has no Ctrl-Alt-Del sequence of its own here; it gets set 2's.
+        let sequence: &[u8] = if self.scancode_set == 1 {
+            &CTRL_ALT_DEL_SET1
+        } else {
+            &CTRL_ALT_DEL_SET2
+        };
+        if KEYBOARD_QUEUE_LIMIT - self.keystrokes.len() < sequence.len() {
+            self.dropped_keystrokes += sequence.len() as u64;
+            tracing::warn!("i8042 keyboard queue is full; Ctrl-Alt-Del was not typed");
+            return false;
+        }
+        tracing::info!(
+            scancode_set = self.scancode_set,
+            translated = self.ctr & CTR_TRANSLATE != 0,
+            "typing Ctrl-Alt-Del on the i8042 keyboard"
+        );
+        self.enqueue_keyboard_input(sequence);
+        true
+    }
+
+    /// Returns the scancode set that the guest selected: 2 after reset.
+    pub fn scancode_set(&self) -> u8 {
+        self.scancode_set
     }
 
     /// Returns the controller's counters.
@@ -205,7 +310,56 @@ impl I8042 {
             resets: self.resets,
             ignored_accesses: self.ignored_accesses.count(),
             irq_failures: self.irq_failures.count(),
+            dropped_keystrokes: self.dropped_keystrokes,
         }
+    }
+
+    /// Moves held keystrokes into the output buffer, one byte each time it is empty, while
+    /// the keyboard scans and its port is enabled. Bytes that translation swallows (the
+    /// set-2 release prefix) do not fill the buffer, so the loop takes the next one.
+    fn deliver_keystrokes(&mut self) {
+        while self.output.is_empty() && self.scanning && self.ctr & CTR_KEYBOARD_DISABLED == 0 {
+            let Some(byte) = self.keystrokes.pop_front() else {
+                return;
+            };
+            if let Some(byte) = self.translate(byte) {
+                self.push_output(byte, Source::Keyboard);
+            }
+        }
+    }
+
+    /// Returns the byte that the controller puts in its output buffer for keyboard byte
+    /// `byte`, or `None` when translation absorbs it.
+    fn translate(&mut self, byte: u8) -> Option<u8> {
+        if self.ctr & CTR_TRANSLATE == 0 {
+            return Some(byte);
+        }
+        if byte == SET2_BREAK_PREFIX {
+            self.translating_break = true;
+            return None;
+        }
+        let translated = match byte {
+            EXTENDED_PREFIX => EXTENDED_PREFIX,
+            _ => match translate_set2(byte) {
+                Some(code) => code,
+                None => {
+                    self.ignored_accesses.record(
+                        DEVICE,
+                        format_args!("passed set-2 scancode {byte:#04x} through untranslated: it is missing from the translation table"),
+                    );
+                    byte
+                }
+            },
+        };
+        if translated == EXTENDED_PREFIX {
+            return Some(translated);
+        }
+        let release = std::mem::take(&mut self.translating_break);
+        Some(if release {
+            translated | SET1_BREAK_BIT
+        } else {
+            translated
+        })
     }
 
     fn status(&self) -> u8 {
@@ -258,6 +412,7 @@ impl I8042 {
         if let Some((byte, _)) = self.output.pop_front() {
             self.last_output = byte;
             self.raise_output_interrupt();
+            self.deliver_keystrokes();
         }
         self.last_output
     }
@@ -290,7 +445,10 @@ impl I8042 {
                 self.push_output(SELF_TEST_PASSED, Source::Keyboard);
             }
             CMD_DISABLE_KEYBOARD => self.ctr |= CTR_KEYBOARD_DISABLED,
-            CMD_ENABLE_KEYBOARD => self.ctr &= !CTR_KEYBOARD_DISABLED,
+            CMD_ENABLE_KEYBOARD => {
+                self.ctr &= !CTR_KEYBOARD_DISABLED;
+                self.deliver_keystrokes();
+            }
             CMD_READ_INPUT_PORT | CMD_READ_TEST_INPUTS => {
                 self.push_output(0, Source::Keyboard);
             }
@@ -320,6 +478,7 @@ impl I8042 {
                 self.ctr = value;
                 // A newly enabled interrupt fires for a byte that is already waiting.
                 self.raise_output_interrupt();
+                self.deliver_keystrokes();
             }
             Some(PendingWrite::OutputPort) => {
                 // NOTE: the A20 gate (bit 1) is recorded but not emulated: A20 stays on.
@@ -350,8 +509,19 @@ impl I8042 {
     fn keyboard_command(&mut self, command: u8) {
         match command {
             KBD_CMD_RESET => {
+                self.keystrokes.clear();
+                self.scancode_set = DEFAULT_SCANCODE_SET;
+                self.scanning = true;
                 self.push_output(KBD_ACK, Source::Keyboard);
                 self.push_output(KBD_SELF_TEST_PASSED, Source::Keyboard);
+            }
+            KBD_CMD_ENABLE_SCANNING => {
+                self.push_output(KBD_ACK, Source::Keyboard);
+                self.scanning = true;
+            }
+            KBD_CMD_DISABLE_SCANNING => {
+                self.push_output(KBD_ACK, Source::Keyboard);
+                self.scanning = false;
             }
             KBD_CMD_IDENTIFY => {
                 let id = if self.ctr & CTR_TRANSLATE != 0 {
@@ -371,7 +541,7 @@ impl I8042 {
                 self.pending = Some(PendingWrite::KeyboardParameter(command));
                 self.push_output(KBD_ACK, Source::Keyboard);
             }
-            // Enable and disable scanning, set defaults and the rest are acknowledged.
+            // Set defaults (0xF6) and the rest are acknowledged.
             _ => {
                 self.push_output(KBD_ACK, Source::Keyboard);
             }
@@ -380,9 +550,19 @@ impl I8042 {
 
     fn keyboard_parameter(&mut self, command: u8, value: u8) {
         self.push_output(KBD_ACK, Source::Keyboard);
-        if command == KBD_CMD_SCANCODE_SET && value == 0 {
-            // Parameter 0 queries the current set: scancode set 2.
-            self.push_output(2, Source::Keyboard);
+        if command != KBD_CMD_SCANCODE_SET {
+            return;
+        }
+        match value {
+            // Parameter 0 queries the current set.
+            0 => {
+                self.push_output(self.scancode_set, Source::Keyboard);
+            }
+            1..=3 => self.scancode_set = value,
+            _ => self.ignored_accesses.record(
+                DEVICE,
+                format_args!("ignored invalid scancode set {value:#04x}: sets 1 to 3 exist"),
+            ),
         }
     }
 }
@@ -637,25 +817,143 @@ mod tests {
     }
 
     #[test]
-    fn each_queued_byte_raises_interrupt() {
+    fn each_keystroke_raises_interrupt() {
         let mut f = fixture();
+        f.command(CMD_WRITE_CTR);
+        f.data_write(CTR_KEYBOARD_INT);
+        f.chip.take();
 
-        assert_eq!(f.i8042.enqueue_keyboard_input(&[0x1e, 0x9e]), 2);
+        // Without translation the bytes arrive as the keyboard sends them.
+        assert_eq!(f.i8042.enqueue_keyboard_input(&[0x1c, 0xf0, 0x1c]), 3);
         assert_eq!(f.chip.rising_edges(KEYBOARD_IRQ), 1);
-        assert_eq!(f.data(), 0x1e);
+        assert_eq!(f.data(), 0x1c);
         assert_eq!(f.chip.rising_edges(KEYBOARD_IRQ), 2);
-        assert_eq!(f.data(), 0x9e);
-        assert_eq!(f.chip.rising_edges(KEYBOARD_IRQ), 2);
+        assert_eq!(f.data(), 0xf0);
+        assert_eq!(f.chip.rising_edges(KEYBOARD_IRQ), 3);
+        assert_eq!(f.data(), 0x1c);
+        assert_eq!(f.chip.rising_edges(KEYBOARD_IRQ), 3);
+        assert_eq!(f.status() & STATUS_OUTPUT_FULL, 0);
     }
 
     #[test]
-    fn output_queue_is_bounded() {
+    fn keyboard_queue_is_bounded() {
         let mut f = fixture();
 
-        let queued = f.i8042.enqueue_keyboard_input(&[0x1e; 100]);
+        let queued = f.i8042.enqueue_keyboard_input(&[0x1c; 100]);
 
-        assert_eq!(queued, OUTPUT_QUEUE_LIMIT);
-        assert_eq!(f.drain().len(), OUTPUT_QUEUE_LIMIT);
+        assert_eq!(queued, KEYBOARD_QUEUE_LIMIT);
+        assert_eq!(
+            f.i8042.stats().dropped_keystrokes,
+            100 - KEYBOARD_QUEUE_LIMIT as u64
+        );
+        assert_eq!(f.drain().len(), KEYBOARD_QUEUE_LIMIT);
+    }
+
+    #[test]
+    fn ctrl_alt_del_is_translated_to_set1() {
+        let mut f = fixture();
+        f.chip.take();
+
+        assert!(f.i8042.send_ctrl_alt_del());
+
+        assert_eq!(f.drain(), CTRL_ALT_DEL_SET1);
+        assert_eq!(f.chip.rising_edges(KEYBOARD_IRQ), CTRL_ALT_DEL_SET1.len());
+    }
+
+    #[test]
+    fn ctrl_alt_del_untranslated_is_set2() {
+        let mut f = fixture();
+        f.command(CMD_WRITE_CTR);
+        f.data_write(CTR_KEYBOARD_INT);
+
+        assert!(f.i8042.send_ctrl_alt_del());
+
+        assert_eq!(f.drain(), CTRL_ALT_DEL_SET2);
+    }
+
+    #[test]
+    fn ctrl_alt_del_follows_selected_set() {
+        let mut f = fixture();
+        f.command(CMD_WRITE_CTR);
+        f.data_write(CTR_KEYBOARD_INT);
+        f.data_write(KBD_CMD_SCANCODE_SET);
+        f.data_write(1);
+        assert_eq!(f.drain(), [KBD_ACK, KBD_ACK]);
+        assert_eq!(f.i8042.scancode_set(), 1);
+
+        assert!(f.i8042.send_ctrl_alt_del());
+
+        assert_eq!(f.drain(), CTRL_ALT_DEL_SET1);
+        f.data_write(KBD_CMD_SCANCODE_SET);
+        f.data_write(0);
+        assert_eq!(f.drain(), [KBD_ACK, KBD_ACK, 1]);
+    }
+
+    #[test]
+    fn keystrokes_wait_for_enabled_port() {
+        let mut f = fixture();
+        f.command(CMD_DISABLE_KEYBOARD);
+
+        assert!(f.i8042.send_ctrl_alt_del());
+        assert_eq!(f.status() & STATUS_OUTPUT_FULL, 0);
+
+        f.command(CMD_ENABLE_KEYBOARD);
+        assert_eq!(f.drain(), CTRL_ALT_DEL_SET1);
+    }
+
+    #[test]
+    fn keystrokes_wait_for_scanning() {
+        let mut f = fixture();
+        f.data_write(KBD_CMD_DISABLE_SCANNING);
+        assert_eq!(f.drain(), [KBD_ACK]);
+
+        assert!(f.i8042.send_ctrl_alt_del());
+        assert_eq!(f.status() & STATUS_OUTPUT_FULL, 0);
+
+        f.data_write(KBD_CMD_ENABLE_SCANNING);
+        let mut bytes = f.drain();
+        assert_eq!(bytes.remove(0), KBD_ACK);
+        assert_eq!(bytes, CTRL_ALT_DEL_SET1);
+    }
+
+    #[test]
+    fn keyboard_reset_restores_set2_and_drops_keys() {
+        let mut f = fixture();
+        f.data_write(KBD_CMD_DISABLE_SCANNING);
+        f.data_write(KBD_CMD_SCANCODE_SET);
+        f.data_write(1);
+        f.drain();
+        assert!(f.i8042.send_ctrl_alt_del());
+
+        f.data_write(KBD_CMD_RESET);
+
+        assert_eq!(f.drain(), [KBD_ACK, KBD_SELF_TEST_PASSED]);
+        assert_eq!(f.i8042.scancode_set(), DEFAULT_SCANCODE_SET);
+    }
+
+    #[test]
+    fn full_keyboard_queue_rejects_whole_sequence() {
+        let mut f = fixture();
+        f.command(CMD_DISABLE_KEYBOARD);
+        f.i8042
+            .enqueue_keyboard_input(&[0x1c; KEYBOARD_QUEUE_LIMIT - 4]);
+
+        assert!(!f.i8042.send_ctrl_alt_del());
+
+        f.command(CMD_ENABLE_KEYBOARD);
+        assert_eq!(f.drain().len(), KEYBOARD_QUEUE_LIMIT - 4);
+    }
+
+    #[test]
+    fn invalid_scancode_set_is_ignored() {
+        let mut f = fixture();
+
+        f.data_write(KBD_CMD_SCANCODE_SET);
+        f.data_write(7);
+
+        assert_eq!(f.drain(), [KBD_ACK, KBD_ACK]);
+        assert_eq!(f.i8042.scancode_set(), DEFAULT_SCANCODE_SET);
+        assert_eq!(f.i8042.stats().ignored_accesses, 1);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod lapic;
 pub mod pci;
 pub mod pic;
 pub mod pit;
+pub mod pvpanic;
 pub mod rtc;
 pub mod serial;
 pub mod virtio;
@@ -43,6 +44,8 @@ pub enum PlatformRequest {
     PowerOff,
     /// Reset the machine (the i8042 reset line, a triple fault, ACPI reset).
     Reset,
+    /// The guest kernel reported a panic through the pvpanic device.
+    GuestPanic,
 }
 
 /// The VM's side of power-off and reset lines: devices call it, and the VM loop stops

@@ -14,6 +14,7 @@ use crate::core::devices::i8042::{I8042, I8042_WINDOWS};
 use crate::core::devices::pci::{
     PciConfigPorts, PciError, PciMmioWindow, PciRoot, CONFIG_PORT_BASE, CONFIG_PORT_LEN,
 };
+use crate::core::devices::pvpanic::{PvPanic, PVPANIC_WINDOWS};
 use crate::core::devices::rtc::{Rtc, RTC_WINDOWS};
 use crate::core::devices::serial::{Serial, SerialOutput, COM1_IRQ, COM1_WINDOWS};
 use crate::core::devices::{Bus, BusError, BusRange, HostClock, PlatformControl};
@@ -58,6 +59,8 @@ pub struct BuiltVm {
     pub vm: Vm,
     /// The 16550 at COM1, for console input.
     pub serial: Arc<Mutex<Serial>>,
+    /// The i8042 keyboard controller, through which the VMM types Ctrl-Alt-Del.
+    pub keyboard: Arc<Mutex<I8042>>,
     pub backend: BackendSelection,
     pub guest: GuestKind,
 }
@@ -93,17 +96,19 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<BuiltVm, 
         serial_out,
     )));
     pio.insert_windows(&COM1_WINDOWS, serial.clone())?;
-    pio.insert_windows(
-        &I8042_WINDOWS,
-        Arc::new(Mutex::new(I8042::new(irq_chip.clone(), platform.clone()))),
-    )?;
+    let keyboard = Arc::new(Mutex::new(I8042::new(irq_chip.clone(), platform.clone())));
+    pio.insert_windows(&I8042_WINDOWS, keyboard.clone())?;
     pio.insert_windows(
         &RTC_WINDOWS,
         Arc::new(Mutex::new(Rtc::new(clock.clone(), config.memory_mib << 20))),
     )?;
     pio.insert_windows(
         &ACPI_PM_WINDOWS,
-        Arc::new(Mutex::new(AcpiPm::new(platform, clock))),
+        Arc::new(Mutex::new(AcpiPm::new(platform.clone(), clock))),
+    )?;
+    pio.insert_windows(
+        &PVPANIC_WINDOWS,
+        Arc::new(Mutex::new(PvPanic::new(platform))),
     )?;
 
     let mut pci_root = PciRoot::new();
@@ -164,6 +169,7 @@ pub fn build_vm(config: &VmConfig, serial_out: SerialOutput) -> Result<BuiltVm, 
     Ok(BuiltVm {
         vm,
         serial,
+        keyboard,
         backend: backend_selection,
         guest,
     })

@@ -12,8 +12,8 @@ use crate::core::devices::virtio::pci::{VirtioPciDevice, BAR_SIZE};
 use crate::core::devices::virtio::DmaWriteHook;
 use crate::core::memory::{IOAPIC_BASE, MMIO_HOLE_START};
 use crate::hypervisor::IrqChip;
-use crate::storage::{open_image, BackingPolicy, ImageFormat, OpenOptions, StorageError};
-use crate::utils::config::{DiskBacking, DiskConfig, DiskFormat};
+use crate::storage::{open_image, BackingPolicy, ImageFormat, Locking, OpenOptions, StorageError};
+use crate::utils::config::{DiskBacking, DiskConfig, DiskFormat, DiskLocking};
 
 /// ISA IRQs that no platform device uses, handed out in turn as INTx lines and written to
 /// each function's Interrupt Line register.
@@ -101,6 +101,10 @@ pub fn attach_disks(
             backing: match disk.backing {
                 DiskBacking::Allow => BackingPolicy::Allow,
                 DiskBacking::Deny => BackingPolicy::Deny,
+            },
+            locking: match disk.locking {
+                DiskLocking::On => Locking::On,
+                DiskLocking::Off => Locking::Off,
             },
         };
         let image = open_image(&disk.path, &options).map_err(|source| DiskError::Open {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 
-pub use control::{StopReason, VmControl};
+pub use control::{PauseTimeout, StopReason, VmControl};
 pub use io::VmIo;
 
 use crate::hypervisor::{CpuState, HypervisorError, HypervisorVm, Vcpu, VcpuExit};
@@ -41,6 +41,8 @@ pub enum VmExit {
     Halted,
     /// The user or an API client stopped the VM.
     UserStop,
+    /// The guest kernel reported a panic through the pvpanic device.
+    GuestPanic,
 }
 
 /// A VM ready to run: memory loaded, devices on their buses, vCPUs in their boot state.
@@ -205,5 +207,6 @@ fn exit_for(reason: StopReason) -> VmExit {
         StopReason::PowerOff => VmExit::PowerOff,
         StopReason::Reset => VmExit::Reset,
         StopReason::UserStop => VmExit::UserStop,
+        StopReason::GuestPanic => VmExit::GuestPanic,
     }
 }

@@ -30,6 +30,7 @@ use header::{
 };
 use image::Image;
 
+use super::lock::{lock_image, Access, Locking};
 use super::{check_range, BackingPolicy, BlockBackend, ImageFormat, OpenOptions, StorageError};
 
 /// Settings for a new qcow2 image, named after qemu-img's `-o` options.
@@ -153,6 +154,7 @@ impl Qcow2 {
             .write(!options.read_only)
             .open(path)
             .map_err(|e| StorageError::io(path, "open", e))?;
+        lock_file(&file, path, options)?;
         let file_len = file
             .metadata()
             .map_err(|e| StorageError::io(path, "stat", e))?
@@ -187,6 +189,7 @@ impl Qcow2 {
                 .write(!options.read_only)
                 .open(&data_path)
                 .map_err(|e| StorageError::io(&data_path, "open external data file", e))?;
+            lock_file(&file, &data_path, options)?;
             Some((file, data_path))
         } else {
             None
@@ -521,6 +524,19 @@ impl Drop for Qcow2 {
             tracing::error!(path = %self.path.display(), error = %e, "closing qcow2 image failed; the image stays marked dirty");
         }
     }
+}
+
+/// Locks an image file for the access `options` asks for, unless locking is off.
+fn lock_file(file: &File, path: &Path, options: &OpenOptions) -> Result<(), StorageError> {
+    if options.locking == Locking::Off {
+        return Ok(());
+    }
+    let access = if options.read_only {
+        Access::Read
+    } else {
+        Access::Write
+    };
+    lock_image(file, path, access)
 }
 
 fn read_header(file: &File, path: &Path, file_len: u64) -> Result<Header, StorageError> {

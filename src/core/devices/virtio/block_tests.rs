@@ -72,6 +72,35 @@ fn header(kind: u32, sector: u64) -> Vec<u8> {
     bytes
 }
 
+/// Guest addresses of the data and status buffers of a request made by
+/// [`submit_request`].
+struct RequestBuffers {
+    data: u64,
+    status: u64,
+}
+
+/// Submits a three-descriptor request of type `kind` at `sector`: the header, `len` bytes
+/// of data that start with `payload`, and a status byte of 0xff. The data buffer is
+/// device-writable for the request types that return data (`T_IN`, `T_GET_ID`).
+fn submit_request(
+    queue: &mut TestQueue,
+    kind: u32,
+    sector: u64,
+    payload: &[u8],
+    len: u32,
+) -> RequestBuffers {
+    let device_writes_data = kind == T_IN || kind == T_GET_ID;
+    let head = queue.buffer(&header(kind, sector), 16);
+    let data = queue.buffer(payload, len);
+    let status = queue.buffer(&[0xff], 1);
+    queue.submit(&[
+        (head, 16, false),
+        (data, len, device_writes_data),
+        (status, 1, true),
+    ]);
+    RequestBuffers { data, status }
+}
+
 struct Setup {
     memory: GuestMemoryMmap,
     disk: Arc<MemoryDisk>,
@@ -109,10 +138,7 @@ fn read_request_copies_sectors() {
     let mut queue = TestQueue::new(&memory, 0x10000, 16);
     activate(&mut s, &queue);
 
-    let head = queue.buffer(&header(T_IN, 3), 16);
-    let data = queue.buffer(&[], 1024);
-    let status = queue.buffer(&[0xff], 1);
-    queue.submit(&[(head, 16, false), (data, 1024, true), (status, 1, true)]);
+    let RequestBuffers { data, status, .. } = submit_request(&mut queue, T_IN, 3, &[], 1024);
     s.device.queue_notify(0);
 
     assert_eq!(queue.used_index(), 1);
@@ -131,10 +157,7 @@ fn write_request_reaches_disk_and_flush_is_forwarded() {
     let mut queue = TestQueue::new(&memory, 0x10000, 16);
     activate(&mut s, &queue);
 
-    let head = queue.buffer(&header(T_OUT, 10), 16);
-    let data = queue.buffer(&[0xab; 512], 512);
-    let status = queue.buffer(&[0xff], 1);
-    queue.submit(&[(head, 16, false), (data, 512, false), (status, 1, true)]);
+    let status = submit_request(&mut queue, T_OUT, 10, &[0xab; 512], 512).status;
 
     let flush = queue.buffer(&header(T_FLUSH, 0), 16);
     let flush_status = queue.buffer(&[0xff], 1);
@@ -157,10 +180,7 @@ fn read_only_disk_rejects_writes() {
     let mut queue = TestQueue::new(&memory, 0x10000, 16);
     activate(&mut s, &queue);
 
-    let head = queue.buffer(&header(T_OUT, 0), 16);
-    let data = queue.buffer(&[1; 512], 512);
-    let status = queue.buffer(&[0xff], 1);
-    queue.submit(&[(head, 16, false), (data, 512, false), (status, 1, true)]);
+    let status = submit_request(&mut queue, T_OUT, 0, &[1; 512], 512).status;
     s.device.queue_notify(0);
 
     assert_eq!(queue.read(status, 1), vec![S_IOERR]);
@@ -176,11 +196,7 @@ fn out_of_range_and_unaligned_requests_fail() {
 
     let mut statuses = Vec::new();
     for (sector, len) in [(63, 1024), (u64::MAX, 512), (0, 100)] {
-        let head = queue.buffer(&header(T_IN, sector), 16);
-        let data = queue.buffer(&[], len);
-        let status = queue.buffer(&[0xff], 1);
-        queue.submit(&[(head, 16, false), (data, len, true), (status, 1, true)]);
-        statuses.push(status);
+        statuses.push(submit_request(&mut queue, T_IN, sector, &[], len).status);
     }
     s.device.queue_notify(0);
 
@@ -198,10 +214,9 @@ fn get_id_returns_serial_and_unknown_type_is_unsupported() {
     let mut queue = TestQueue::new(&memory, 0x10000, 16);
     activate(&mut s, &queue);
 
-    let head = queue.buffer(&header(T_GET_ID, 0), 16);
-    let id = queue.buffer(&[], 20);
-    let status = queue.buffer(&[0xff], 1);
-    queue.submit(&[(head, 16, false), (id, 20, true), (status, 1, true)]);
+    let RequestBuffers {
+        data: id, status, ..
+    } = submit_request(&mut queue, T_GET_ID, 0, &[], 20);
 
     let bad = queue.buffer(&header(99, 0), 16);
     let bad_status = queue.buffer(&[0xff], 1);
@@ -223,10 +238,7 @@ fn discard_and_write_zeroes_clear_ranges() {
     let mut range = 5u64.to_le_bytes().to_vec();
     range.extend_from_slice(&2u32.to_le_bytes());
     range.extend_from_slice(&0u32.to_le_bytes());
-    let head = queue.buffer(&header(T_WRITE_ZEROES, 0), 16);
-    let segment = queue.buffer(&range, 16);
-    let status = queue.buffer(&[0xff], 1);
-    queue.submit(&[(head, 16, false), (segment, 16, false), (status, 1, true)]);
+    let status = submit_request(&mut queue, T_WRITE_ZEROES, 0, &range, 16).status;
     s.device.queue_notify(0);
 
     assert_eq!(queue.read(status, 1), vec![S_OK]);
@@ -327,10 +339,8 @@ fn dma_hook_reports_only_status_for_writes() {
     let mut queue = TestQueue::new(&memory, 0x10000, 16);
     activate(&mut s, &queue);
 
-    let head = queue.buffer(&header(T_OUT, 1), 16);
-    let data = queue.buffer(&[0x5a; 512], 512);
-    let status = queue.buffer(&[0xff], 1);
-    queue.submit(&[(head, 16, false), (data, 512, false), (status, 1, true)]);
+    let RequestBuffers { data, status, .. } =
+        submit_request(&mut queue, T_OUT, 1, &[0x5a; 512], 512);
     s.device.queue_notify(0);
 
     let ranges = ranges.lock().unwrap().clone();
@@ -354,12 +364,10 @@ fn dma_hook_invalidates_emulator_code_watch() {
     let mut queue = TestQueue::new(&memory, 0x10000, 16);
     activate(&mut s, &queue);
 
-    let head = queue.buffer(&header(T_IN, 2), 16);
-    let data = queue.buffer(&[], 512);
-    let status = queue.buffer(&[0xff], 1);
+    let data = submit_request(&mut queue, T_IN, 2, &[], 512).data;
+    // The device reads the disk into `data` only at the notify below.
     let page = data >> 12;
     let before = watch.mark_code(page).unwrap();
-    queue.submit(&[(head, 16, false), (data, 512, true), (status, 1, true)]);
     s.device.queue_notify(0);
 
     assert_ne!(
@@ -385,10 +393,7 @@ fn event_idx_avail_event_follows_served_requests() {
     };
 
     for served in 1..=2u16 {
-        let head = queue.buffer(&header(T_IN, 0), 16);
-        let data = queue.buffer(&[], 512);
-        let status = queue.buffer(&[0xff], 1);
-        queue.submit(&[(head, 16, false), (data, 512, true), (status, 1, true)]);
+        submit_request(&mut queue, T_IN, 0, &[], 512);
         s.device.queue_notify(0);
 
         assert_eq!(queue.used_index(), served);
