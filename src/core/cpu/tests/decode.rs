@@ -32,6 +32,70 @@ patched:
 }
 
 #[test]
+fn store_into_the_next_instruction_of_the_block_is_seen() {
+    // The store rewrites the immediate of the very next instruction, which was decoded
+    // into the same block: the block must stop after the store, as a real CPU does.
+    let body = r#"
+start:
+    mov byte [rel patched + 1], 5
+patched:
+    mov eax, 1
+    hlt
+"#;
+    let mut m = Machine::long_mode(body);
+    assert_eq!(m.run(100), CpuEvent::Halted);
+    assert_eq!(m.cpu.gpr[0], 5);
+}
+
+#[test]
+fn budget_counts_single_instructions_inside_a_block() {
+    let body = r#"
+start:
+    inc eax
+    inc eax
+    inc eax
+    inc eax
+    inc eax
+    hlt
+"#;
+    let mut m = Machine::long_mode(body);
+    // The prelude's first instruction jumps to `start`.
+    assert_eq!(m.run(1), CpuEvent::BudgetExhausted);
+    let before = m.cpu.instructions();
+    assert_eq!(m.run(3), CpuEvent::BudgetExhausted);
+    assert_eq!(m.cpu.instructions() - before, 3);
+    assert_eq!(m.cpu.gpr[0], 3, "exactly three of the five INCs ran");
+    assert_eq!(m.run(100), CpuEvent::Halted);
+    assert_eq!(m.cpu.gpr[0], 5, "the rest of the block ran from the middle");
+}
+
+#[test]
+fn fault_in_the_middle_of_a_block_keeps_earlier_results() {
+    // The load from an unmapped page faults after two instructions of the block have
+    // run; their results stay, the faulting one leaves RAX unchanged, and RIP points at it.
+    let body = r#"
+start:
+    mov ebx, 7
+    mov ecx, 9
+fault:
+    mov rax, [0x40000000]
+    mov edx, 1
+    hlt
+"#;
+    let mut m = Machine::long_mode(body);
+    m.cpu.gpr[0] = 0x1234;
+    m.cpu.gpr[2] = 0;
+    assert_eq!(m.run(100), CpuEvent::Halted);
+    assert_eq!(m.vector(), 14);
+    assert_eq!((m.cpu.gpr[3], m.cpu.gpr[1]), (7, 9));
+    assert_eq!(m.cpu.gpr[0], 0x1234);
+    assert_eq!(
+        m.cpu.gpr[2], 0,
+        "the instruction after the fault did not run"
+    );
+}
+
+#[test]
 fn dma_invalidation_through_code_watch() {
     let body = r#"
 start:
