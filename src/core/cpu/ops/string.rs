@@ -4,9 +4,18 @@
 use iced_x86::{Instruction, Mnemonic, OpKind};
 
 use super::{segment_index, Exec};
+use crate::core::cpu::access::Privilege;
 use crate::core::cpu::bus::CpuBus;
 use crate::core::cpu::flags::{size_mask, FlagOp, DF, ZF};
+use crate::core::cpu::mmu::Access;
 use crate::core::cpu::state::{Cpu, ES};
+use crate::core::cpu::Exit;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+/// Bytes that one step of REP MOVS or REP STOS copies or fills on host memory before the
+/// instruction restarts, so that interrupts wait no longer than for `REP_CHUNK`
+/// single iterations.
+const BULK_BYTES: u64 = 64 * 1024;
 
 /// Iterations of a REP instruction executed per step. The instruction then restarts
 /// from its registers, so interrupts are taken between chunks, as on hardware.
@@ -25,7 +34,99 @@ fn address_size(insn: &Instruction) -> u8 {
     8
 }
 
+/// How far [`Cpu::rep_bulk`] got.
+enum Bulk {
+    /// The count reached zero.
+    Done,
+    /// The step's byte limit was reached: restart the instruction.
+    Again,
+    /// The next element needs the element-wise loop: it crosses a page, lies outside
+    /// RAM, or the copy overlaps forward.
+    Elementwise,
+}
+
 impl Cpu {
+    /// Runs REP MOVS (`copies`) or REP STOS with 64-bit addresses and DF clear on host
+    /// memory, one page-bounded run at a time, with the same effect as the element loop:
+    /// both pages are translated before a run is written, and RSI, RDI and RCX advance
+    /// after each run, so a fault restarts the instruction where it stopped.
+    fn rep_bulk(
+        &mut self,
+        bus: &mut dyn CpuBus,
+        copies: bool,
+        size: u8,
+        source_seg: usize,
+    ) -> Result<Bulk, Exit> {
+        let size = u64::from(size);
+        let mut budget = BULK_BYTES;
+        while self.gpr[1] != 0 {
+            let destination = self.linear(ES, self.gpr[7])?;
+            let mut room = 0x1000 - (destination & 0xfff);
+            let source = if copies {
+                let source = self.linear(source_seg, self.gpr[6])?;
+                room = room.min(0x1000 - (source & 0xfff));
+                Some(source)
+            } else {
+                None
+            };
+            let elements = (room / size).min(self.gpr[1]).min(budget / size);
+            if elements == 0 {
+                return Ok(if budget < size {
+                    Bulk::Again
+                } else {
+                    Bulk::Elementwise
+                });
+            }
+            let len = elements * size;
+
+            // The element loop reads the source before it writes the destination.
+            let source = match source {
+                Some(linear) => {
+                    Some(self.translate(bus, linear, Access::Read, Privilege::Current)?)
+                }
+                None => None,
+            };
+            let destination =
+                self.translate(bus, destination, Access::Write, Privilege::Current)?;
+            if let Some(source) = source {
+                if destination > source && destination < source + len {
+                    // Element by element, a forward overlap repeats the first elements;
+                    // a block copy would not.
+                    return Ok(Bulk::Elementwise);
+                }
+            }
+            let memory = bus.memory();
+            let Ok(target) = memory.get_slice(GuestAddress(destination), len as usize) else {
+                return Ok(Bulk::Elementwise);
+            };
+            match source {
+                Some(source) => {
+                    let Ok(from) = memory.get_slice(GuestAddress(source), len as usize) else {
+                        return Ok(Bulk::Elementwise);
+                    };
+                    from.copy_to_volatile_slice(target);
+                }
+                None => {
+                    let value = self.gpr[0].to_le_bytes();
+                    let mut pattern = [0u8; 4096];
+                    for (n, byte) in pattern[..len as usize].iter_mut().enumerate() {
+                        *byte = value[n % size as usize];
+                    }
+                    target.copy_from(&pattern[..len as usize]);
+                }
+            }
+            self.code_watch.invalidate(destination, len);
+
+            if copies {
+                self.gpr[6] = self.gpr[6].wrapping_add(len);
+            }
+            self.gpr[7] = self.gpr[7].wrapping_add(len);
+            self.gpr[1] -= elements;
+            budget -= len;
+        }
+        Ok(Bulk::Done)
+    }
+
     pub(super) fn exec_string(&mut self, bus: &mut dyn CpuBus, insn: &Instruction) -> Exec {
         let mnemonic = insn.mnemonic();
         let size = insn.memory_size().size() as u8;
@@ -67,6 +168,35 @@ impl Cpu {
         ) {
             let port = self.gpr[2] as u16;
             self.check_io_permission(bus, port, size)?;
+        }
+
+        let bulk = repeat
+            && address_mask == u64::MAX
+            && self.flags & DF == 0
+            && matches!(
+                mnemonic,
+                Mnemonic::Movsb
+                    | Mnemonic::Movsw
+                    | Mnemonic::Movsd
+                    | Mnemonic::Movsq
+                    | Mnemonic::Stosb
+                    | Mnemonic::Stosw
+                    | Mnemonic::Stosd
+                    | Mnemonic::Stosq
+            );
+        if bulk {
+            let copies = matches!(
+                mnemonic,
+                Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq
+            );
+            match self.rep_bulk(bus, copies, size, source_seg)? {
+                Bulk::Done => return Ok(()),
+                Bulk::Again => {
+                    self.next_rip = self.rip;
+                    return Ok(());
+                }
+                Bulk::Elementwise => {}
+            }
         }
 
         let mut iterations = 0;

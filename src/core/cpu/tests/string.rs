@@ -117,3 +117,46 @@ fn port_string_io() {
     assert_eq!(written, vec![0x61, 0x62, 0x63, 0x64]);
     assert_eq!(m.read_u64(0x92000) & 0xffff_ffff, 0xbeef_beef);
 }
+
+#[test]
+fn forward_overlapping_movsb_repeats_the_first_bytes() {
+    // Copying [0x91000, +8) to 0x91002 element by element smears the first two bytes
+    // over the range, as on hardware; a block copy would move the original bytes.
+    let m = run(r#"
+    mov rdi, 0x91000
+    mov rax, 0x0807060504030201
+    stosq
+    mov rsi, 0x91000
+    mov rdi, 0x91002
+    mov rcx, 8
+    rep movsb
+"#);
+    assert_eq!(m.read_u64(0x91000), 0x0201_0201_0201_0201);
+    assert_eq!(m.read_u64(0x91008) & 0xffff, 0x0201);
+}
+
+#[test]
+fn long_rep_stosd_spans_pages_and_restarts() {
+    // 40,000 doublewords (160,000 bytes) cross 40 pages and the per-step byte limit, so
+    // the instruction restarts several times from its registers.
+    let m = run(r#"
+    mov rdi, 0x100004
+    mov eax, 0xa5a5a5a5
+    mov rcx, 40000
+    rep stosd
+"#);
+    assert_eq!(
+        m.read_u64(0x100000) & 0xffff_ffff,
+        0,
+        "the byte before the range"
+    );
+    assert_eq!(m.read_u64(0x100004), 0xa5a5_a5a5_a5a5_a5a5);
+    assert_eq!(m.read_u64(0x100004 + 159_992), 0xa5a5_a5a5_a5a5_a5a5);
+    assert_eq!(
+        m.read_u64(0x100004 + 160_000),
+        0,
+        "the byte after the range"
+    );
+    assert_eq!(m.cpu.gpr[1], 0);
+    assert_eq!(m.cpu.gpr[7], 0x100004 + 160_000);
+}
