@@ -322,7 +322,7 @@ mod tests {
         drop(reader);
 
         let writer = open(&path, true);
-        lock_image(&writer, &path, Access::Write).unwrap();
+        lock_after_close(&writer, &path);
         let reader = open(&path, false);
         assert!(lock_image(&reader, &path, Access::Read).is_err());
     }
@@ -334,7 +334,20 @@ mod tests {
         lock_image(&first, &path, Access::Write).unwrap();
         drop(first);
         let second = open(&path, true);
-        lock_image(&second, &path, Access::Write).unwrap();
+        lock_after_close(&second, &path);
+    }
+
+    /// Takes the write lock on an image whose previous holder was just closed.
+    ///
+    /// Another test in this process may fork a child between its open and its exec; the
+    /// child then shares every open file description, and so its OFD locks, for that
+    /// moment. The lock must come free within a few seconds.
+    fn lock_after_close(file: &File, path: &Path) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while let Err(error) = lock_image(file, path, Access::Write) {
+            assert!(std::time::Instant::now() < deadline, "{error}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[test]

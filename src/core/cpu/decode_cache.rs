@@ -85,7 +85,7 @@ impl CodeWatch {
 const CACHE_SIZE: usize = 4096;
 
 /// Number of block cache slots; a power of two.
-const BLOCK_SLOTS: usize = 8192;
+const BLOCK_SLOTS: usize = 16384;
 
 /// Most instructions in one block, which bounds the latency of interrupts (taken only
 /// between blocks) and the cost of decoding a block that runs once.
@@ -126,7 +126,7 @@ impl Block {
             tag: tag(phys, bits),
             stamp,
             page: phys >> 12,
-            entries: Vec::new(),
+            entries: Vec::with_capacity(16),
         }
     }
 

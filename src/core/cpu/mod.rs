@@ -39,7 +39,7 @@ pub mod state;
 #[cfg(test)]
 mod tests;
 
-use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
+use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction, OpKind};
 
 pub use bus::CpuBus;
 pub use decode_cache::CodeWatch;
@@ -93,6 +93,25 @@ impl Exit {
 impl From<Exception> for Exit {
     fn from(exception: Exception) -> Self {
         Exit::Exception(exception)
+    }
+}
+
+/// Makes the branch target and IP-relative address of `instruction`, decoded at IP
+/// `start`, offsets from the instruction's own start, as if it had been decoded at IP 0:
+/// the handlers add RIP to them, so one decode serves every linear alias of the code.
+fn rebase(instruction: &mut Instruction, start: u64) {
+    if start == 0 {
+        return;
+    }
+    if matches!(
+        instruction.op0_kind(),
+        OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+    ) {
+        instruction.set_near_branch64(instruction.near_branch64().wrapping_sub(start));
+    }
+    if instruction.is_ip_rel_memory_operand() {
+        instruction
+            .set_memory_displacement64(instruction.memory_displacement64().wrapping_sub(start));
     }
 }
 
@@ -313,18 +332,17 @@ impl Cpu {
         self.phys_read(bus, phys, &mut bytes[..available]);
 
         let mut block = Block::new(phys, bits, stamp);
-        let mut offset = 0;
         let mut instruction = Instruction::default();
-        while block.entries.len() < BLOCK_MAX_INSTRUCTIONS && offset < available {
-            // Decoding at IP 0 makes branch targets and RIP-relative addresses offsets
-            // from the instruction's start, as the handlers expect.
-            let mut decoder =
-                Decoder::with_ip(bits, &bytes[offset..available], 0, DecoderOptions::NONE);
+        let mut decoder = Decoder::with_ip(bits, &bytes[..available], 0, DecoderOptions::NONE);
+        while block.entries.len() < BLOCK_MAX_INSTRUCTIONS && decoder.can_decode() {
+            let offset = decoder.position() as u64;
             decoder.decode_out(&mut instruction);
             if instruction.is_invalid() {
+                // Invalid, or cut off by the end of the bytes read: a block of its own
+                // (through `step`) deals with it.
                 break;
             }
-            offset += instruction.len();
+            rebase(&mut instruction, offset);
             block.push(&instruction);
             if ops::ends_block(&instruction) {
                 break;

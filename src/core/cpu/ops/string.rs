@@ -109,10 +109,11 @@ impl Cpu {
                 None => {
                     let value = self.gpr[0].to_le_bytes();
                     let mut pattern = [0u8; 4096];
-                    for (n, byte) in pattern[..len as usize].iter_mut().enumerate() {
-                        *byte = value[n % size as usize];
+                    let pattern = &mut pattern[..len as usize];
+                    for element in pattern.chunks_exact_mut(size as usize) {
+                        element.copy_from_slice(&value[..size as usize]);
                     }
-                    target.copy_from(&pattern[..len as usize]);
+                    target.copy_from(pattern);
                 }
             }
             self.code_watch.invalidate(destination, len);
