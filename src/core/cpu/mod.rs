@@ -351,6 +351,7 @@ impl Cpu {
         if block.entries.is_empty() {
             None
         } else {
+            block.entries.shrink_to_fit();
             Some(Box::new(block))
         }
     }

@@ -102,7 +102,7 @@ impl Cpu {
     }
 
     /// Sets only CF and OF, keeping the other flags (rotates).
-    fn set_carry_overflow(&mut self, cf: bool, of: bool) {
+    pub(super) fn set_carry_overflow(&mut self, cf: bool, of: bool) {
         let mut value = self.rflags() & !(CF | OF);
         if cf {
             value |= CF;

@@ -54,8 +54,11 @@ pub(crate) struct Operands {
     immediate: u64,
     /// Condition of Jcc, SETcc and CMOVcc.
     condition: ConditionCode,
-    /// Bit offset of an 8-bit source or destination register: 8 for AH-BH, else 0.
+    /// Bit offset of an 8-bit destination register (or of the source of MOVZX and
+    /// MOVSX): 8 for AH-BH, else 0.
     shift: u8,
+    /// Bit offset of an 8-bit source register of an ALU instruction.
+    src_shift: u8,
 }
 
 impl Operands {
@@ -71,6 +74,7 @@ impl Operands {
         immediate: 0,
         condition: ConditionCode::None,
         shift: 0,
+        src_shift: 0,
     };
 }
 
@@ -126,6 +130,10 @@ pub(crate) fn select(insn: &Instruction) -> Option<(FastHandler, Operands)> {
     }
     let mut ops = Operands::EMPTY;
     if let Some(handler) = select_other(insn, &mut ops) {
+        return Some((handler, ops));
+    }
+    let mut ops = Operands::EMPTY;
+    if let Some(handler) = select_bytes_compares_rotates(insn, &mut ops) {
         return Some((handler, ops));
     }
     if insn.op_count() == 0 {
@@ -406,6 +414,117 @@ fn select_other(insn: &Instruction, ops: &mut Operands) -> Option<FastHandler> {
         }
         _ => return None,
     })
+}
+
+/// Selects 8-bit ALU instructions on registers, CMP and TEST of memory against a
+/// register or immediate, and ROL and ROR by an immediate.
+fn select_bytes_compares_rotates(insn: &Instruction, ops: &mut Operands) -> Option<FastHandler> {
+    if insn.op_count() != 2 {
+        return None;
+    }
+    let mnemonic = insn.mnemonic();
+    let (kind0, kind1) = (insn.op_kind(0), insn.op_kind(1));
+
+    if kind0 == OpKind::Register && insn.op0_register().is_gpr8() {
+        (ops.dst, ops.shift) = gpr8(insn.op0_register())?;
+        let src = match kind1 {
+            OpKind::Register => {
+                (ops.src, ops.src_shift) = gpr8(insn.op1_register())?;
+                SRC_REGISTER
+            }
+            OpKind::Immediate8 => {
+                ops.immediate = u64::from(insn.immediate8());
+                SRC_IMMEDIATE
+            }
+            OpKind::Memory => {
+                memory(insn, ops)?;
+                SRC_MEMORY
+            }
+            _ => return None,
+        };
+        macro_rules! by_source {
+            ($op:expr) => {
+                match src {
+                    SRC_REGISTER => binary8::<{ $op }, SRC_REGISTER>,
+                    SRC_IMMEDIATE => binary8::<{ $op }, SRC_IMMEDIATE>,
+                    _ => binary8::<{ $op }, SRC_MEMORY>,
+                }
+            };
+        }
+        return Some(match mnemonic {
+            Mnemonic::Add => by_source!(BINARY_ADD),
+            Mnemonic::Or => by_source!(BINARY_OR),
+            Mnemonic::And => by_source!(BINARY_AND),
+            Mnemonic::Sub => by_source!(BINARY_SUB),
+            Mnemonic::Xor => by_source!(BINARY_XOR),
+            Mnemonic::Cmp => by_source!(BINARY_CMP),
+            Mnemonic::Test if src != SRC_MEMORY => by_source!(BINARY_TEST),
+            _ => return None,
+        });
+    }
+
+    if kind0 == OpKind::Memory && matches!(mnemonic, Mnemonic::Cmp | Mnemonic::Test) {
+        memory(insn, ops)?;
+        let size = insn.memory_size().size() as u8;
+        let src = match kind1 {
+            OpKind::Register => {
+                let register = insn.op1_register();
+                let (src, src_size) = match gpr8(register) {
+                    Some((src, shift)) => {
+                        ops.src_shift = shift;
+                        (src, 1)
+                    }
+                    None => gpr(register)?,
+                };
+                if src_size != size {
+                    return None;
+                }
+                ops.src = src;
+                SRC_REGISTER
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate8to32
+            | OpKind::Immediate32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => {
+                ops.immediate = insn.immediate(1) & size_mask(size);
+                SRC_IMMEDIATE
+            }
+            _ => return None,
+        };
+        let compare = mnemonic == Mnemonic::Cmp;
+        return Some(match (compare, size, src) {
+            (true, 1, SRC_REGISTER) => compare_memory::<BINARY_CMP, 1, SRC_REGISTER>,
+            (true, 1, _) => compare_memory::<BINARY_CMP, 1, SRC_IMMEDIATE>,
+            (true, 4, SRC_REGISTER) => compare_memory::<BINARY_CMP, 4, SRC_REGISTER>,
+            (true, 4, _) => compare_memory::<BINARY_CMP, 4, SRC_IMMEDIATE>,
+            (true, 8, SRC_REGISTER) => compare_memory::<BINARY_CMP, 8, SRC_REGISTER>,
+            (true, 8, _) => compare_memory::<BINARY_CMP, 8, SRC_IMMEDIATE>,
+            (false, 1, SRC_REGISTER) => compare_memory::<BINARY_TEST, 1, SRC_REGISTER>,
+            (false, 1, _) => compare_memory::<BINARY_TEST, 1, SRC_IMMEDIATE>,
+            (false, 4, SRC_REGISTER) => compare_memory::<BINARY_TEST, 4, SRC_REGISTER>,
+            (false, 4, _) => compare_memory::<BINARY_TEST, 4, SRC_IMMEDIATE>,
+            (false, 8, SRC_REGISTER) => compare_memory::<BINARY_TEST, 8, SRC_REGISTER>,
+            (false, 8, _) => compare_memory::<BINARY_TEST, 8, SRC_IMMEDIATE>,
+            _ => return None,
+        });
+    }
+
+    if kind0 == OpKind::Register
+        && kind1 == OpKind::Immediate8
+        && matches!(mnemonic, Mnemonic::Rol | Mnemonic::Ror)
+    {
+        let (dst, size) = gpr(insn.op0_register())?;
+        ops.dst = dst;
+        ops.immediate = u64::from(insn.immediate8());
+        return Some(match (mnemonic == Mnemonic::Rol, size) {
+            (true, 8) => rotate::<true, 8>,
+            (true, _) => rotate::<true, 4>,
+            (false, 8) => rotate::<false, 8>,
+            (false, _) => rotate::<false, 4>,
+        });
+    }
+    None
 }
 
 /// Picks MOVZX, MOVSX or MOVSXD from a register of `from` bytes into one of `to` bytes.
@@ -778,5 +897,97 @@ fn conditional_move<const SIZE: u8, const SRC: u8>(
         cpu.gpr[usize::from(ops.dst) & 15]
     };
     cpu.fast_set::<SIZE>(ops.dst, value);
+    Ok(())
+}
+
+/// The result and flag operation of ALU instruction `OP` on `dst` and `src`.
+#[inline(always)]
+fn alu<const OP: u8>(dst: u64, src: u64, carry: bool) -> (FlagOp, u64) {
+    match OP {
+        BINARY_ADD | BINARY_ADC => (
+            FlagOp::Add,
+            dst.wrapping_add(src).wrapping_add(carry as u64),
+        ),
+        BINARY_SUB | BINARY_SBB | BINARY_CMP => (
+            FlagOp::Sub,
+            dst.wrapping_sub(src).wrapping_sub(carry as u64),
+        ),
+        BINARY_AND | BINARY_TEST => (FlagOp::Logic, dst & src),
+        BINARY_OR => (FlagOp::Logic, dst | src),
+        _ => (FlagOp::Logic, dst ^ src),
+    }
+}
+
+/// ALU instruction `OP` (not ADC or SBB) on an 8-bit register destination.
+fn binary8<const OP: u8, const SRC: u8>(
+    cpu: &mut Cpu,
+    bus: &mut dyn CpuBus,
+    ops: &Operands,
+) -> Exec {
+    let src = match SRC {
+        SRC_REGISTER => (cpu.gpr[usize::from(ops.src) & 15] >> ops.src_shift) & 0xff,
+        SRC_IMMEDIATE => ops.immediate,
+        _ => {
+            let offset = cpu.fast_address(ops);
+            cpu.fast_read::<1>(bus, ops.segment, offset)?
+        }
+    };
+    let slot = usize::from(ops.dst) & 15;
+    let dst = (cpu.gpr[slot] >> ops.shift) & 0xff;
+    let (op, res) = alu::<OP>(dst, src, false);
+    let res = res & 0xff;
+    if !matches!(OP, BINARY_CMP | BINARY_TEST) {
+        cpu.gpr[slot] = (cpu.gpr[slot] & !(0xff << ops.shift)) | (res << ops.shift);
+    }
+    cpu.set_lazy(op, 1, dst, src, res);
+    Ok(())
+}
+
+/// CMP or TEST (`OP`) of `SIZE` bytes of memory against a register or an immediate.
+fn compare_memory<const OP: u8, const SIZE: u8, const SRC: u8>(
+    cpu: &mut Cpu,
+    bus: &mut dyn CpuBus,
+    ops: &Operands,
+) -> Exec {
+    let offset = cpu.fast_address(ops);
+    let dst = cpu.fast_read::<SIZE>(bus, ops.segment, offset)?;
+    let src = if SRC == SRC_REGISTER {
+        (cpu.gpr[usize::from(ops.src) & 15] >> ops.src_shift) & size_mask(SIZE)
+    } else {
+        ops.immediate
+    };
+    let (op, res) = alu::<OP>(dst, src, false);
+    cpu.set_lazy(op, SIZE, dst, src, res & size_mask(SIZE));
+    Ok(())
+}
+
+/// ROL (`LEFT`) or ROR of a 32- or 64-bit register by an immediate count.
+fn rotate<const LEFT: bool, const SIZE: u8>(
+    cpu: &mut Cpu,
+    _bus: &mut dyn CpuBus,
+    ops: &Operands,
+) -> Exec {
+    let bits = u32::from(SIZE) * 8;
+    let count = (ops.immediate & if SIZE == 8 { 0x3f } else { 0x1f }) as u32;
+    let dst = cpu.gpr[usize::from(ops.dst) & 15] & size_mask(SIZE);
+    if count == 0 {
+        // No flags change; a 32-bit destination is still zero-extended.
+        cpu.fast_set::<SIZE>(ops.dst, dst);
+        return Ok(());
+    }
+    let sign = 1u64 << (bits - 1);
+    let res = if LEFT {
+        ((dst << count) | (dst >> (bits - count))) & size_mask(SIZE)
+    } else {
+        ((dst >> count) | (dst << (bits - count))) & size_mask(SIZE)
+    };
+    cpu.fast_set::<SIZE>(ops.dst, res);
+    let msb = res & sign != 0;
+    if LEFT {
+        let cf = res & 1 != 0;
+        cpu.set_carry_overflow(cf, msb != cf);
+    } else {
+        cpu.set_carry_overflow(msb, msb != ((res << 1) & sign != 0));
+    }
     Ok(())
 }

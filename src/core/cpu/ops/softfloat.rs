@@ -297,17 +297,17 @@ impl FloatEnv {
         if subtract {
             y = negate(y);
         }
-        match (x, y) {
-            (Value::Infinity { sign: s }, Value::Infinity { sign: t }) if s != t => {
-                return self.invalid(format)
+        if let (Value::Infinity { sign: s }, Value::Infinity { sign: t }) = (x, y) {
+            if s != t {
+                return self.invalid(format);
             }
-            (Value::Infinity { sign }, _) | (_, Value::Infinity { sign }) => {
-                return format.infinity(sign)
-            }
-            _ => {}
         }
+        // A denormal operand is reported even when the other one is infinite.
         if x_denormal || y_denormal {
             self.before |= DE;
+        }
+        if let (Value::Infinity { sign }, _) | (_, Value::Infinity { sign }) = (x, y) {
+            return format.infinity(sign);
         }
         let round_down = self.rounding() == 1;
         match (x, y) {
@@ -385,16 +385,17 @@ impl FloatEnv {
             return self.propagate_nan(format, a, x, b, y);
         }
         let sign = value_sign(x) != value_sign(y);
-        match (x, y) {
-            (Value::Infinity { .. }, Value::Zero { .. })
-            | (Value::Zero { .. }, Value::Infinity { .. }) => return self.invalid(format),
-            (Value::Infinity { .. }, _) | (_, Value::Infinity { .. }) => {
-                return format.infinity(sign)
-            }
-            _ => {}
+        if let (Value::Infinity { .. }, Value::Zero { .. })
+        | (Value::Zero { .. }, Value::Infinity { .. }) = (x, y)
+        {
+            return self.invalid(format);
         }
+        // A denormal operand is reported even when the other one is infinite.
         if x_denormal || y_denormal {
             self.before |= DE;
+        }
+        if let (Value::Infinity { .. }, _) | (_, Value::Infinity { .. }) = (x, y) {
+            return format.infinity(sign);
         }
         match (x, y) {
             (
