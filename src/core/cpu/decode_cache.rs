@@ -87,7 +87,7 @@ const CACHE_SIZE: usize = 4096;
 /// Number of block cache slots; a power of two.
 const BLOCK_SLOTS: usize = 16384;
 
-/// Most instructions in one block, which bounds the latency of interrupts (taken only
+/// Maximum number of instructions in one block, which bounds the latency of interrupts (taken only
 /// between blocks) and the cost of decoding a block that runs once.
 pub(crate) const BLOCK_MAX_INSTRUCTIONS: usize = 64;
 

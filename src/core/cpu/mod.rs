@@ -17,10 +17,10 @@
 //!             the same for one instruction, through DecodeCache
 //! ```
 //!
-//! A block is a straight run of instructions within one page that ends at the first
-//! branch or at an instruction that changes what decoding, translation or interrupt
-//! delivery depend on (see `ops::ends_block`), so the interpreter fetches, translates
-//! and checks for interrupts once per block rather than once per instruction.
+//! A block is a straight run of instructions within one page. It ends at the first branch
+//! or at an instruction that changes what decoding, translation or interrupt delivery
+//! depend on (see `ops::ends_block`). So the interpreter fetches, translates and checks
+//! for interrupts once per block rather than once per instruction.
 
 mod access;
 pub mod bus;
@@ -96,9 +96,9 @@ impl From<Exception> for Exit {
     }
 }
 
-/// Makes the branch target and IP-relative address of `instruction`, decoded at IP
-/// `start`, offsets from the instruction's own start, as if it had been decoded at IP 0:
-/// the handlers add RIP to them, so one decode serves every linear alias of the code.
+/// Rebases the branch target and IP-relative address of `instruction`, decoded at IP
+/// `start`, to offsets from the instruction's own start, as a decode at IP 0 gives them.
+/// The handlers add RIP to these offsets, so one decode serves every linear alias.
 fn rebase(instruction: &mut Instruction, start: u64) {
     if start == 0 {
         return;

@@ -129,19 +129,7 @@ impl Cpu {
         };
         let src = self.read_operand(bus, insn, 1, size)?;
         let carry = matches!(OP, BINARY_ADC | BINARY_SBB) && self.carry();
-        let (op, res) = match OP {
-            BINARY_ADD | BINARY_ADC => (
-                FlagOp::Add,
-                dst.wrapping_add(src).wrapping_add(carry as u64),
-            ),
-            BINARY_SUB | BINARY_SBB | BINARY_CMP => (
-                FlagOp::Sub,
-                dst.wrapping_sub(src).wrapping_sub(carry as u64),
-            ),
-            BINARY_AND | BINARY_TEST => (FlagOp::Logic, dst & src),
-            BINARY_OR => (FlagOp::Logic, dst | src),
-            _ => (FlagOp::Logic, dst ^ src),
-        };
+        let (op, res) = super::fast::alu::<OP>(dst, src, carry);
         let res = res & mask;
         if !matches!(OP, BINARY_CMP | BINARY_TEST) {
             self.write_operand(bus, insn, 0, size, res)?;

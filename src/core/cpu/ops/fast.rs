@@ -1,6 +1,6 @@
-//! Specialized handlers for the commonest forms of 64-bit code: MOV, LEA, INC, DEC and
-//! the two-operand ALU instructions on 32- and 64-bit registers, immediates and simple
-//! memory operands.
+//! Specialized handlers for the commonest instruction forms of 64-bit code: moves, ALU
+//! instructions, shifts, extensions, conditional moves and sets, branches and the stack,
+//! on registers, immediates and simple memory operands.
 //!
 //! The generic handlers ask iced-x86's `Instruction` for operand kinds, registers and
 //! sizes every time they run. A block instead resolves those once, when it is decoded,
@@ -683,19 +683,7 @@ fn binary<const OP: u8, const SIZE: u8, const SRC: u8>(
     let src = cpu.fast_source::<SIZE, SRC>(bus, ops)?;
     let dst = cpu.gpr[usize::from(ops.dst) & 15] & size_mask(SIZE);
     let carry = matches!(OP, BINARY_ADC | BINARY_SBB) && cpu.carry();
-    let (op, res) = match OP {
-        BINARY_ADD | BINARY_ADC => (
-            FlagOp::Add,
-            dst.wrapping_add(src).wrapping_add(carry as u64),
-        ),
-        BINARY_SUB | BINARY_SBB | BINARY_CMP => (
-            FlagOp::Sub,
-            dst.wrapping_sub(src).wrapping_sub(carry as u64),
-        ),
-        BINARY_AND | BINARY_TEST => (FlagOp::Logic, dst & src),
-        BINARY_OR => (FlagOp::Logic, dst | src),
-        _ => (FlagOp::Logic, dst ^ src),
-    };
+    let (op, res) = alu::<OP>(dst, src, carry);
     let res = res & size_mask(SIZE);
     if !matches!(OP, BINARY_CMP | BINARY_TEST) {
         cpu.fast_set::<SIZE>(ops.dst, res);
@@ -900,9 +888,10 @@ fn conditional_move<const SIZE: u8, const SRC: u8>(
     Ok(())
 }
 
-/// The result and flag operation of ALU instruction `OP` on `dst` and `src`.
+/// Returns the flag operation and the unmasked result of ALU instruction `OP` (one of
+/// the `BINARY_*` constants) on `dst` and `src`, with `carry` added or subtracted.
 #[inline(always)]
-fn alu<const OP: u8>(dst: u64, src: u64, carry: bool) -> (FlagOp, u64) {
+pub(super) fn alu<const OP: u8>(dst: u64, src: u64, carry: bool) -> (FlagOp, u64) {
     match OP {
         BINARY_ADD | BINARY_ADC => (
             FlagOp::Add,

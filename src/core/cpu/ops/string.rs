@@ -47,8 +47,8 @@ enum Bulk {
 
 impl Cpu {
     /// Runs REP MOVS (`copies`) or REP STOS with 64-bit addresses and DF clear on host
-    /// memory, one page-bounded run at a time, with the same effect as the element loop:
-    /// both pages are translated before a run is written, and RSI, RDI and RCX advance
+    /// memory, one page-bounded run at a time, with the same effect as the element loop.
+    /// Both pages are translated before a run is written, and RSI, RDI and RCX advance
     /// after each run, so a fault restarts the instruction where it stopped.
     fn rep_bulk(
         &mut self,

@@ -32,7 +32,7 @@ patched:
 }
 
 #[test]
-fn store_into_the_next_instruction_of_the_block_is_seen() {
+fn store_to_next_instruction_seen() {
     // The store rewrites the immediate of the very next instruction, which was decoded
     // into the same block: the block must stop after the store, as a real CPU does.
     let body = r#"
@@ -48,7 +48,7 @@ patched:
 }
 
 #[test]
-fn budget_counts_single_instructions_inside_a_block() {
+fn budget_splits_block() {
     let body = r#"
 start:
     inc eax
@@ -70,9 +70,9 @@ start:
 }
 
 #[test]
-fn fault_in_the_middle_of_a_block_keeps_earlier_results() {
-    // The load from an unmapped page faults after two instructions of the block have
-    // run; their results stay, the faulting one leaves RAX unchanged, and RIP points at it.
+fn block_fault_keeps_earlier_results() {
+    // The load from an unmapped page faults after two instructions of the block have run.
+    // Their results stay, and the faulting load leaves RAX unchanged.
     let body = r#"
 start:
     mov ebx, 7

@@ -119,9 +119,9 @@ fn port_string_io() {
 }
 
 #[test]
-fn forward_overlapping_movsb_repeats_the_first_bytes() {
-    // Copying [0x91000, +8) to 0x91002 element by element smears the first two bytes
-    // over the range, as on hardware; a block copy would move the original bytes.
+fn forward_overlap_movsb_repeats() {
+    // Copying [0x91000, +8) to 0x91002 element by element smears the first two bytes over
+    // the range, as on hardware. A block copy would move the original bytes instead.
     let m = run(r#"
     mov rdi, 0x91000
     mov rax, 0x0807060504030201
@@ -136,7 +136,7 @@ fn forward_overlapping_movsb_repeats_the_first_bytes() {
 }
 
 #[test]
-fn long_rep_stosd_spans_pages_and_restarts() {
+fn long_rep_stosd_restarts() {
     // 40,000 doublewords (160,000 bytes) cross 40 pages and the per-step byte limit, so
     // the instruction restarts several times from its registers.
     let m = run(r#"
