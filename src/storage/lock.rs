@@ -75,11 +75,29 @@ fn permission_name(bit: u32) -> &'static str {
     }
 }
 
+/// How long a conflicting lock may take to go away before an open fails. A child that a
+/// process forks shares the parent's open file descriptions, and so their OFD locks, until
+/// it execs: an image that the parent closed just before the fork stays locked that long.
+const CONFLICT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Locks `file` (the image at `path`) for `access`, or fails if another open of the image,
-/// in this process or another, holds a conflicting lock.
+/// in this process or another, holds a conflicting lock for longer than `CONFLICT_GRACE`.
 ///
 /// The locks stay until `file` is closed.
 pub fn lock_image(file: &File, path: &Path, access: Access) -> Result<(), StorageError> {
+    let deadline = std::time::Instant::now() + CONFLICT_GRACE;
+    loop {
+        match try_lock_image(file, path, access) {
+            Err(StorageError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Takes the locks of `lock_image` once, failing at the first conflict.
+fn try_lock_image(file: &File, path: &Path, access: Access) -> Result<(), StorageError> {
     let (used, shared) = access.permissions();
     let refused = ALL_PERMISSIONS & !shared;
 
@@ -322,7 +340,7 @@ mod tests {
         drop(reader);
 
         let writer = open(&path, true);
-        lock_after_close(&writer, &path);
+        lock_image(&writer, &path, Access::Write).unwrap();
         let reader = open(&path, false);
         assert!(lock_image(&reader, &path, Access::Read).is_err());
     }
@@ -334,20 +352,7 @@ mod tests {
         lock_image(&first, &path, Access::Write).unwrap();
         drop(first);
         let second = open(&path, true);
-        lock_after_close(&second, &path);
-    }
-
-    /// Takes the write lock on an image whose previous holder was just closed.
-    ///
-    /// Another test in this process may fork a child between its open and its exec; the
-    /// child then shares every open file description, and so its OFD locks, for that
-    /// moment. The lock must come free within a few seconds.
-    fn lock_after_close(file: &File, path: &Path) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while let Err(error) = lock_image(file, path, Access::Write) {
-            assert!(std::time::Instant::now() < deadline, "{error}");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        lock_image(&second, &path, Access::Write).unwrap();
     }
 
     #[test]

@@ -186,6 +186,9 @@ pub enum StorageError {
         holder: String,
         detail: String,
     },
+    /// A write would have turned an image detected as raw into a qcow2 image.
+    #[error("{path}: refused a write that puts a qcow2 header into an image detected as raw; give the disk format=raw to allow it")]
+    ProbedFormatChange { path: PathBuf },
     /// A write reached a read-only backend.
     #[error("{path} is open read-only")]
     ReadOnly { path: PathBuf },
@@ -268,7 +271,15 @@ pub fn open_image(
 ) -> Result<Box<dyn BlockBackend>, StorageError> {
     let format = match options.format {
         Some(format) => format,
-        None => probe_format(path)?,
+        None => {
+            let format = probe_format(path)?;
+            if format == ImageFormat::Raw {
+                let mut raw = RawFile::open(path, options)?;
+                raw.guard_probed_format();
+                return Ok(Box::new(raw));
+            }
+            format
+        }
     };
     open_chain(path, format, options, &mut Vec::new())
 }

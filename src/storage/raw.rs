@@ -9,6 +9,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::lock::{lock_image, Access, Locking};
 use super::{check_range, BlockBackend, StorageError};
 
+/// Opens or creates the file at `path` for writing, takes the image write lock, and
+/// only then empties it.
+pub(crate) fn open_for_replacement(path: &Path) -> Result<File, StorageError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| StorageError::io(path, "create", e))?;
+    lock_image(&file, path, Access::Write)?;
+    file.set_len(0)
+        .map_err(|e| StorageError::io(path, "truncate", e))?;
+    Ok(file)
+}
+
 /// A raw image file served with pread and pwrite.
 #[derive(Debug)]
 pub struct RawFile {
@@ -16,6 +32,9 @@ pub struct RawFile {
     path: PathBuf,
     size: AtomicU64,
     read_only: bool,
+    /// Whether the format was detected rather than given: then no write may give the
+    /// file another format's magic, which the next detection would follow.
+    probed: bool,
 }
 
 impl RawFile {
@@ -45,18 +64,15 @@ impl RawFile {
             path: path.to_path_buf(),
             size: AtomicU64::new(size),
             read_only,
+            probed: false,
         })
     }
 
-    /// Creates (or truncates) a sparse raw image of `size` bytes.
+    /// Creates (or empties) a sparse raw image of `size` bytes and keeps it locked for
+    /// writing. An existing file is emptied only after the lock is taken, so an image that
+    /// another user holds is left as it was.
     pub fn create(path: &Path, size: u64) -> Result<Self, StorageError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(|e| StorageError::io(path, "create", e))?;
+        let file = open_for_replacement(path)?;
         file.set_len(size)
             .map_err(|e| StorageError::io(path, "set length", e))?;
         Ok(RawFile {
@@ -64,7 +80,39 @@ impl RawFile {
             path: path.to_path_buf(),
             size: AtomicU64::new(size),
             read_only: false,
+            probed: false,
         })
+    }
+
+    /// Marks the image as detected to be raw rather than declared raw. Writes that would
+    /// put a qcow2 magic at offset 0 then fail, as QEMU restricts writes to the first
+    /// sector of a probed raw image: otherwise a guest could turn its disk into a qcow2
+    /// image whose backing file is any host file the VMM can read.
+    pub fn guard_probed_format(&mut self) {
+        self.probed = true;
+    }
+
+    /// Fails if writing `buf` at `offset` would give a probed raw image a qcow2 magic.
+    fn check_probed_header(&self, buf: &[u8], offset: u64) -> Result<(), StorageError> {
+        let magic = super::qcow2::header::MAGIC;
+        if !self.probed || offset >= magic.len() as u64 {
+            return Ok(());
+        }
+        let mut head = [0u8; 4];
+        // A file shorter than the magic reads as zeros past its end.
+        let _ = self.file.read_at(&mut head, 0);
+        for (i, byte) in head.iter_mut().enumerate() {
+            let position = i as u64;
+            if position >= offset && position - offset < buf.len() as u64 {
+                *byte = buf[(position - offset) as usize];
+            }
+        }
+        if head == magic {
+            return Err(StorageError::ProbedFormatChange {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Grows or shrinks the image to `size` bytes.
@@ -141,6 +189,7 @@ impl BlockBackend for RawFile {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), StorageError> {
         self.check_writable()?;
+        self.check_probed_header(buf, offset)?;
         check_range(&self.path, offset, buf.len() as u64, self.size())?;
         self.file
             .write_all_at(buf, offset)
@@ -196,6 +245,57 @@ impl BlockBackend for RawFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::{open_image, ImageFormat};
+
+    #[test]
+    fn probed_raw_refuses_qcow2_magic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, vec![0u8; 65536]).unwrap();
+
+        let probed = open_image(&path, &crate::storage::OpenOptions::default()).unwrap();
+        let error = probed.write_at(b"QFI\xfb\0\0\0\x03", 0).unwrap_err();
+        assert!(
+            matches!(error, StorageError::ProbedFormatChange { .. }),
+            "{error}"
+        );
+        // The magic assembled from two writes is refused too.
+        probed.write_at(b"Q", 0).unwrap();
+        let error = probed.write_at(b"FI\xfb", 1).unwrap_err();
+        assert!(
+            matches!(error, StorageError::ProbedFormatChange { .. }),
+            "{error}"
+        );
+        probed.write_at(&[0xab; 512], 512).unwrap();
+        drop(probed);
+        assert_eq!(&std::fs::read(&path).unwrap()[..4], b"Q\0\0\0");
+
+        let declared = crate::storage::OpenOptions {
+            format: Some(ImageFormat::Raw),
+            ..Default::default()
+        };
+        let raw = open_image(&path, &declared).unwrap();
+        raw.write_at(b"QFI\xfb", 0).unwrap();
+    }
+
+    #[test]
+    fn create_keeps_locked_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("busy.img");
+        std::fs::write(&path, vec![0x5a; 4096]).unwrap();
+        let holder = RawFile::open(&path, &crate::storage::OpenOptions::default()).unwrap();
+
+        let error = RawFile::create(&path, 1 << 20).unwrap_err();
+        assert!(matches!(error, StorageError::Locked { .. }), "{error}");
+        let options = crate::storage::qcow2::CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        };
+        let error = crate::storage::qcow2::Qcow2::create(&path, &options).unwrap_err();
+        assert!(matches!(error, StorageError::Locked { .. }), "{error}");
+        drop(holder);
+        assert_eq!(std::fs::read(&path).unwrap(), vec![0x5a; 4096]);
+    }
 
     #[test]
     fn raw_write_read_discard() {

@@ -388,7 +388,14 @@ impl Qcow2 {
                 "refcount block covers fewer than 3 clusters",
             ));
         }
-        std::fs::write(path, &file_bytes).map_err(|e| StorageError::io(path, "create", e))?;
+        {
+            // The lock is taken before the file is emptied and released before the image
+            // is opened again below, which takes its own.
+            use std::os::unix::fs::FileExt;
+            let file = super::raw::open_for_replacement(path)?;
+            file.write_all_at(&file_bytes, 0)
+                .map_err(|e| StorageError::io(path, "create", e))?;
+        }
 
         let canonical = path
             .canonicalize()
