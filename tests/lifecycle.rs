@@ -429,6 +429,36 @@ fn stop_kills_guest_ignoring_power_button() {
     assert_eq!(state.status("stubborn")["state"], "stopped");
 }
 
+#[test]
+fn repeated_sigterm_ends_stubborn_vmm() {
+    let state = StateDir::new();
+    state.ok(&[
+        "create",
+        "deaf",
+        "--memory",
+        "16",
+        "--cmdline",
+        "console=ttyS0 ignore-power-button",
+    ]);
+    let pid = state.json(&["start", "deaf"])["pid"].as_i64().unwrap() as i32;
+
+    // The first SIGTERM asks the guest, which ignores it; the second ends the vCPUs.
+    // SAFETY: kill has no memory-safety preconditions; `pid` is our VMM, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    wait_until("the guest to ignore the power-off request", || {
+        state
+            .ok(&["logs", "deaf"])
+            .contains("power button pressed; ignoring it")
+    });
+    assert_eq!(state.status("deaf")["state"], "stopping");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+
+    let wait_status = reap(pid).unwrap();
+    assert!(libc::WIFEXITED(wait_status), "wait status {wait_status:#x}");
+    assert_eq!(state.status("deaf")["state"], "stopped");
+}
+
 /// Returns whether /dev/kvm opens. Otherwise it prints why `test` skips, or panics when
 /// MONSTERVM_REQUIRE_KVM=1.
 fn kvm_usable(test: &str) -> bool {

@@ -234,11 +234,28 @@ fn serve(
 
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
+        // Set by the first SIGTERM or SIGINT: when the guest must have powered off.
+        let mut force_at: Option<tokio::time::Instant> = None;
         loop {
+            let grace_over = async {
+                match force_at {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = &mut done_rx => break,
-                _ = terminate.recv() => request_stop(&*handle, "SIGTERM"),
-                _ = interrupt.recv() => request_stop(&*handle, "SIGINT"),
+                _ = terminate.recv() => force_at = request_stop(&*handle, "SIGTERM", force_at),
+                _ = interrupt.recv() => force_at = request_stop(&*handle, "SIGINT", force_at),
+                _ = grace_over => {
+                    tracing::warn!(
+                        vm = %config.name,
+                        grace_secs = SIGNAL_STOP_GRACE.as_secs(),
+                        "the guest did not power off after the stop signal; ending its vCPUs"
+                    );
+                    let _ = handle.action(VmAction::ForceStop);
+                    force_at = None;
+                }
             }
         }
 
@@ -262,10 +279,32 @@ async fn ended(mut shutdown: watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|ended| *ended).await;
 }
 
-fn request_stop(handle: &dyn VmHandle, signal: &str) {
-    tracing::info!(vm = %handle.info().name, signal, "stopping the VM on a signal");
-    // ControlHandle accepts a stop in every state, so the result has nothing to report.
+/// How long the VMM waits for the guest to power off after SIGTERM or SIGINT before it
+/// ends the vCPUs, as `monstervm stop` does by default.
+const SIGNAL_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Asks the guest to power off on the first stop signal and returns when the VMM ends
+/// the vCPUs anyway; ends them at once on a repeated signal (`pending` is set).
+fn request_stop(
+    handle: &dyn VmHandle,
+    signal: &str,
+    pending: Option<tokio::time::Instant>,
+) -> Option<tokio::time::Instant> {
+    let name = handle.info().name;
+    // ControlHandle accepts a stop in every state, so the results have nothing to report.
+    if pending.is_some() {
+        tracing::warn!(vm = %name, signal, "stop signal repeated; ending the vCPUs now");
+        let _ = handle.action(VmAction::ForceStop);
+        return None;
+    }
+    tracing::info!(
+        vm = %name,
+        signal,
+        grace_secs = SIGNAL_STOP_GRACE.as_secs(),
+        "asking the guest to power off on a signal"
+    );
     let _ = handle.action(VmAction::Stop);
+    Some(tokio::time::Instant::now() + SIGNAL_STOP_GRACE)
 }
 
 fn build(config: &VmConfig, handle: &ControlHandle) -> Result<BuiltVm, BuildError> {
