@@ -442,7 +442,8 @@ fn repeated_sigterm_ends_stubborn_vmm() {
     ]);
     let pid = state.json(&["start", "deaf"])["pid"].as_i64().unwrap() as i32;
 
-    // The first SIGTERM asks the guest, which ignores it; the second ends the vCPUs.
+    // The first SIGTERM requests a power-off, which the guest ignores. The second SIGTERM
+    // ends the vCPUs.
     // SAFETY: kill has no memory-safety preconditions; `pid` is our VMM, not yet reaped.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     wait_until("the guest to ignore the power-off request", || {

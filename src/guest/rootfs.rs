@@ -27,8 +27,10 @@ pub const ROOTFS_MIB: u64 = 128;
 /// The root disk's `/sbin/init`. The initramfs moves /proc, /sys and /dev into the new
 /// root before `switch_root`, so they are mounted here only when missing.
 ///
-/// NOTE: unlike the initramfs, this init keeps the kernel's Ctrl-Alt-Del default, so
-/// `monstervm stop` reboots such a guest at once instead of unmounting its disk first.
+/// The initramfs turned the kernel's Ctrl-Alt-Del reboot off before `switch_root`, so the
+/// kernel sends SIGINT to this script instead: `monstervm stop` lands in its trap, which
+/// flushes, remounts the root read-only and powers off. The shell runs in the background
+/// with `wait`, because a shell runs traps only between commands and `wait` is one.
 pub const ROOT_INIT_SCRIPT: &str = r#"#!/bin/sh
 # /sbin/init of the MonsterVM root disk, written by `monstervm guest fetch`.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
@@ -45,7 +47,9 @@ hostname monstervm
 read -r uptime idle < /proc/uptime
 echo "MONSTERVM-ROOT uptime=$uptime"
 
-setsid cttyhack sh
+trap 'echo "MONSTERVM-ROOT Ctrl-Alt-Del received, powering off"; sync; umount -a -r 2>/dev/null; poweroff -f' INT
+setsid cttyhack sh &
+wait $!
 echo "MONSTERVM-ROOT shell exited, powering off"
 sync
 poweroff -f

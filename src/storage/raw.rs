@@ -86,8 +86,8 @@ impl RawFile {
 
     /// Marks the image as detected to be raw rather than declared raw. Writes that would
     /// put a qcow2 magic at offset 0 then fail, as QEMU restricts writes to the first
-    /// sector of a probed raw image: otherwise a guest could turn its disk into a qcow2
-    /// image whose backing file is any host file the VMM can read.
+    /// sector of a probed raw image. Otherwise a guest could turn its disk into a qcow2
+    /// image whose backing file is any host file that the VMM can read.
     pub fn guard_probed_format(&mut self) {
         self.probed = true;
     }

@@ -283,8 +283,9 @@ async fn ended(mut shutdown: watch::Receiver<bool>) {
 /// ends the vCPUs, as `monstervm stop` does by default.
 const SIGNAL_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Asks the guest to power off on the first stop signal and returns when the VMM ends
-/// the vCPUs anyway; ends them at once on a repeated signal (`pending` is set).
+/// Requests a guest power-off on the first stop signal and returns the deadline after
+/// which the VMM ends the vCPUs anyway. A repeated signal (`pending` is set) ends them
+/// at once.
 fn request_stop(
     handle: &dyn VmHandle,
     signal: &str,
