@@ -429,6 +429,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// Window after the first stop signal in which the same signal again counts as the same
+/// request rather than a request to exit at once.
+const SIGNAL_ECHO_WINDOW: std::time::Duration = std::time::Duration::from_millis(200);
+
 fn run(args: RunArgs) -> anyhow::Result<i32> {
     let config = args.vm.to_config()?;
     // Before any thread starts, so that every thread of the VM inherits the mask.
@@ -477,6 +481,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
     let received = Arc::new(OnceLock::new());
     {
         let received = received.clone();
+        let first_at = std::sync::Mutex::new(None::<std::time::Instant>);
         let control = vm.control().clone();
         let terminal = raw_mode.as_ref().map(|guard| guard.saved());
         stop_signals
@@ -484,6 +489,19 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
                 if received.set(signal).is_ok() {
                     tracing::warn!(%signal, "stopping the VM on a signal");
                     control.request_stop(StopReason::UserStop);
+                    *first_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+                    return;
+                }
+                // GNU timeout and shells deliver one request to the process and then to its
+                // group, so the same signal twice in quick succession is still one request.
+                let since_first = first_at
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .map(|at| at.elapsed());
+                if received.get() == Some(&signal)
+                    && since_first.is_some_and(|elapsed| elapsed < SIGNAL_ECHO_WINDOW)
+                {
+                    tracing::debug!(%signal, "the same signal again at once; still stopping in order");
                     return;
                 }
                 tracing::error!(%signal, "signal repeated while the VM stops; exiting without closing the disks");
