@@ -563,10 +563,13 @@ fn guest_fetch(args: GuestFetchArgs, format: OutputFormat) -> anyhow::Result<i32
     // resolved against this one first.
     let dir = std::path::absolute(&args.dir)
         .with_context(|| format!("invalid --dir {}", args.dir.display()))?;
-    let options = crate::guest::FetchOptions {
-        dir,
-        debs: args.debs,
-    };
+    let debs = args
+        .debs
+        .map(|debs| {
+            std::path::absolute(&debs).with_context(|| format!("invalid --debs {}", debs.display()))
+        })
+        .transpose()?;
+    let options = crate::guest::FetchOptions { dir, debs };
     let guest = crate::guest::fetch_guest(&options, &mut |line| report!("{line}"))?;
     match format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&guest)?),
