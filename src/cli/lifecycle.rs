@@ -516,9 +516,9 @@ pub struct Stopped {
     pub stop_secs: f64,
 }
 
-/// `monstervm stop`: requests a stop through the API, then a forced stop (the vCPUs end
-/// and the disks close) if the VMM is still alive after `timeout`, or at once with
-/// `force`, and SIGKILL if the VMM does not respond or exit.
+/// `monstervm stop`: requests a stop through the API. If the VMM is still alive after
+/// `timeout` (at once with `force`), it requests a forced stop, which ends the vCPUs and
+/// closes the disks, and it sends SIGKILL if the VMM does not respond or exit.
 pub fn stop(
     state: &StateDir,
     name: &str,

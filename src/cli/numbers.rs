@@ -27,7 +27,7 @@ fn parse_within(text: &str, limit: &NumericLimit) -> Result<u64, String> {
 /// Parses `--vcpus`.
 pub fn parse_vcpus(text: &str) -> Result<u8, String> {
     let value = parse_within(text, &VCPUS_LIMIT)?;
-    // VCPUS_LIMIT ends below 256, so the conversion cannot fail.
+    // VCPUS_LIMIT ends at MAX_VCPUS, which is a u8, so the conversion cannot fail.
     u8::try_from(value).map_err(|_| VCPUS_LIMIT.describe())
 }
 

@@ -101,8 +101,8 @@ fn try_lock_image(file: &File, path: &Path, access: Access) -> Result<(), Storag
     let (used, shared) = access.permissions();
     let refused = ALL_PERMISSIONS & !shared;
 
-    // Lock first and test afterwards, as QEMU does, so that of two opens racing each
-    // other at least one sees the other's bytes.
+    // Lock first and test afterwards, as QEMU does, so that of two racing opens at least
+    // one finds the other's bytes locked.
     for bit in bits(used) {
         set_read_lock(file, path, PERM_BASE + u64::from(bit.trailing_zeros()))?;
     }

@@ -533,7 +533,7 @@ impl Drop for Qcow2 {
     }
 }
 
-/// Locks an image file for the access `options` asks for, unless locking is off.
+/// Locks an image file for the access that `options` requests, unless locking is off.
 fn lock_file(file: &File, path: &Path, options: &OpenOptions) -> Result<(), StorageError> {
     if options.locking == Locking::Off {
         return Ok(());

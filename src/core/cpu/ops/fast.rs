@@ -658,13 +658,19 @@ impl Cpu {
         ops: &Operands,
     ) -> Result<u64, crate::core::cpu::Exit> {
         Ok(match SRC {
-            SRC_REGISTER => self.gpr[usize::from(ops.src)] & size_mask(SIZE),
+            SRC_REGISTER => self.fast_get::<SIZE>(ops.src),
             SRC_IMMEDIATE => ops.immediate,
             _ => {
                 let offset = self.fast_address(ops);
                 self.fast_read::<SIZE>(bus, ops.segment, offset)?
             }
         })
+    }
+
+    /// Reads the low `SIZE` bytes of a general-purpose register.
+    #[inline(always)]
+    fn fast_get<const SIZE: u8>(&self, register: u8) -> u64 {
+        self.gpr[usize::from(register) & 15] & size_mask(SIZE)
     }
 
     /// Writes a 32-bit (zero-extended) or 64-bit register.
@@ -681,7 +687,7 @@ fn binary<const OP: u8, const SIZE: u8, const SRC: u8>(
     ops: &Operands,
 ) -> Exec {
     let src = cpu.fast_source::<SIZE, SRC>(bus, ops)?;
-    let dst = cpu.gpr[usize::from(ops.dst) & 15] & size_mask(SIZE);
+    let dst = cpu.fast_get::<SIZE>(ops.dst);
     let carry = matches!(OP, BINARY_ADC | BINARY_SBB) && cpu.carry();
     let (op, res) = alu::<OP>(dst, src, carry);
     let res = res & size_mask(SIZE);
@@ -729,7 +735,7 @@ fn step_reg<const UP: bool, const SIZE: u8>(
     ops: &Operands,
 ) -> Exec {
     let carry = cpu.carry();
-    let dst = cpu.gpr[usize::from(ops.dst) & 15] & size_mask(SIZE);
+    let dst = cpu.fast_get::<SIZE>(ops.dst);
     let (op, res) = if UP {
         (FlagOp::Inc, dst.wrapping_add(1) & size_mask(SIZE))
     } else {
@@ -741,6 +747,19 @@ fn step_reg<const UP: bool, const SIZE: u8>(
     Ok(())
 }
 
+/// Returns the destination and the masked count of a shift or rotate by an immediate, or
+/// `None` for a zero count after the write-back: no flags change, but a 32-bit
+/// destination is still zero-extended.
+fn immediate_count<const SIZE: u8>(cpu: &mut Cpu, ops: &Operands) -> Option<(u64, u32)> {
+    let count = (ops.immediate & if SIZE == 8 { 0x3f } else { 0x1f }) as u32;
+    let dst = cpu.fast_get::<SIZE>(ops.dst);
+    if count == 0 {
+        cpu.fast_set::<SIZE>(ops.dst, dst);
+        return None;
+    }
+    Some((dst, count))
+}
+
 /// SHL, SHR or SAR of a register by an immediate count.
 fn shift<const KIND: u8, const SIZE: u8>(
     cpu: &mut Cpu,
@@ -748,13 +767,9 @@ fn shift<const KIND: u8, const SIZE: u8>(
     ops: &Operands,
 ) -> Exec {
     let bits = u32::from(SIZE) * 8;
-    let count = (ops.immediate & if SIZE == 8 { 0x3f } else { 0x1f }) as u32;
-    let dst = cpu.gpr[usize::from(ops.dst) & 15] & size_mask(SIZE);
-    if count == 0 {
-        // No flags change; a 32-bit destination is still zero-extended.
-        cpu.fast_set::<SIZE>(ops.dst, dst);
+    let Some((dst, count)) = immediate_count::<SIZE>(cpu, ops) else {
         return Ok(());
-    }
+    };
     let sign = 1u64 << (bits - 1);
     let (res, cf, of) = match KIND {
         SHIFT_LEFT => {
@@ -781,7 +796,7 @@ fn multiply<const SIZE: u8, const SRC: u8>(
     ops: &Operands,
 ) -> Exec {
     let b = cpu.fast_source::<SIZE, SRC>(bus, ops)?;
-    let a = cpu.gpr[usize::from(ops.dst) & 15] & size_mask(SIZE);
+    let a = cpu.fast_get::<SIZE>(ops.dst);
     let product = i128::from(sign_extend(a, SIZE)) * i128::from(sign_extend(b, SIZE));
     let res = product as u64 & size_mask(SIZE);
     let overflow = i128::from(sign_extend(res, SIZE)) != product;
@@ -957,13 +972,9 @@ fn rotate<const LEFT: bool, const SIZE: u8>(
     ops: &Operands,
 ) -> Exec {
     let bits = u32::from(SIZE) * 8;
-    let count = (ops.immediate & if SIZE == 8 { 0x3f } else { 0x1f }) as u32;
-    let dst = cpu.gpr[usize::from(ops.dst) & 15] & size_mask(SIZE);
-    if count == 0 {
-        // No flags change; a 32-bit destination is still zero-extended.
-        cpu.fast_set::<SIZE>(ops.dst, dst);
+    let Some((dst, count)) = immediate_count::<SIZE>(cpu, ops) else {
         return Ok(());
-    }
+    };
     let sign = 1u64 << (bits - 1);
     let res = if LEFT {
         ((dst << count) | (dst >> (bits - count))) & size_mask(SIZE)

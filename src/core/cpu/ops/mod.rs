@@ -559,10 +559,10 @@ pub(crate) fn handler(insn: &Instruction) -> Handler {
     }
 }
 
-/// Returns whether a block must end after `insn`: it may branch, or it may change what
-/// the following instructions' decoding, translation or interrupt checks depend on
-/// (CS, segments, paging, control registers, MSRs, EFLAGS.IF/TF), or it talks to a
-/// device, after which a pending interrupt should be taken at once.
+/// Returns whether a block must end after `insn`. That is the case when it may branch,
+/// or may change what decoding, translation or interrupt checks depend on (CS, segments,
+/// paging, control registers, MSRs, EFLAGS.IF/TF). It is also the case when it accesses
+/// a device, because a pending interrupt should then be taken at once.
 pub(crate) fn ends_block(insn: &Instruction) -> bool {
     if insn.flow_control() != iced_x86::FlowControl::Next {
         return true;
